@@ -1,0 +1,33 @@
+# etokit developer commands. `make install && make test` is the whole quick start.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# An unpinned torch pulls a multi-GB CUDA build. CPU hosts keep this pin; GPU hosts override it,
+# e.g. `make install TORCH_SPEC="torch==2.13.0" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"`.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EXTRAS ?= test,envs,bench
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slow test-faults bench demo hub clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+
+test:
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow:
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-faults:
+	$(PY) -m pytest -q -m faults $(PYTEST_ARGS)
+
+hub:
+	$(VENV)/bin/etokit hub serve --port 8765 --data-dir .hub
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

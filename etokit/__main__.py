@@ -1,0 +1,3 @@
+from etokit.cli import main
+
+main()

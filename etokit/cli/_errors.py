@@ -1,0 +1,39 @@
+"""User errors end a command with one clear line and a non-zero exit code, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+from rich.console import Console
+
+from etokit.errors import EtokitError  # re-exported for commands
+
+F = TypeVar("F", bound=Callable)
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]Error:[/] {message}", markup=True)
+    sys.exit(code)
+
+
+def user_errors(func: F) -> F:
+    """Turn etokit's user-facing exceptions into a one-line error and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except EtokitError as e:
+            fail(_escape(str(e)), e.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

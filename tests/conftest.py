@@ -1,0 +1,76 @@
+"""Test session setup: an embedded Hub server on loopback, and the HF client env pointing at it.
+
+HF_ENDPOINT / HF_HUB_DISABLE_XET are read when huggingface_hub is imported, so they are set here,
+at conftest import, before any test module imports an HF library.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HOME = Path(tempfile.mkdtemp(prefix="etokit-tests-"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+HUB_PORT = _free_port()
+HUB_ENDPOINT = f"http://127.0.0.1:{HUB_PORT}"
+# A fake token: the embedded server accepts any, and the secret-leak tests grep for its value.
+HF_TEST_TOKEN = "hf_etokitTESTtoken0123456789abcdefSECRET"
+
+os.environ.update(
+    {
+        "HF_ENDPOINT": HUB_ENDPOINT,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": HF_TEST_TOKEN,
+        "HF_HOME": str(_HOME / "hf_home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+)
+assert "huggingface_hub" not in sys.modules, "conftest must run before huggingface_hub is imported"
+
+
+@pytest.fixture(scope="session")
+def hub_server():
+    """The embedded Hub server for the whole session. Tests fail if a client hit a route the
+    server does not implement (an HF client upgrade that changed the protocol)."""
+    from etokit.hub.server import HubServer
+
+    server = HubServer(data_dir=_HOME / "hub", host="127.0.0.1", port=HUB_PORT)
+    server.start()
+    yield server
+    server.stop()
+    assert not server.unknown_routes, f"HF clients called routes the server lacks: {server.unknown_routes}"
+
+
+@pytest.fixture
+def hub(hub_server):
+    """Per-test view of the session server; checks no unknown route was hit during the test."""
+    before = len(hub_server.unknown_routes)
+    yield hub_server
+    new = hub_server.unknown_routes[before:]
+    assert not new, f"HF clients called routes the server lacks: {new}"
+
+
+_counter = iter(range(10**9))
+
+
+@pytest.fixture
+def repo_name(request):
+    """A unique `namespace/name` per test (the server's namespace is the token's user)."""
+    safe = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60].strip("-")
+    return f"etokit-tests/{safe}-{next(_counter)}"
