@@ -7,6 +7,7 @@ at conftest import, before any test module imports an HF library.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -43,6 +44,11 @@ os.environ.update(
 )
 assert "huggingface_hub" not in sys.modules, "conftest must run before huggingface_hub is imported"
 
+# Imported now, with the env above, so their loggers bind to the session's stderr rather than to a
+# CliRunner's temporary stream (closed once that invocation ends).
+import datasets  # noqa: E402,F401
+import huggingface_hub  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def hub_server():
@@ -72,5 +78,5 @@ _counter = iter(range(10**9))
 @pytest.fixture
 def repo_name(request):
     """A unique `namespace/name` per test (the server's namespace is the token's user)."""
-    safe = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60].strip("-")
+    safe = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:60].strip("-")  # the Hub refuses "--"
     return f"etokit-tests/{safe}-{next(_counter)}"

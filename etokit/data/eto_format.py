@@ -1,0 +1,152 @@
+"""The official ETO data formats (github.com/Yifan-Song793/ETO), to and from etokit records.
+
+- SFT rows (Hub dataset ``agent-eto/eto-sft-trajectory``): ``id`` (int for WebShop, str
+  elsewhere), ``conversations: [{from: human|gpt, value}]``, WebShop adds ``reward`` and its own
+  ``source``, ALFWorld adds ``game_file``.
+- Preference rows (construct_preference.py): ``id``, ``prompt``, ``chosen``, ``rejected``, each a
+  from/value turn list.
+
+Imports keep whatever etokit has no column for in ``extra`` so that exporting an imported row
+gives back the same row: the id's original type, the key order, the row's own ``source`` (which
+would collide with etokit's ``source`` column) and whether a ``reward`` key existed at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from etokit.data.schema import Pair, Trajectory
+from etokit.data.validate import DataError, Loc, validate_pair, validate_trajectory
+
+FROM_TO_ROLE = {"human": "user", "gpt": "assistant"}
+ROLE_TO_FROM = {v: k for k, v in FROM_TO_ROLE.items()}
+
+# ScienceWorld and ALFWorld expert rows carry no reward; the official construct_preference.py
+# scores every expert trajectory 1.0 there.
+EXPERT_REWARD = 1.0
+
+SFT_REQUIRED = ("id", "conversations")
+PAIR_REQUIRED = ("id", "prompt", "chosen", "rejected")
+
+
+def trajectory_from_eto(row: dict[str, Any], *, env: str, split: str = "train",
+                        where: str | Loc = "ETO row") -> Trajectory:
+    """An official SFT row as a validated expert Trajectory (human -> user, gpt -> assistant)."""
+    loc = _eto_loc(where)
+    _require(row, SFT_REQUIRED, loc)
+    record_id = _check_id(row["id"], loc)
+    messages = turns_to_messages(row["conversations"], "conversations", loc)
+    reward = row.get("reward")
+    if reward is None:
+        reward = EXPERT_REWARD
+    elif isinstance(reward, bool) or not isinstance(reward, (int, float)):
+        raise loc.error(f"expected a number in [0, 1], got {reward!r}", "reward")
+    extra: dict[str, Any] = {"eto_id": record_id, "eto_keys": list(row)}
+    # A null reward (a Parquet column shared with rows that have one) is kept as null on export.
+    others = {k: v for k, v in row.items()
+              if k not in ("id", "conversations", "game_file") and not (k == "reward" and v is not None)}
+    if "game_file" in row:
+        extra["game_file"] = row["game_file"]
+    if others:
+        extra["eto_fields"] = others
+    t = Trajectory(task_id=str(record_id), env=env, split=split, messages=messages, reward=float(reward),
+                   source="expert", extra=extra)
+    validate_trajectory(t, where=loc)
+    return t
+
+
+def trajectory_to_eto(t: Trajectory) -> dict[str, Any]:
+    """The official SFT row for ``t``; the exact inverse of trajectory_from_eto on imported rows."""
+    conversations = messages_to_turns(t.messages, "messages", t.task_id)
+    fields = t.extra.get("eto_fields", {})
+    values = {"id": _export_id(t), "conversations": conversations, "reward": fields.get("reward", t.reward)}
+    if "game_file" in t.extra:
+        values["game_file"] = t.extra["game_file"]
+    values.update({k: v for k, v in fields.items() if k != "reward"})
+    # Rows that were not imported (explored trajectories) always carry their reward.
+    keys = t.extra.get("eto_keys") or list(values)
+    return {k: values[k] for k in keys}
+
+
+def pair_from_eto(row: dict[str, Any], *, env: str, where: str | Loc = "ETO row") -> Pair:
+    """An official preference row as a validated Pair; that format has no rewards or outcome."""
+    loc = _eto_loc(where)
+    _require(row, PAIR_REQUIRED, loc)
+    record_id = _check_id(row["id"], loc)
+    sides = {side: turns_to_messages(row[side], side, loc) for side in ("prompt", "chosen", "rejected")}
+    extra: dict[str, Any] = {"eto_id": record_id, "eto_keys": list(row)}
+    others = {k: v for k, v in row.items() if k not in PAIR_REQUIRED}
+    if others:
+        extra["eto_fields"] = others
+    p = Pair(task_id=str(record_id), env=env, extra=extra, **sides)
+    validate_pair(p, where=loc)
+    return p
+
+
+def pair_to_eto(p: Pair) -> dict[str, Any]:
+    """The official preference row for ``p``; the exact inverse of pair_from_eto on imported rows."""
+    values = {"id": _export_id(p)}
+    for side in ("prompt", "chosen", "rejected"):
+        values[side] = messages_to_turns(getattr(p, side), side, p.task_id)
+    values.update(p.extra.get("eto_fields", {}))
+    keys = p.extra.get("eto_keys") or list(values)
+    return {k: values[k] for k in keys}
+
+
+def turns_to_messages(turns: Any, field: str, loc: Loc) -> list[dict[str, str]]:
+    if not isinstance(turns, list):
+        raise loc.error(f"expected a list of {{from, value}} turns, got {type(turns).__name__}", field)
+    messages = []
+    for i, turn in enumerate(turns):
+        name = f"{field}[{i}]"
+        if not isinstance(turn, dict):
+            raise loc.error(f"expected a {{from, value}} object, got {type(turn).__name__}", name)
+        if "role" in turn or "content" in turn:
+            raise loc.error("turn uses role/content; official ETO turns use from/value", name)
+        missing = [k for k in ("from", "value") if k not in turn]
+        if missing:
+            raise loc.error(f"missing required key(s) {', '.join(repr(k) for k in missing)}", name)
+        if set(turn) - {"from", "value"}:
+            raise loc.error(f"unexpected key(s) {', '.join(sorted(map(repr, set(turn) - {'from', 'value'})))}; "
+                            "an official turn has only from and value", name)
+        if turn["from"] not in FROM_TO_ROLE:
+            raise loc.error(f"unknown 'from' {turn['from']!r}, expected human or gpt", f"{name}.from")
+        messages.append({"role": FROM_TO_ROLE[turn["from"]], "content": turn["value"]})
+    return messages
+
+
+def messages_to_turns(messages: list[dict[str, str]], field: str, task_id: str) -> list[dict[str, str]]:
+    turns = []
+    for i, m in enumerate(messages):
+        if m["role"] not in ROLE_TO_FROM:
+            # The official format has human/gpt turns only; a system prompt has nowhere to go.
+            raise DataError(f"role {m['role']!r} has no official ETO equivalent (only user and assistant turns)",
+                            where=f"task {task_id!r}", field=f"{field}[{i}].role")
+        turns.append({"from": ROLE_TO_FROM[m["role"]], "value": m["content"]})
+    return turns
+
+
+def _eto_loc(where: str | Loc) -> Loc:
+    if isinstance(where, Loc):
+        return Loc(where.path, where.row, where.record_id, where.text, eto=True)
+    return Loc(text=where, eto=True)
+
+
+def _require(row: Any, required: tuple[str, ...], loc: Loc) -> None:
+    if not isinstance(row, dict):
+        raise loc.error(f"expected an object, got {type(row).__name__}")
+    missing = [k for k in required if k not in row]
+    if missing:
+        raise loc.error(f"missing required field(s) {', '.join(repr(k) for k in missing)}")
+
+
+def _check_id(value: Any, loc: Loc) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+        raise loc.error(f"expected an integer or a non-empty string, got {value!r}", "id")
+    return value
+
+
+def _export_id(record: Trajectory | Pair) -> int | str:
+    original = record.extra.get("eto_id")
+    # Keep WebShop's integer ids integers, unless the record was re-keyed since import.
+    return original if original is not None and str(original) == record.task_id else record.task_id

@@ -1,0 +1,211 @@
+"""Publish expert, exploration and pair datasets to the Hub.
+
+The data goes through `datasets.Dataset.push_to_hub` (one config per environment, one split per
+ETO iteration), so `datasets.load_dataset(repo, config, split=...)` reads it back. Then one more
+commit regenerates README.md from `data_cards/` and `etokit_stats.json`, the per-split statistics
+and provenance the card is rendered from, so each push lists every config and split pushed so far.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from etokit import __version__
+from etokit.data import Records, pair_stats, to_dataset, trajectory_stats
+from etokit.errors import EtokitError
+from etokit.hub.cards import render
+
+STATS_FILE = "etokit_stats.json"
+CARDS = {  # what each push command publishes: record kind, card template, default split
+    "expert": ("trajectory", "expert.md.j2", "train"),
+    "explore": ("trajectory", "exploration.md.j2", "train"),
+    "pairs": ("pair", "pairs.md.j2", "train"),
+}
+# datasets only accepts split names matching this (so `iter_1`, never `iter-1`).
+_SPLIT_RE = re.compile(r"^\w+(\.\w+)*$")
+_CONFIG_RE = re.compile(r"^[\w][\w.-]*$")
+_CARD_RETRIES = 3
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    config_name: str
+    split: str
+    revision: str
+    rows: int
+    data_commit: str
+    card_commit: str | None
+
+
+def push_dataset(
+    records: Records,
+    repo_id: str,
+    *,
+    card: str,
+    config_name: str | None = None,
+    split: str | None = None,
+    revision: str | None = None,
+    private: bool = False,
+    commit_message: str | None = None,
+    license: str = "apache-2.0",
+    ties: int | None = None,
+) -> PushResult:
+    """Push `records` as `config_name`/`split` of the dataset repo `repo_id`, then refresh its card."""
+    kind, template, default_split = CARDS[card]
+    if records.kind != kind:
+        raise EtokitError(f"{records.path}: holds {records.kind} rows, but push-{card} publishes {kind} rows")
+    _check_repo_id(repo_id)
+    config_name = config_name or _single_env(records)
+    split = split or _default_split(records, default_split)
+    _check_names(config_name, split)
+
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    branch = revision or "main"
+    dataset = to_dataset(records.records)
+    message = commit_message or f"etokit push-{card}: {config_name}/{split} ({len(dataset)} rows)"
+    with _hub_errors(repo_id):
+        data_commit = dataset.push_to_hub(
+            repo_id,
+            config_name=config_name,
+            split=split,
+            revision=revision,
+            private=private,
+            commit_message=message,
+        )
+        entry = _split_entry(records, card, ties)
+        card_commit = _refresh_card(api, repo_id, branch, data_commit.oid, card, template, license, config_name, split, entry)
+    return PushResult(repo_id, config_name, split, branch, len(dataset), data_commit.oid, card_commit)
+
+
+def _split_entry(records: Records, card: str, ties: int | None) -> dict[str, Any]:
+    recs = records.records
+    stats = pair_stats(recs, ties=ties) if card == "pairs" else trajectory_stats(recs)
+    distinct = lambda attr: sorted({str(v) for r in recs if (v := getattr(r, attr)) is not None})  # noqa: E731
+    provenance = {"envs": distinct("env"), "source_file": records.path.name, "source_format": records.format}
+    if card == "pairs":
+        provenance |= {"modes": distinct("mode"), "iterations": distinct("iteration")}
+    else:
+        provenance |= {
+            "sources": distinct("source"),
+            "models": distinct("model"),
+            "model_revisions": distinct("model_revision"),
+            "seeds": distinct("seed"),
+        }
+    return {"card": card, "stats": stats, "provenance": provenance, "etokit_version": __version__}
+
+
+def _refresh_card(api, repo_id, branch, parent, card, template, license, config_name, split, entry) -> str | None:
+    """Commit README.md + etokit_stats.json on top of `parent`. A concurrent push that moved the
+    branch in between makes the commit fail with 412; re-read and retry on the new head."""
+    from huggingface_hub import CommitOperationAdd, DatasetCard
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for attempt in range(_CARD_RETRIES):
+        all_stats = json.loads(_read(api, repo_id, STATS_FILE, parent) or "{}")
+        all_stats.setdefault(config_name, {})[split] = entry
+        readme = DatasetCard(_read(api, repo_id, "README.md", parent) or "")
+        metadata = readme.data.to_dict()  # keeps the `configs` / `dataset_info` datasets wrote
+        metadata |= {
+            "license": metadata.get("license") or license,
+            "task_categories": sorted(set(metadata.get("task_categories") or []) | {"text-generation"}),
+            "tags": sorted(set(metadata.get("tags") or []) | {"eto", "agent", "trajectory", *entry["provenance"]["envs"]}),
+            "language": metadata.get("language") or ["en"],
+        }
+        body = render("data_cards", template, repo_id=repo_id, configs=all_stats, card=card, version=__version__)
+        content = DatasetCard(f"---\n{_yaml(metadata)}---\n{body}").content
+        ops = [
+            CommitOperationAdd("README.md", content.encode()),
+            CommitOperationAdd(STATS_FILE, (json.dumps(all_stats, indent=2, sort_keys=True) + "\n").encode()),
+        ]
+        try:
+            commit = api.create_commit(
+                repo_id,
+                ops,
+                commit_message=f"Update dataset card ({config_name}/{split})",
+                repo_type="dataset",
+                revision=branch,
+                parent_commit=parent,
+            )
+            return commit.oid
+        except HfHubHTTPError as e:
+            if e.response is None or e.response.status_code != 412 or attempt == _CARD_RETRIES - 1:
+                raise
+            parent = api.dataset_info(repo_id, revision=branch).sha
+    return None
+
+
+def _read(api, repo_id: str, filename: str, revision: str) -> str | None:
+    """A text file of the dataset repo at `revision` (a commit sha), or None if it has none."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        path = api.hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision)
+    except EntryNotFoundError:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _yaml(metadata: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
+
+
+def _single_env(records: Records) -> str:
+    envs = sorted({r.env for r in records.records})
+    if len(envs) != 1:
+        raise EtokitError(f"{records.path}: rows come from several environments ({', '.join(envs)}); pass --config-name")
+    return envs[0]
+
+
+def _default_split(records: Records, fallback: str) -> str:
+    iterations = {getattr(r, "iteration", None) for r in records.records}
+    if len(iterations) == 1 and (it := iterations.pop()) is not None:
+        return f"iter_{it}"
+    return fallback
+
+
+def _check_names(config_name: str, split: str) -> None:
+    if not _SPLIT_RE.match(split):
+        hint = f" (use '{re.sub(r'[^A-Za-z0-9_.]', '_', split)}')" if split else ""
+        raise EtokitError(f"--split '{split}' is not a valid split name: letters, digits, '_' and '.' only{hint}")
+    if not _CONFIG_RE.match(config_name):
+        raise EtokitError(f"--config-name '{config_name}' is not a valid config name: letters, digits, '_', '-', '.'")
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise EtokitError(f"--repo-id '{repo_id}' is not a valid repo id: {e}") from None
+    if repo_id.count("/") != 1:
+        raise EtokitError(f"--repo-id '{repo_id}' must be NAMESPACE/NAME")
+
+
+class _hub_errors:
+    """Hub failures become one-line errors naming the repo (the client's messages carry no token)."""
+
+    def __init__(self, repo_id: str):
+        self.repo_id = repo_id
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if exc is not None and isinstance(exc, HfHubHTTPError):
+            status = exc.response.status_code if exc.response is not None else "?"
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise EtokitError(f"Hub refused the push to '{self.repo_id}' (HTTP {status}): {first}") from None
+        return False

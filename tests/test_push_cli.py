@@ -1,0 +1,154 @@
+"""`etokit push-*` end to end against the embedded Hub: what a user pushes is what
+`datasets.load_dataset` gives back, iterations accumulate, the card lists them all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import HF_TEST_TOKEN
+from factories import pair, trajectory, write_jsonl
+from typer.testing import CliRunner
+
+from etokit.cli import app
+from etokit.data import from_dataset
+
+runner = CliRunner()
+
+
+def push(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def load(repo, config, split, revision=None):
+    from datasets import load_dataset
+
+    return load_dataset(repo, config, split=split, revision=revision, download_mode="force_redownload")
+
+
+def card_text(repo, revision=None):
+    from huggingface_hub import hf_hub_download
+
+    return open(hf_hub_download(repo, "README.md", repo_type="dataset", revision=revision), encoding="utf-8").read()
+
+
+def test_push_expert_round_trips_through_load_dataset(hub, repo_name, tmp_path):
+    trajs = [trajectory(f"t{i}", reward=r, n_steps=2 + i % 3) for i, r in enumerate([1.0, 1.0, 0.5, 0.0, 1.0])]
+    trajs[2].extra = {"game_file": "pick_and_place/trial_1"}
+    src = tmp_path / "expert.jsonl"
+    write_jsonl(src, trajs)
+
+    result = push("push-expert", src, "--repo-id", repo_name)
+    assert result.exit_code == 0, result.output
+    assert "5 valid trajectory rows" in result.output
+
+    ds = load(repo_name, "textworld-express", "train")
+    assert from_dataset(ds, "trajectory") == trajs
+
+    card = card_text(repo_name)
+    for expected in ("# ETO expert trajectories", "- eto", "- agent", "- trajectory", "config_name: textworld-express",
+                     f'load_dataset("{repo_name}", "textworld-express", split="train")',
+                     "| textworld-express | train | 5 | 70.0 | 60.0% |"):
+        assert expected in card, expected
+    assert HF_TEST_TOKEN not in card + result.output
+
+
+def test_second_iteration_keeps_the_first_and_card_lists_both(hub, repo_name, tmp_path):
+    it1 = [pair(f"t{i}", iteration=1) for i in range(4)]
+    it2 = [pair(f"t{i}", iteration=2, outcome="win" if i == 0 else "lose") for i in range(3)]
+    write_jsonl(tmp_path / "p1.jsonl", it1)
+    write_jsonl(tmp_path / "p2.jsonl", it2)
+
+    assert push("push-pairs", tmp_path / "p1.jsonl", "--repo-id", repo_name, "--ties", 6).exit_code == 0
+    r2 = push("push-pairs", tmp_path / "p2.jsonl", "--repo-id", repo_name)  # split defaults to iter_2
+    assert r2.exit_code == 0, r2.output
+    assert "split iter_2" in r2.output
+
+    assert from_dataset(load(repo_name, "textworld-express", "iter_1"), "pair") == it1
+    assert from_dataset(load(repo_name, "textworld-express", "iter_2"), "pair") == it2
+
+    card = card_text(repo_name)
+    assert "| textworld-express | iter_1 | 4 | 0 | 6 | 4 |" in card
+    assert "| textworld-express | iter_2 | 3 | 1 | - | 2 |" in card
+    from huggingface_hub import hf_hub_download
+
+    stats = json.load(open(hf_hub_download(repo_name, "etokit_stats.json", repo_type="dataset")))
+    assert set(stats["textworld-express"]) == {"iter_1", "iter_2"}
+
+
+def test_push_to_a_revision_leaves_main_alone(hub, repo_name, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [trajectory("a", 1.0, source="explore")])
+    write_jsonl(tmp_path / "b.jsonl", [trajectory("b", 0.0, source="explore"), trajectory("c", 1.0, source="explore")])
+    assert push("push-explore", tmp_path / "a.jsonl", "--repo-id", repo_name, "--split", "iter_1").exit_code == 0
+    r = push("push-explore", tmp_path / "b.jsonl", "--repo-id", repo_name, "--split", "iter_1", "--revision", "dev")
+    assert r.exit_code == 0, r.output
+    assert 'revision="dev"' in r.output
+    assert [t.task_id for t in from_dataset(load(repo_name, "textworld-express", "iter_1", "dev"), "trajectory")] == ["b", "c"]
+    assert [t.task_id for t in from_dataset(load(repo_name, "textworld-express", "iter_1"), "trajectory")] == ["a"]
+    assert "# ETO exploration trajectories" in card_text(repo_name, "dev")
+
+
+def test_push_official_eto_sft_file(hub, repo_name, tmp_path):
+    rows = [
+        {"id": i, "conversations": [{"from": "human", "value": "Instruction"}, {"from": "gpt", "value": "OK"},
+                                    {"from": "human", "value": f"Buy item {i}"},
+                                    {"from": "gpt", "value": "Thought: search.\nAction: search[item]"}],
+         "reward": 0.5 + 0.25 * i, "source": "human"}
+        for i in range(2)
+    ]
+    src = tmp_path / "webshop_sft.json"
+    src.write_text(json.dumps(rows))
+    r = push("push-expert", src, "--repo-id", repo_name, "--env", "webshop")
+    assert r.exit_code == 0, r.output
+    got = from_dataset(load(repo_name, "webshop", "train"), "trajectory")
+    assert [t.reward for t in got] == [0.5, 0.75]
+    from etokit.data.eto_format import trajectory_to_eto
+
+    assert [trajectory_to_eto(t) for t in got] == rows
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--split", "iter-1"], "use 'iter_1'"),
+        (["--config-name", "bad name!"], "--config-name"),
+    ],
+)
+def test_bad_names_fail_before_anything_is_pushed(hub, repo_name, tmp_path, args, expected):
+    from huggingface_hub import HfApi
+
+    write_jsonl(tmp_path / "x.jsonl", [trajectory("x", 1.0)])
+    r = push("push-expert", tmp_path / "x.jsonl", "--repo-id", repo_name, *args)
+    assert r.exit_code == 2
+    assert expected in r.output
+    assert not HfApi().repo_exists(repo_name, repo_type="dataset")
+
+
+def test_invalid_file_or_kind_is_refused_with_its_location(hub, repo_name, tmp_path):
+    from huggingface_hub import HfApi
+
+    bad = tmp_path / "bad.jsonl"
+    good_row = trajectory("ok", 1.0).to_row()
+    bad_row = trajectory("broken", 1.0).to_row() | {"reward": 1.5}
+    bad.write_text(json.dumps(good_row) + "\n" + json.dumps(bad_row) + "\n")
+    r = push("push-expert", bad, "--repo-id", repo_name)
+    assert r.exit_code == 2
+    assert "row 1" in r.output and "reward" in r.output
+
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [pair("p")])
+    r = push("push-expert", pairs, "--repo-id", repo_name)
+    assert r.exit_code == 2 and "pair" in r.output
+
+    r = push("push-pairs", pairs, "--repo-id", "not/a/valid/repo")
+    assert r.exit_code == 2 and "--repo-id" in r.output
+    assert not HfApi().repo_exists(repo_name, repo_type="dataset")
+
+
+def test_help_shows_examples():
+    for cmd in ("push-expert", "push-explore", "push-pairs"):
+        r = runner.invoke(app, [cmd, "--help"])
+        assert r.exit_code == 0
+        assert "Examples" in r.output and f"etokit {cmd}" in r.output
