@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # e.g. `make install TORCH_SPEC="torch==2.13.0" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"`.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= test,envs,bench
+EXTRAS ?= test,envs,alfworld,bench
 PYTEST_ARGS ?=
 
 .PHONY: install test test-slow test-faults bench demo hub clean
@@ -15,7 +15,8 @@ install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# alfworld's native build runs `python build.py`: the venv's python must come first on PATH.
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip install -q -e ".[$(EXTRAS)]"
 
 test:
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

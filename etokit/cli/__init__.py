@@ -22,6 +22,9 @@ app = typer.Typer(
 _COMMAND_MODULES = [
     "etokit.cli.push",
     "etokit.cli.hub",
+    "etokit.cli.envs",
+    "etokit.cli.models",
+    "etokit.cli.data",
 ]
 
 

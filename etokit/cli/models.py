@@ -1,0 +1,61 @@
+"""`etokit init-model`: a tiny randomly initialized Llama agent with a tokenizer trained on your
+trajectories, for smoke runs of the whole ETO loop without downloading weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from etokit.cli._errors import user_errors
+from etokit.errors import EtokitError
+
+console = Console(highlight=False)
+
+_EXAMPLES = """
+[bold]Examples[/bold]
+
+  $ etokit init-model --corpus expert.jsonl --out models/tiny
+  $ etokit init-model --corpus notes.txt --out models/small --size small --seed 1
+"""
+
+CorpusOpt = Annotated[
+    Path,
+    typer.Option("--corpus", help="A text file, or an etokit trajectory .jsonl (its messages' text is used).",
+                 show_default=False),
+]
+OutOpt = Annotated[Path, typer.Option("--out", help="Folder to save the model and tokenizer in.", show_default=False)]
+SizeOpt = Annotated[str, typer.Option("--size", help="Model size: tiny (hidden 64, 2 layers) or small.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the weight initialization.")]
+
+
+def read_corpus(path: Path) -> list[str]:
+    """Lines of a text file, or every message of a trajectory JSONL."""
+    if not path.is_file():
+        raise EtokitError(f"--corpus {path} does not exist")
+    if path.suffix == ".jsonl":
+        from etokit.data import load_records
+
+        records = load_records(path, "trajectory").records
+        return [m["content"] for t in records for m in t.messages]
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise EtokitError(f"--corpus {path} is not UTF-8 text (byte {e.start})") from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("init-model", epilog=_EXAMPLES)
+    @user_errors
+    def init_model(corpus: CorpusOpt, out: OutOpt, size: SizeOpt = "tiny", seed: SeedOpt = 0) -> None:
+        """Build a tiny Llama model + SentencePiece tokenizer (with a chat template) from a corpus."""
+        from etokit.models.init_model import build_tiny_model
+
+        texts = read_corpus(corpus)
+        with console.status(f"Training a tokenizer on {len(texts)} texts and building a {size} model..."):
+            model, tokenizer = build_tiny_model(texts, out, size=size, seed=seed)
+        n_params = sum(p.numel() for p in model.parameters())
+        console.print(f"[green]✓[/] {out}: LlamaForCausalLM, {n_params:,} parameters, vocabulary {len(tokenizer)}")
+        console.print(f'  AutoModelForCausalLM.from_pretrained("{out}")', markup=False)

@@ -1,0 +1,222 @@
+"""ScienceWorld (Wang et al. 2022) as ETO runs it: "easy" simplification, a per-task step limit,
+reward = the best score of the episode in [0, 1] (a failed task's negative score counts as 0).
+
+Speed: the official wrapper's ``step()`` also asks the JVM for every valid action-object
+combination (~2,900 strings per step) and the look/inventory text, which caps it near 9 steps/s.
+This adapter talks to the same server object over py4j but only asks for the observation, score
+and completion (valid actions on request), ~10x faster; see bench/env_step.py.
+
+Splits (package data ``data/scienceworld_splits.json``; regenerate with
+``python -m etokit.envs.scienceworld``) follow the official ETO code's 24 task types and sizes:
+
+- test-unseen (211): the first <= 10 variations of each task type's *test* list. This is the
+  official rule (checked against the official index).
+- test-seen (194): <= 10 variations per task type drawn (seeded) from its *dev* list. The official
+  index drops 5 dev variations of the small task types (``_OFFICIAL_DEV_DROPPED``); we drop the
+  same 5, so for every task type with <= 10 dev variations the membership equals the official.
+- train (1483): a seeded uniform sample of 1483 variations from the 24 task types' *train*
+  lists. The official index is a random sample of the same size whose exact draw is not
+  recoverable offline (it also takes some variations from the dev range; ours keeps the
+  simulator's train/dev/test partition, so train and test-seen never share a variation).
+
+Task ids are ``"<task-name>_<variation>"``, e.g. ``"boil_18"``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from functools import lru_cache
+from importlib import resources
+
+from etokit.envs.base import SPLITS, Reset, Step
+from etokit.errors import EtokitError
+
+SPLITS_FILE = "scienceworld_splits.json"
+
+# Per-task step limits of the official ETO code (its max_steps.json), keyed by simulator task name.
+MAX_STEPS = {
+    "boil": 100,
+    "change-the-state-of-matter-of": 80,
+    "freeze": 80,
+    "melt": 80,
+    "measure-melting-point-known-substance": 120,
+    "use-thermometer": 30,
+    "power-component": 20,
+    "power-component-renewable-vs-nonrenewable-energy": 30,
+    "test-conductivity": 30,
+    "test-conductivity-of-unknown-substances": 30,
+    "find-animal": 15,
+    "find-living-thing": 15,
+    "find-non-living-thing": 15,
+    "find-plant": 15,
+    "grow-fruit": 60,
+    "grow-plant": 30,
+    "chemistry-mix": 60,
+    "chemistry-mix-paint-secondary-color": 15,
+    "chemistry-mix-paint-tertiary-color": 30,
+    "lifespan-longest-lived": 10,
+    "lifespan-longest-lived-then-shortest-lived": 12,
+    "lifespan-shortest-lived": 10,
+    "identify-life-stages-1": 30,
+    "identify-life-stages-2": 30,
+}
+OFFICIAL_SIZES = {"train": 1483, "test-seen": 194, "test-unseen": 211}
+_PER_TASK_EVAL = 10
+_OFFICIAL_DEV_DROPPED = {
+    "boil": [18],
+    "power-component": [10, 14],
+    "power-component-renewable-vs-nonrenewable-energy": [11, 12],
+}
+
+
+def task_id_of(task: str, variation: int) -> str:
+    return f"{task}_{variation}"
+
+
+def parse_task_id(task_id: str) -> tuple[str, int]:
+    task, _, variation = task_id.rpartition("_")
+    if task not in MAX_STEPS or not variation.isdigit():
+        raise EtokitError(f"scienceworld: bad task id {task_id!r}; expected '<task-name>_<variation>' "
+                          f"with a task name among: {', '.join(MAX_STEPS)}")
+    return task, int(variation)
+
+
+@lru_cache(maxsize=1)
+def load_splits() -> dict[str, list[str]]:
+    text = resources.files("etokit.envs").joinpath("data", SPLITS_FILE).read_text()
+    data = json.loads(text)
+    return {split: data[split] for split in SPLITS}
+
+
+class ScienceWorldEnv:
+    name = "scienceworld"
+    max_steps = max(MAX_STEPS.values())  # set to the task's own limit by reset()
+
+    def __init__(self, simplification: str = "easy", max_steps: int | None = None, heap: str = "512m"):
+        from scienceworld.constants import BASEPATH, JAR_PATH
+
+        from etokit.envs.worker import JavaServer
+
+        self.simplification = simplification
+        self._max_steps_override = max_steps
+        self._java = JavaServer(JAR_PATH, BASEPATH, heap=heap)
+        self._server = self._java.jvm.scienceworld.runtime.pythonapi.PythonInterface()
+        self._gold: dict[str, list[str]] = {}
+        self._done = True
+        self._steps = 0
+        self._reward = 0.0
+
+    @classmethod
+    def check(cls) -> tuple[bool, str]:
+        try:
+            import scienceworld  # noqa: F401
+        except ImportError:
+            return False, "pip install scienceworld  (or: pip install 'etokit[envs]')"
+        if shutil.which("java") is None:
+            return False, "needs Java (11+) on PATH, e.g. apt-get install openjdk-17-jre-headless"
+        return True, "scienceworld (Java found)"
+
+    @property
+    def jvm_pid(self) -> int:
+        return self._java.pid
+
+    def task_ids(self, split: str) -> list[str]:
+        if split not in SPLITS:
+            raise EtokitError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        return list(load_splits()[split])
+
+    def _load(self, task_id: str, gold: bool) -> None:
+        task, variation = parse_task_id(task_id)
+        self._server.load(task, variation, self.simplification, gold)
+        # As the official reset(): back to the start, then one "look around" tick.
+        self._server.reset()
+        self._server.step("look around")
+
+    def reset(self, task_id: str) -> Reset:
+        task, _ = parse_task_id(task_id)
+        self._load(task_id, gold=False)
+        self.max_steps = self._max_steps_override or MAX_STEPS[task]
+        self._done, self._steps, self._reward = False, 0, 0.0
+        return Reset(task_id=task_id, instruction=str(self._server.getTaskDescription()).strip(), observation="",
+                     info={"task": task, "max_steps": self.max_steps})
+
+    def step(self, action: str) -> Step:
+        if self._done:
+            raise EtokitError("scienceworld: step() after the episode ended; call reset(task_id) first")
+        observation = str(self._server.step(action))
+        score = float(self._server.getScore())
+        completed = bool(self._server.getCompleted())
+        self._steps += 1
+        self._reward = max(self._reward, min(1.0, max(0.0, score)))
+        self._done = completed or score < 0 or self._steps >= self.max_steps
+        return Step(observation=observation.strip(), reward=self._reward, done=self._done,
+                    info={"score": score, "steps": self._steps})
+
+    def expert(self, task_id: str) -> list[str] | None:
+        """The simulator's gold action sequence. It may answer "ambiguous request" prompts with a
+        bare option number ("0"), which is a valid action in the state that asked."""
+        if task_id not in self._gold:
+            task, variation = parse_task_id(task_id)
+            self._server.load(task, variation, self.simplification, True)
+            self._gold[task_id] = [str(a) for a in self._server.getGoldActionSequence()]
+            self._done = True  # the load replaced any episode in progress
+        return list(self._gold[task_id])
+
+    def valid_actions(self) -> list[str]:
+        """Valid action-object combinations now (thousands of strings: slow, so only on request)."""
+        return [str(a) for a in self._server.getValidActionObjectCombinations()]
+
+    def close(self) -> None:
+        if getattr(self, "_java", None) is not None:
+            self._java.close()
+            self._java = None
+
+
+def derive_splits(server, seed: int = 0) -> dict[str, list[str]]:
+    """The split index described in the module docstring, from the simulator's variation lists."""
+    train_pool, seen, unseen = [], [], []
+    for task in MAX_STEPS:
+        server.load(task, 0, "easy", False)
+        train_pool += [task_id_of(task, v) for v in sorted(server.getVariationsTrain())]
+        dropped = set(_OFFICIAL_DEV_DROPPED.get(task, []))
+        dev = [v for v in sorted(server.getVariationsDev()) if v not in dropped]
+        picked = random.Random(f"{seed}:{task}:test-seen").sample(dev, min(_PER_TASK_EVAL, len(dev)))
+        seen += [task_id_of(task, v) for v in sorted(picked)]
+        unseen += [task_id_of(task, v) for v in sorted(server.getVariationsTest())[:_PER_TASK_EVAL]]
+    train = random.Random(f"{seed}:train").sample(train_pool, OFFICIAL_SIZES["train"])
+    order = {t: i for i, t in enumerate(MAX_STEPS)}
+    train.sort(key=lambda t: (order[parse_task_id(t)[0]], parse_task_id(t)[1]))
+    return {"train": train, "test-seen": seen, "test-unseen": unseen}
+
+
+def _write_splits() -> None:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from scienceworld.constants import BASEPATH, JAR_PATH
+
+    from etokit.envs.worker import JavaServer
+
+    java = JavaServer(JAR_PATH, BASEPATH)
+    try:
+        splits = derive_splits(java.jvm.scienceworld.runtime.pythonapi.PythonInterface())
+    finally:
+        java.close()
+    for split, ids in splits.items():
+        print(f"{split}: {len(ids)} (official {OFFICIAL_SIZES[split]})")
+    path = Path(__file__).parent / "data" / SPLITS_FILE
+    path.parent.mkdir(exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"seed": 0, **splits}, f, indent=0)
+        f.write("\n")
+    os.chmod(tmp, 0o644)  # package data, readable by all (mkstemp makes it private)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    _write_splits()

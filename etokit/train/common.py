@@ -1,0 +1,305 @@
+"""Pieces both training recipes (BC and DPO) share: accelerator, data, model, optimizer,
+resumable state, logging. The recipes in scripts/ read top to bottom and call these."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from etokit.errors import EtokitError
+
+CHECKPOINTS_DIR = "checkpoints"
+LOG_FILE = "train_log.jsonl"
+_COMPLETE = "COMPLETE"  # marker written last: a state dir without it was cut short by a kill
+
+
+# --- accelerator ------------------------------------------------------------------------------
+
+
+def resolve_mixed_precision(mode: str) -> str:
+    """``auto`` means bf16 on a GPU that supports it, full precision elsewhere (CPU)."""
+    if mode != "auto":
+        return mode
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def make_accelerator(output_dir, *, mixed_precision="auto", report_to="tensorboard", seed=0):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    report_to = None if report_to in (None, "none") else report_to
+    # Launched as several processes on a host without GPUs (`accelerate launch --multi_gpu` or
+    # torchrun), accelerate would silently make each process a single-process run: ask for gloo.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=multi_cpu,
+        mixed_precision=resolve_mixed_precision(mixed_precision),
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "runs")),
+    )
+    set_seed(seed)
+    return accelerator
+
+
+def init_trackers(accelerator, name: str, config: dict[str, Any]) -> None:
+    # TensorBoard's hparams only take scalars.
+    flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items() if v is not None}
+    accelerator.init_trackers(name, config=flat)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def load_training_records(source: str, kind: str, *, config=None, split="train", revision=None) -> list:
+    """Records from a local file (etokit or official ETO format) or a Hub dataset repo."""
+    from etokit.data import from_dataset, load_records
+
+    if Path(source).exists():
+        return list(load_records(source, kind).records)
+    if source.count("/") != 1 or source.startswith((".", "/")):
+        raise EtokitError(f"--data {source!r} is neither an existing file nor a Hub dataset repo (NAMESPACE/NAME)")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, config, split=split, revision=revision)
+    except (FileNotFoundError, ValueError) as e:
+        raise EtokitError(f"cannot load dataset {source!r} (config {config}, split {split}, revision {revision}): {e}") from None
+    return from_dataset(ds, kind)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of an epoch: a function of (seed, epoch) only, so a resumed run
+    sees exactly the batches an uninterrupted one would have."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_schedule(n: int, *, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int,
+                  epochs: int) -> list[list[list[int]]]:
+    """For every optimizer step, this process's micro-batches (lists of example indices).
+
+    A step consumes ``batch_size * grad_accum * world_size`` examples; each process takes every
+    ``world_size``-th of them. The tail of an epoch forms a smaller last step (examples that would
+    leave some process empty-handed are dropped, at most ``world_size - 1``).
+    """
+    per_step = batch_size * grad_accum * world_size
+    steps = []
+    for epoch in range(epochs):
+        order = epoch_order(n, seed, epoch)
+        usable = len(order) - len(order) % world_size
+        for start in range(0, usable, per_step):
+            mine = order[start:min(start + per_step, usable)][rank::world_size]
+            steps.append([mine[i:i + batch_size] for i in range(0, len(mine), batch_size)])
+    return steps
+
+
+def pad_batch(seqs, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the loss mask)."""
+    width = max(len(s.input_ids) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = len(s.input_ids)
+        ids[i, :n] = torch.tensor(s.input_ids)
+        attn[i, :n] = 1
+        labels[i, :n] = torch.tensor(s.labels)
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over positions whose label is not -100 (in float32)."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+# --- model ------------------------------------------------------------------------------------
+
+
+def load_model_and_tokenizer(name: str, *, revision=None, trust_remote_code=False, attn_implementation=None,
+                             dtype=None):
+    """A causal LM and its tokenizer from a local folder or a Hub repo. Weights load from
+    safetensors only (no pickle), and remote code runs only when explicitly allowed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, use_safetensors=True, attn_implementation=attn_implementation, dtype=dtype, **kwargs
+        )
+    except OSError as e:
+        raise EtokitError(f"cannot load model {name!r} (revision {revision}): {str(e).splitlines()[0]}") from None
+    if tokenizer.chat_template is None:
+        raise EtokitError(f"tokenizer of {name!r} has no chat template; etokit trains on rendered conversations")
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, any id will do.
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules):
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules if target_modules and target_modules != ["all-linear"] else "all-linear"
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    model.config.use_cache = False
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # LoRA: frozen embeddings would cut the graph
+
+
+def make_optimizer_and_scheduler(model, *, learning_rate: float, weight_decay: float, scheduler: str,
+                                 warmup_ratio: float, total_steps: int):
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # norms and biases
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=learning_rate,
+    )
+    lr_scheduler = get_scheduler(
+        scheduler, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    return optimizer, lr_scheduler
+
+
+def save_model(accelerator, model, tokenizer, out_dir, *, merge_lora=True) -> None:
+    """save_pretrained (safetensors) + tokenizer into ``out_dir``, from the main process.
+    LoRA adapters are merged so the result loads with plain ``from_pretrained``."""
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        if merge_lora and hasattr(unwrapped, "merge_and_unload"):
+            unwrapped = unwrapped.merge_and_unload()
+            state_dict = None
+        unwrapped.config.use_cache = True
+        unwrapped.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    accelerator.wait_for_everyone()
+
+
+# --- resumable state --------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Counters saved with the accelerator state (model, optimizer, scheduler, RNGs)."""
+
+    step: int = 0
+    tokens: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    done = [p for p in root.glob("step-*") if (p / _COMPLETE).exists()] if root.is_dir() else []
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def save_state(accelerator, output_dir, step: int, keep: int = 0) -> Path:
+    """accelerate ``save_state`` into checkpoints/step-N, marked complete only once fully written;
+    keeps the newest ``keep`` checkpoints (0 = all)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    path = root / f"step-{step}"
+    accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (path / _COMPLETE).write_text(str(step))
+        if keep:
+            done = sorted((p for p in root.glob("step-*") if (p / _COMPLETE).exists()), key=lambda p: int(p.name[5:]))
+            for old in done[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def resume(accelerator, output_dir, state: TrainState) -> bool:
+    """Load the newest complete checkpoint of ``output_dir``; False if there is none."""
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        return False
+    accelerator.load_state(str(path))
+    accelerator.print(f"resumed from {path} (step {state.step})")
+    return True
+
+
+# --- logging ----------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Metrics to the accelerate trackers and to ``train_log.jsonl`` (one line per logged step,
+    appended, so a resumed run continues the file)."""
+
+    def __init__(self, accelerator, output_dir, *, resumed_at: int = 0):
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / LOG_FILE
+        if accelerator.is_main_process and self.path.exists():
+            # Drop lines a killed run logged after its last checkpoint; they are about to be redone.
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_at]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.accelerator.log(metrics, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def read_log(output_dir) -> list[dict[str, float]]:
+    path = Path(output_dir) / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+class Throughput:
+    """Tokens per second over the steps since the last call."""
+
+    def __init__(self):
+        self.t, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.t, 1e-9)
+        self.t, self.tokens = now, 0
+        return rate
+
+
+def reduce_sum(accelerator, value: float | int) -> float:
+    """Sum of a Python number over processes."""
+    t = torch.tensor(float(value), device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").item() if accelerator.num_processes > 1 else t.item()
+
+
+def card_datasets(entries: Iterable[tuple[str, str | None, str | None, str | None]]) -> list[dict]:
+    """Model-card data rows from (source, config, split, revision); local files are marked local."""
+    return [
+        {"repo": src, "config": cfg, "split": split, "revision": rev, "local": Path(src).exists()}
+        for src, cfg, split, rev in entries
+    ]

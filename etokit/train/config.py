@@ -1,0 +1,291 @@
+"""Training configs: a dataclass, an optional YAML file, command-line flags on top.
+
+``python scripts/train_bc.py --config bc.yaml --learning-rate 1e-5 --no-gradient-checkpointing``
+resolves defaults < YAML < flags. Every key is checked against the dataclass: an unknown key, a
+value of the wrong type, a negative or NaN number where none makes sense is an
+:class:`~etokit.errors.EtokitError` naming the key and where it came from. The resolved config is
+written next to the checkpoint (without secrets) so a run can be reproduced from its output.
+
+Field metadata understood here: ``help`` (for ``--help``), ``min`` (inclusive lower bound of a
+number; defaults to 0, ``None`` for no bound), ``gt`` (strict lower bound), ``choices``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from etokit.errors import EtokitError
+
+CONFIG_FILENAME = "etokit_config.yaml"
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key)$", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+
+
+def parse_config(cls, argv=None):
+    """Build a ``cls`` instance from ``--config FILE`` (YAML) and ``--field value`` flags.
+
+    Flags accept ``--name`` or ``--name_with_underscores``, and ``--name=value``. Booleans:
+    ``--flag`` / ``--no-flag`` / ``--flag false``. Lists: ``--items a b c``. ``-h`` prints the fields.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    if "-h" in argv or "--help" in argv:
+        print(_help(cls, fields, hints))
+        raise SystemExit(0)
+
+    flags = _split_flags(argv, fields, hints)
+    values: dict[str, Any] = {}
+    config_file = flags.pop("config", None)
+    if config_file is not None:
+        path = Path(config_file[0] if isinstance(config_file, list) else config_file)
+        for key, value in _read_yaml(path).items():
+            name = str(key).replace("-", "_")
+            _check_known(name, fields, f"in {path}")
+            values[name] = _coerce(value, hints[name], fields[name], f"{name!r} in {path}")
+    for name, raw in flags.items():
+        values[name] = _coerce_flag(raw, hints[name], fields[name], f"--{name.replace('_', '-')}")
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required field with no default, missing from both sources
+        raise EtokitError(f"{cls.__name__}: {e}") from None
+
+
+def save_config(cfg, out_dir) -> Path:
+    """Write the resolved config as YAML in ``out_dir`` (atomically); secrets are left out."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = redact(dataclasses.asdict(cfg))
+    path = out_dir / CONFIG_FILENAME
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    os.replace(tmp, path)
+    return path
+
+
+def load_config(cls, path):
+    """Read a config written by :func:`save_config` (or any YAML) back into ``cls``."""
+    return parse_config(cls, ["--config", str(path)])
+
+
+def redact(data):
+    """Copy of ``data`` (nested dicts/lists) without secret-named keys or token-shaped strings."""
+    env_token = os.environ.get("HF_TOKEN") or None
+    if isinstance(data, dict):
+        return {k: redact(v) for k, v in data.items() if not (_SECRET_KEY.search(str(k)) and isinstance(v, str))}
+    if isinstance(data, (list, tuple)):
+        return [redact(v) for v in data]
+    if isinstance(data, str):
+        if env_token and env_token in data:
+            data = data.replace(env_token, "***")
+        return _SECRET_VALUE.sub("***", data)
+    return data
+
+
+# --- parsing helpers -------------------------------------------------------------------------
+
+
+def _split_flags(argv, fields, hints) -> dict[str, Any]:
+    """Group argv into {field: raw value}; raw is a str, a list of str (lists), or a bool."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise EtokitError(f"unexpected argument {token!r} (options look like --name value)")
+        key, eq, inline = token[2:].partition("=")
+        name = key.replace("-", "_")
+        negated = False
+        if name not in fields and name != "config" and name.startswith("no_") and name[3:] in fields:
+            name, negated = name[3:], True
+        if name != "config":
+            _check_known(name, fields, "on the command line", flag=True)
+        i += 1
+        kind = _base_type(hints[name]) if name != "config" else str
+        if negated:
+            if kind is not bool or eq:
+                raise EtokitError(f"--no-{key[3:]} only applies to a boolean option")
+            out[name] = False
+        elif eq:
+            out[name] = inline
+        elif kind is bool:
+            if i < len(argv) and argv[i].lower() in _TRUE | _FALSE:
+                out[name] = argv[i]
+                i += 1
+            else:
+                out[name] = True
+        elif kind is list:
+            items = []
+            while i < len(argv) and not argv[i].startswith("--"):
+                items.append(argv[i])
+                i += 1
+            out[name] = items
+        else:
+            if i >= len(argv) or (argv[i].startswith("--") and not _is_number(argv[i])):
+                raise EtokitError(f"option --{key} needs a value")
+            out[name] = argv[i]
+            i += 1
+    return out
+
+
+def _check_known(name, fields, where, flag=False) -> None:
+    if name in fields:
+        return
+    shown = f"--{name.replace('_', '-')}" if flag else repr(name)
+    close = difflib.get_close_matches(name, list(fields), n=1)
+    hint = f" (did you mean {('--' + close[0].replace('_', '-')) if flag else repr(close[0])}?)" if close else ""
+    raise EtokitError(f"unknown config key {shown} {where}{hint}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise EtokitError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise EtokitError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise EtokitError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def _optional(tp) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+    return tp, False
+
+
+def _base_type(tp):
+    tp, _ = _optional(tp)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return list
+    if origin is Literal:
+        return str
+    return tp
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _coerce_flag(raw, tp, field, where):
+    """Flags arrive as strings; turn them into YAML-like values, then check them like YAML."""
+    inner, optional = _optional(tp)
+    if isinstance(raw, bool):
+        return _coerce(raw, tp, field, where)
+    if typing.get_origin(inner) in (list, tuple):
+        items = raw if isinstance(raw, list) else [s for s in raw.split(",") if s]
+        (item_tp,) = typing.get_args(inner)[:1] or (str,)
+        return [_coerce(_scalar_from_text(s, item_tp), item_tp, field, where) for s in items]
+    if optional and raw.lower() in ("none", "null"):
+        return None
+    return _coerce(_scalar_from_text(raw, inner), tp, field, where)
+
+
+def _scalar_from_text(text: str, tp):
+    if tp is bool:
+        low = text.lower()
+        return True if low in _TRUE else False if low in _FALSE else text
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return text
+
+
+def _coerce(value, tp, field, where):
+    inner, optional = _optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise EtokitError(f"config key {where} cannot be null")
+    origin = typing.get_origin(inner)
+    if origin is Literal:
+        choices = typing.get_args(inner)
+        if value not in choices:
+            raise EtokitError(f"config key {where} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise EtokitError(f"config key {where} must be a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(inner)[:1] or (str,)
+        return [_coerce(v, item_tp, field, where) for v in value]
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise EtokitError(f"config key {where} must be true or false, got {value!r}")
+        return value
+    if inner in (int, float):
+        if isinstance(value, str) and inner is float:
+            # YAML 1.1 reads `2e-5` (no dot) as a string.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, int) if inner is int else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok:
+            raise EtokitError(f"config key {where} must be {'an integer' if inner is int else 'a number'}, got {value!r}")
+        value = inner(value)
+        _check_range(value, field, where)
+        return value
+    if inner is str:
+        if not isinstance(value, str):
+            raise EtokitError(f"config key {where} must be a string, got {value!r}")
+        choices = field.metadata.get("choices")
+        if choices and value not in choices:
+            raise EtokitError(f"config key {where} must be one of {', '.join(choices)}; got {value!r}")
+        return value
+    if inner is dict or typing.get_origin(inner) is dict:
+        if not isinstance(value, dict):
+            raise EtokitError(f"config key {where} must be a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _check_range(value, field, where) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EtokitError(f"config key {where} must be a finite number, got {value}")
+    lo = field.metadata.get("min", 0)
+    if lo is not None and value < lo:
+        raise EtokitError(f"config key {where} must be >= {lo}, got {value}")
+    gt = field.metadata.get("gt")
+    if gt is not None and value <= gt:
+        raise EtokitError(f"config key {where} must be > {gt}, got {value}")
+
+
+def _help(cls, fields, hints) -> str:
+    lines = [f"{cls.__name__} options (defaults < --config FILE.yaml < flags):", "  --config FILE  YAML file of the options below"]
+    for name, f in fields.items():
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
+        )
+        tp = getattr(hints[name], "__name__", str(hints[name]))
+        lines.append(f"  --{name.replace('_', '-')} ({tp}, default {default!r})  {f.metadata.get('help', '')}".rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""`etokit expert` and `etokit envs list` through the CLI (Typer's CliRunner)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import typer
+from typer.testing import CliRunner
+
+from etokit.cli import envs as envs_cli
+from etokit.data import Trajectory
+from etokit.envs import Reset, Step
+
+runner = CliRunner()
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Root (so sub-commands keep their names)."""
+
+    envs_cli.register(app)
+    return app
+
+
+class FlakyExpertEnv:
+    """Tasks 0-5: the expert of task 1 falls short, task 2 crashes its process, the rest succeed."""
+
+    name = "textworld-express"
+    max_steps = 5
+
+    @classmethod
+    def check(cls):
+        return True, "test env"
+
+    def task_ids(self, split):
+        return [str(i) for i in range(6)]
+
+    def expert(self, task_id):
+        return ["take key", "open door"]
+
+    def reset(self, task_id):
+        self.task, self.n = task_id, 0
+        return Reset(task_id=task_id, instruction="Open the door.", observation="")
+
+    def step(self, action):
+        if self.task == "2":
+            os._exit(9)
+        self.n += 1
+        reward = 0.5 if self.task == "1" else self.n / 2
+        return Step(observation=f"done {action}", reward=reward, done=self.n == 2)
+
+    def close(self):
+        pass
+
+
+def _rows(path):
+    return [Trajectory.from_row(json.loads(line)) for line in path.read_text().splitlines()]
+
+
+def test_expert_writes_and_resumes_without_duplicates(tmp_path):
+    out = tmp_path / "expert.jsonl"
+    first = runner.invoke(_app(), ["expert", "--env", "textworld-express", "--split", "train", "--limit", "3",
+                                   "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    assert [r.task_id for r in _rows(out)] and len(_rows(out)) == 3
+    second = runner.invoke(_app(), ["expert", "--env", "textworld-express", "--limit", "5", "--workers", "2",
+                                    "--out", str(out)])
+    assert second.exit_code == 0, second.output
+    rows = _rows(out)
+    assert sorted(int(r.task_id) for r in rows) == [0, 1, 2, 3, 4]
+    assert "2 written, 3 already in" in " ".join(second.output.split())
+    for r in rows:
+        assert r.env == "textworld-express" and r.split == "train" and r.source == "expert"
+        assert r.reward == 1.0 and r.success and r.messages[-1]["role"] == "assistant"
+    third = runner.invoke(_app(), ["expert", "--env", "textworld-express", "--limit", "5", "--out", str(out)])
+    assert third.exit_code == 0 and len(_rows(out)) == 5
+
+
+def test_expert_seed_picks_a_reproducible_subset(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path in (a, b):
+        result = runner.invoke(_app(), ["expert", "--env", "textworld-express", "--split", "test-seen", "--limit", "2",
+                                        "--seed", "7", "--out", str(path)])
+        assert result.exit_code == 0, result.output
+    ids = [r.task_id for r in _rows(a)]
+    assert sorted(ids) == sorted(r.task_id for r in _rows(b)) and ids != ["10000", "10001"]
+
+
+def test_failed_and_crashed_experts_are_reported_not_written(tmp_path):
+    out = tmp_path / "expert.jsonl"
+    result = runner.invoke(_app(), ["expert", "--env", f"{__name__}:FlakyExpertEnv", "--workers", "2",
+                                    "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert sorted(r.task_id for r in _rows(out)) == ["0", "3", "4", "5"]
+    assert "expert failed 1: reward 0.50" in text and "error 2:" in text
+    assert "4 written" in text and "1 failed, 1 errors" in text and "success rate 80.0% over 5 played" in text
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path):
+    out = str(tmp_path / "x.jsonl")
+    for args, message in [
+        (["--env", "nethack"], "unknown environment 'nethack'"),
+        (["--env", "textworld-express", "--split", "dev"], "--split 'dev'"),
+    ]:
+        result = runner.invoke(_app(), ["expert", *args, "--out", out])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not os.path.exists(out)
+
+
+def test_envs_list_shows_every_environment():
+    result = runner.invoke(_app(), ["envs", "list"])
+    assert result.exit_code == 0, result.output
+    for name in ("webshop", "scienceworld", "alfworld", "textworld-express"):
+        assert name in result.output
+    assert "available" in result.output

@@ -1,0 +1,114 @@
+"""ScienceWorld through etokit's direct-server adapter: gold replay, ambiguous-request answers,
+invalid actions, step limits, the split index, and JVM crashes inside a worker."""
+
+from __future__ import annotations
+
+import collections
+
+import psutil
+import pytest
+
+from etokit.envs import SPLITS, EnvWorker, EnvWorkerError, make
+from etokit.envs.scienceworld import MAX_STEPS, OFFICIAL_SIZES, load_splits, parse_task_id
+from etokit.errors import EtokitError
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = make("scienceworld")
+    yield env
+    env.close()
+
+
+def _replay(env, task_id, upto=None):
+    actions = env.expert(task_id)[:upto]
+    reset = env.reset(task_id)
+    steps = []
+    for action in actions:
+        steps.append(env.step(action))
+        if steps[-1].done:  # gold paths may end with a "wait1" after the task is complete
+            break
+    return reset, actions, steps
+
+
+@pytest.mark.parametrize("task_id", ["find-animal_0", "lifespan-longest-lived_1", "power-component_0"])
+def test_gold_path_reaches_full_reward(env, task_id):
+    reset, actions, steps = _replay(env, task_id)
+    assert reset.instruction.startswith("Your task is to") and reset.observation == ""
+    assert env.max_steps == MAX_STEPS[parse_task_id(task_id)[0]] >= len(actions)
+    assert steps[-1].reward == 1.0 and steps[-1].done
+    assert not any(s.done for s in steps[:-1])
+    rewards = [s.reward for s in steps]
+    assert rewards == sorted(rewards)  # the max-so-far score never decreases
+
+
+def test_ambiguous_request_answered_by_a_bare_number(env):
+    # grow-plant_0's gold path answers an "ambiguous request" prompt with "0" (its 11th action).
+    actions = env.expert("grow-plant_0")
+    i = actions.index("0")
+    _, _, steps = _replay(env, "grow-plant_0", upto=i + 2)
+    assert "ambiguous request" in steps[i - 1].observation.lower()
+    assert "No known action" not in steps[i].observation and "seed" in steps[i].observation
+    assert "You focus on" in steps[i + 1].observation and steps[i + 1].reward > 0
+
+
+def test_invalid_action_feedback_and_step_limit(env):
+    env.reset("lifespan-longest-lived_1")
+    limit = env.max_steps
+    assert limit == 10
+    steps = [env.step("juggle the dove") for _ in range(limit)]
+    assert all("No known action matches that input" in s.observation for s in steps)
+    assert [s.done for s in steps] == [False] * (limit - 1) + [True]
+    assert steps[-1].reward == 0.0 and steps[-1].info["steps"] == limit
+    with pytest.raises(EtokitError, match="after the episode ended"):
+        env.step("look around")
+
+
+def test_split_sizes_and_disjointness(env):
+    splits = load_splits()
+    assert {s: len(splits[s]) for s in SPLITS} == OFFICIAL_SIZES == {"train": 1483, "test-seen": 194,
+                                                                      "test-unseen": 211}
+    for split in SPLITS:
+        assert len(set(splits[split])) == len(splits[split]) and env.task_ids(split) == splits[split]
+    assert not set(splits["train"]) & set(splits["test-seen"])
+    assert not (set(splits["train"]) | set(splits["test-seen"])) & set(splits["test-unseen"])
+    per_task = collections.Counter(parse_task_id(t)[0] for t in splits["test-unseen"])
+    assert set(per_task) == set(MAX_STEPS) and max(per_task.values()) == 10
+
+
+def test_test_unseen_is_the_first_ten_test_variations(env):
+    # The official rule, checked against the simulator's own test list for one task type.
+    env._server.load("melt", 0, "easy", False)
+    expected = [f"melt_{v}" for v in sorted(env._server.getVariationsTest())[:10]]
+    assert [t for t in env.task_ids("test-unseen") if t.startswith("melt_")] == expected
+
+
+def test_bad_task_id(env):
+    with pytest.raises(EtokitError, match="bad task id"):
+        env.reset("boil")
+
+
+def _javas(pid):
+    return [p for p in psutil.Process(pid).children(recursive=True) if "java" in p.name()]
+
+
+def test_killed_jvm_mid_episode_is_reported_and_the_worker_restarts():
+    worker = EnvWorker("scienceworld", step_timeout=30)
+    try:
+        worker.reset("find-animal_0")
+        worker.step("look around")
+        (jvm,) = _javas(worker.pid)
+        jvm.kill()
+        jvm.wait(10)
+        with pytest.raises(EnvWorkerError):
+            worker.step("look around")
+        worker.reset("find-animal_0")
+        assert worker.restarts == 1 and len(_javas(worker.pid)) == 1
+        assert "No known action" in worker.step("juggle").observation
+    finally:
+        pid = worker.pid
+        javas = _javas(pid)
+        worker.close()
+    # No process left behind: neither the worker nor its JVM.
+    assert javas and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in javas)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

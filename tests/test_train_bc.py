@@ -1,0 +1,160 @@
+"""Behavioral cloning recipe: learns, trains only on agent turns, resumes bit-for-bit."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from etokit.errors import EtokitError
+from etokit.models.init_model import build_tiny_model
+from etokit.train import common
+from etokit.train.tokenize import tokenize_messages
+
+from factories import trajectory, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+train_bc = load_script("train_bc")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bc")
+    trajs = [trajectory(f"t{i}", 1.0, n_steps=3, seed=i) for i in range(12)]
+    write_jsonl(root / "expert.jsonl", trajs)
+    build_tiny_model([m["content"] for t in trajs for m in t.messages], root / "tiny", vocab_size=400)
+    return root
+
+
+def args(setup, out, *extra):
+    return ["--model", str(setup / "tiny"), "--data", str(setup / "expert.jsonl"), "--output-dir", str(out),
+            "--per-device-batch-size", "4", "--learning-rate", "3e-3", "--report-to", "none", *extra]
+
+
+def losses(out):
+    return [row["loss"] for row in common.read_log(out)]
+
+
+def test_loss_decreases_and_output_reloads(setup, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    train_bc.main(args(setup, out, "--num-epochs", "3", "--warmup-ratio", "0"))
+    log = losses(out)
+    assert len(log) == 9  # 12 trajectories / batch 4 * 3 epochs
+    assert sum(log[-3:]) / 3 < sum(log[:3]) / 3 - 0.3
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).chat_template
+    assert (out / "model.safetensors").exists() and (out / "etokit_config.yaml").exists()
+    before = load_file(setup / "tiny" / "model.safetensors")
+    assert any(not torch.equal(p, before[n]) for n, p in model.state_dict().items() if n in before)
+
+
+def test_observations_get_no_gradient(setup):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(setup / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(setup / "tiny")
+    messages = trajectory("t0", 1.0, n_steps=3).messages
+    seqs = [tokenize_messages(tok, messages), tokenize_messages(tok, messages[:5])]
+    batch = common.pad_batch(seqs, tok.pad_token_id)
+    # Labels: the token on the agent's turns, -100 on instruction, observations, headers, padding.
+    first = seqs[0]
+    assert batch["labels"][0, : len(first)].tolist() == [t if m else -100 for t, m in zip(first.input_ids, first.loss_mask)]
+    assert (batch["labels"][1, len(seqs[1]):] == -100).all()
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach().requires_grad_()
+    common.causal_lm_loss_sum(logits, batch["labels"]).backward()
+    # Position t predicts token t+1: its gradient is non-zero exactly when token t+1 is trained.
+    has_grad = logits.grad.abs().sum(-1)[:, :-1] > 0
+    assert torch.equal(has_grad, batch["labels"][:, 1:] != -100)
+    # Relabelling an observation token changes nothing.
+    relabelled = batch["labels"].clone()
+    obs = (batch["labels"][0] == -100).nonzero().flatten()
+    relabelled[0, obs[len(obs) // 2]] = 7
+    assert common.causal_lm_loss_sum(logits, batch["labels"]) != common.causal_lm_loss_sum(logits, relabelled)
+    relabelled[0, obs[len(obs) // 2]] = -100
+    assert common.causal_lm_loss_sum(logits, batch["labels"]) == common.causal_lm_loss_sum(logits, relabelled)
+
+
+def test_resume_after_kill_continues_bit_for_bit(setup, tmp_path):
+    full = tmp_path / "full"
+    train_bc.main(args(setup, full, "--num-epochs", "2", "--save-steps", "2", "--keep-checkpoints", "0"))
+    reference = losses(full)
+    assert len(reference) == 6
+
+    # The state a run killed during step 3 leaves behind: checkpoint step-2 and a log up to step 3.
+    killed = tmp_path / "killed"
+    shutil.copytree(full / "checkpoints" / "step-2", killed / "checkpoints" / "step-2")
+    shutil.copy(full / "etokit_config.yaml", killed)
+    (killed / common.LOG_FILE).write_text("".join(
+        line + "\n" for line in (full / common.LOG_FILE).read_text().splitlines()[:3]))
+
+    train_bc.main(args(setup, killed, "--num-epochs", "2", "--save-steps", "2", "--resume"))
+    assert [row["step"] for row in common.read_log(killed)] == [1, 2, 3, 4, 5, 6]
+    assert losses(killed) == reference  # exact float equality: same batches, RNG, optimizer state
+    a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_matches_a_larger_batch(setup, tmp_path):
+    """The loss is a token-level mean over the optimizer step, however the step is split."""
+    big, accum = tmp_path / "big", tmp_path / "accum"
+    train_bc.main(args(setup, big, "--num-epochs", "1", "--max-steps", "2"))
+    train_bc.main(args(setup, accum, "--num-epochs", "1", "--max-steps", "2", "--per-device-batch-size", "2",
+                       "--gradient-accumulation-steps", "2"))
+    assert losses(big) == pytest.approx(losses(accum), rel=1e-5)
+
+
+def test_lora_run_saves_a_merged_model(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    train_bc.main(args(setup, out, "--max-steps", "2", "--lora", "--lora-r", "4", "--gradient-checkpointing"))
+    names = set(load_file(out / "model.safetensors"))
+    assert not any("lora" in n for n in names)
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_bad_inputs_are_user_errors(setup, tmp_path):
+    with pytest.raises(EtokitError, match="--data 'nope.jsonl' is neither"):
+        train_bc.main(["--model", str(setup / "tiny"), "--data", "nope.jsonl", "--output-dir", str(tmp_path)])
+    with pytest.raises(EtokitError, match="--output-dir is required"):
+        train_bc.main(["--model", str(setup / "tiny"), "--data", str(setup / "expert.jsonl")])
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: two launched processes import torch + transformers
+def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
+    """A real 2-process (gloo) run: each process takes half of every step's examples, and the
+    token-level normalisation makes the losses those of one process with a twice larger batch."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_bc.main(args(setup, one, "--num-epochs", "1", "--max-steps", "2"))
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(ROOT / "scripts" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port),
+           str(ROOT / "scripts" / "train_bc.py"),
+           *args(setup, two, "--num-epochs", "1", "--max-steps", "2", "--per-device-batch-size", "2")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (two / "checkpoints" / "step-2" / "random_states_1.pkl").exists()  # rank 1 existed
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
