@@ -1,0 +1,169 @@
+"""Per-sequence SUM of assistant-token log-probs, the quantity DPO compares (ETO sums, never
+averages, over every agent turn including its end-of-turn token).
+
+Three backends compute the same numbers (tests/test_logprob_invariance.py holds them to fp32
+tolerance):
+
+- ``padded``: fixed-size micro-batches in data order, right-padded (the usual baseline).
+- ``bucketed``: sequences sorted by length and cut into micro-batches under a token budget, so
+  little compute goes to padding. The CPU default: dense SDPA over one packed row costs
+  O(T^2) in the row length and measured slower than buckets of similar-length rows.
+- ``packed``: sequences concatenated into one row, position ids restarting per sequence, no
+  attention mask, no KV cache. On CUDA the row runs through flash-attn's varlen kernel
+  (``flash_attention_2``) when flash-attn is importable, else FlexAttention with a block mask
+  (transformers builds both from the restarting positions). On CPU it runs SDPA under the
+  block-diagonal mask transformers derives from the same positions: exact, just not fast.
+
+Only the logits of scored positions are materialised (``logits_to_keep`` with a boolean mask),
+so observation and prompt tokens never pay for the vocabulary projection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from typing import Iterator, Sequence
+
+import torch
+
+from etokit.train.packing import Batch, Tokenized, bucket, chunk, collate_packed, collate_padded
+
+BACKENDS = ("padded", "bucketed", "packed")
+
+
+def default_backend(device: torch.device | str) -> str:
+    return "packed" if torch.device(device).type == "cuda" else "bucketed"
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown log-prob backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def packed_attn_implementation(device: torch.device | str) -> str | None:
+    """The attention implementation the packed backend switches to, or None to keep the model's."""
+    if torch.device(device).type != "cuda":
+        return None
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "flex_attention"
+
+
+@contextlib.contextmanager
+def attention_for(model, backend: str, device: torch.device | str) -> Iterator[None]:
+    """Temporarily switch ``model`` to the attention kernel the backend needs (CUDA packed only)."""
+    wanted = packed_attn_implementation(device) if backend == "packed" else None
+    base = _unwrap(model)
+    current = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    if wanted is None or current == wanted:
+        yield
+        return
+    base.set_attn_implementation(wanted)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(current)
+
+
+def _unwrap(model):
+    # DDP / accelerate wrappers expose the HF model as .module; PEFT keeps it reachable too.
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def batch_logps(model, batch: Batch) -> torch.Tensor:
+    """Sum of target-token log-probs per sequence of ``batch`` -> ``[batch.num_seqs]`` float32.
+
+    Gradients flow when grad mode is on. ``use_cache=False`` is required: with a cache
+    transformers does not split a packed row into its sequences."""
+    keep = torch.zeros_like(batch.targets)
+    keep[:, :-1] = batch.targets[:, 1:]  # logit at t-1 scores token t
+    kwargs = {}
+    if batch.packed and batch.input_ids.is_cuda:
+        # The varlen kernels take the boundaries directly instead of re-deriving them per layer.
+        cu = batch.cu_seqlens.to(torch.int32)
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
+    out = model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=batch.attention_mask,
+        use_cache=False,
+        logits_to_keep=keep,
+        **kwargs,
+    )
+    logits = out.logits
+    if logits.dim() == 3:  # a model that ignores boolean logits_to_keep returns every position
+        logits = logits[keep] if logits.shape[1] == keep.shape[1] else logits.flatten(0, 1)
+    if logits.shape[0] != int(keep.sum()):
+        raise RuntimeError(f"expected {int(keep.sum())} scored logits, model returned {tuple(out.logits.shape)}")
+    labels = batch.input_ids[:, 1:][batch.targets[:, 1:]]
+    owner = batch.seq_index[:, 1:][batch.targets[:, 1:]]
+    logits = logits.float()
+    token_logps = logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return torch.zeros(batch.num_seqs, dtype=torch.float32, device=token_logps.device).index_add(0, owner, token_logps)
+
+
+def collate(seqs: Sequence[Tokenized], backend: str, pad_token_id: int = 0) -> Batch:
+    if check_backend(backend) == "packed":
+        return collate_packed(seqs, pad_token_id=pad_token_id)
+    return collate_padded(seqs, pad_token_id=pad_token_id)
+
+
+def plan(lengths: Sequence[int], backend: str, max_tokens: int, micro_batch_size: int) -> list[list[int]]:
+    """Micro-batches (index groups) of items with the given lengths, for one backend.
+
+    ``padded``: ``micro_batch_size`` items in order. ``bucketed``: length-sorted groups whose
+    padded size fits ``max_tokens``. ``packed``: in-order groups whose total real length fits
+    ``max_tokens`` (an item longer than the budget goes alone)."""
+    check_backend(backend)
+    if backend == "padded":
+        return chunk(len(lengths), micro_batch_size)
+    if backend == "bucketed":
+        return bucket(lengths, max_tokens)
+    groups: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if groups and used + n <= max_tokens:
+            groups[-1].append(i)
+            used += n
+        else:
+            groups.append([i])
+            used = n
+    return groups
+
+
+def sequence_logps(
+    model,
+    seqs: Sequence[Tokenized],
+    backend: str = "bucketed",
+    *,
+    max_tokens: int = 8192,
+    micro_batch_size: int = 4,
+    pad_token_id: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    description: str = "log-probs",
+) -> torch.Tensor:
+    """Log-prob sums of every sequence (no gradient), in input order -> ``[len(seqs)]`` float32."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    groups = plan([len(s.input_ids) for s in seqs], backend, max_tokens, micro_batch_size)
+    out = torch.empty(len(seqs), dtype=torch.float32)
+    bar = _progress(progress, description, len(seqs))
+    with torch.no_grad(), attention_for(model, backend, device), bar as p:
+        task = p.add_task(description, total=len(seqs)) if p else None
+        for g in groups:
+            batch = collate([seqs[i] for i in g], backend, pad_token_id).to(device)
+            out[g] = batch_logps(model, batch).cpu()
+            if p:
+                p.advance(task, len(g))
+    return out
+
+
+def _progress(enabled: bool, description: str, total: int):
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -1,0 +1,118 @@
+"""Reference log-probs, computed once and cached on disk.
+
+DPO compares the policy with a frozen reference (ETO: the policy that explored). Its log-probs
+never change during training, so they are computed in one no-grad pass before the first step and
+the reference model is dropped; training holds one model. With LoRA the reference is the base
+model (adapters disabled), which is what the policy is before the adapters are attached, so the
+same pass serves.
+
+The cache key covers everything the numbers depend on: the reference weights (Hub commit sha, or a
+content hash of a local checkpoint), the exact token ids and masks fed to it (which covers the
+dataset, the tokenizer and its chat template, and the max length), the dtype, plus the tokenizer
+name and max length spelled out. A resumed or repeated run with the same inputs loads the file;
+any change recomputes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from etokit.train.packing import Tokenized
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_CONFIG_FILES = ("config.json", "adapter_config.json")
+
+
+def default_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("ETOKIT_CACHE", Path(constants.HF_HOME) / "etokit")) / "ref-logps"
+
+
+def model_fingerprint(name_or_path: str, revision: str | None = None) -> str:
+    """Identity of a checkpoint's weights: ``sha256:<hex>`` of a local folder's weight and config
+    files, or ``hub:<repo>@<commit sha>`` for a Hub repo (the revision resolved to its commit,
+    so a moved branch invalidates the cache)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in _CONFIG_FILES))
+        if not files:
+            raise FileNotFoundError(f"no weight files in {path}")
+        for p in files:
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        return "sha256:" + h.hexdigest()
+    from huggingface_hub import HfApi
+
+    sha = HfApi().model_info(name_or_path, revision=revision).sha
+    return f"hub:{name_or_path}@{sha}"
+
+
+def sequences_fingerprint(seqs: Sequence[Tokenized]) -> str:
+    h = hashlib.sha256()
+    for s in seqs:
+        h.update(len(s.input_ids).to_bytes(8, "little"))
+        h.update(torch.tensor(s.input_ids, dtype=torch.int64).numpy().tobytes())
+        h.update(bytes(bytearray(map(bool, s.loss_mask))))
+    return h.hexdigest()
+
+
+def cache_key(*, model: str, sequences: str, tokenizer: str, max_length: int | None, dtype: str) -> dict[str, str]:
+    meta = {"model": model, "sequences": sequences, "tokenizer": tokenizer, "max_length": str(max_length),
+            "dtype": dtype, "format": "1"}
+    meta["key"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
+    return meta
+
+
+def load(cache_dir: Path, meta: dict[str, str]) -> torch.Tensor | None:
+    from safetensors import safe_open
+
+    path = Path(cache_dir) / f"{meta['key']}.safetensors"
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        stored = f.metadata() or {}
+        if any(stored.get(k) != v for k, v in meta.items()):
+            return None  # a key collision or a stale format: recompute
+        return f.get_tensor("logps")
+
+
+def save(cache_dir: Path, meta: dict[str, str], logps: torch.Tensor) -> Path:
+    from safetensors.torch import save_file
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{meta['key']}.safetensors"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=cache_dir)
+    os.close(fd)
+    try:
+        save_file({"logps": logps.contiguous().float()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def cached_reference_logps(
+    cache_dir: Path,
+    meta: dict[str, str],
+    compute: Callable[[], torch.Tensor],
+) -> tuple[torch.Tensor, bool]:
+    """``(logps, hit)``: the cached tensor for ``meta``, or ``compute()`` saved under it."""
+    hit = load(cache_dir, meta)
+    if hit is not None:
+        return hit, True
+    logps = compute()
+    save(cache_dir, meta, logps)
+    return logps, False
