@@ -8,8 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 EXTRAS ?= test,envs,alfworld,bench
 PYTEST_ARGS ?=
+# `make bench BENCH_ARGS=--quick` runs every benchmark in about 2 minutes each.
+BENCH_ARGS ?=
 
-.PHONY: install test test-slow test-faults bench demo hub clean
+.PHONY: install test test-slow bench hub clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +26,8 @@ test:
 test-slow:
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
-test-faults:
-	$(PY) -m pytest -q -m faults $(PYTEST_ARGS)
+bench:
+	@set -e; for script in bench/*.py; do echo "== $$script $(BENCH_ARGS)"; $(PY) $$script $(BENCH_ARGS); done
 
 hub:
 	$(VENV)/bin/etokit hub serve --port 8765 --data-dir .hub

@@ -25,6 +25,7 @@ _COMMAND_MODULES = [
     "etokit.cli.envs",
     "etokit.cli.models",
     "etokit.cli.data",
+    "etokit.cli.eto",
 ]
 
 

@@ -1,0 +1,370 @@
+"""`etokit explore`, `etokit build-pairs`, `etokit eval`: ETO's exploration phase, its contrastive
+pairs, and the evaluation of a policy on the test splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from etokit.cli._errors import user_errors
+from etokit.errors import EtokitError
+
+console = Console(highlight=False)
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", help="Policy: a local folder or a Hub repo, optionally REPO@REVISION (branch, tag "
+                                      "or commit).", show_default=False)
+]
+EnvNameOpt = Annotated[
+    str, typer.Option("--env", help="Environment: webshop, scienceworld, alfworld or textworld-express.",
+                      show_default=False)
+]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N tasks of the split.")]
+TaskIdsOpt = Annotated[
+    Optional[str], typer.Option("--task-ids", help="Comma-separated task ids to play instead of the whole split.")
+]
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", "-b", min=1, help="Episodes played together: one generate call per step for all "
+                                                        "of them (and one environment each).")
+]
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Cap on the tokens of one reply.")]
+MaxStepsOpt = Annotated[
+    Optional[int], typer.Option("--max-steps", min=1, help="Agent turns per episode. Default: the environment's limit.")
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights dtype: auto (the checkpoint's), float32, bfloat16 or "
+                                                       "float16.")]
+NoIclOpt = Annotated[bool, typer.Option("--no-icl", help="Leave the 1-shot example out of the prompt (the paper keeps "
+                                                         "it at exploration and evaluation).")]
+
+_EXPLORE_EXAMPLES = """
+[bold]Examples[/bold]
+
+  $ etokit explore --model ./sft --env textworld-express --split train --out explore_iter1.jsonl
+  $ etokit explore --model me/eto-agent@iter-1 --env webshop --limit 500 --batch-size 32 --out explore.jsonl
+  $ etokit explore --model ./sft --env webshop --temperature 0.7 --samples-per-task 4 --out samples.jsonl
+  $ accelerate launch --num_processes 2 -m etokit explore --model ./sft --env webshop --out explore.jsonl
+"""
+
+_PAIRS_EXAMPLES = """
+[bold]Examples[/bold]
+
+  $ etokit build-pairs --expert expert.jsonl --explore explore_iter1.jsonl --out pairs_iter1.jsonl --iteration 1
+  $ etokit build-pairs --expert webshop_sft.json --env webshop --explore explore.jsonl --out webshop_pm.json
+  $ etokit build-pairs --mode self-play --explore samples.jsonl --out pairs.jsonl
+"""
+
+_EVAL_EXAMPLES = """
+[bold]Examples[/bold]
+
+  $ etokit eval --model ./eto-iter1 --env textworld-express --split test-seen --limit 100
+  $ etokit eval --model me/eto-agent@iter-2 --env webshop --split test-seen --out eval_iter2.json
+"""
+
+
+# ------------------------------------------------------------------------------------ shared
+
+
+def _load_policy(model: str, dtype: str):
+    import torch
+    from accelerate import PartialState
+
+    from etokit.explore import model_revision, split_model_ref
+    from etokit.train.common import load_model_and_tokenizer
+
+    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise EtokitError(f"--dtype {dtype!r}: expected one of {', '.join(dtypes)}")
+    name, revision = split_model_ref(model)
+    sha = model_revision(name, revision)
+    with console.status(f"Loading {model}..."):
+        policy, tokenizer = load_model_and_tokenizer(name, revision=sha if not sha.startswith("local:") else revision,
+                                                     dtype=dtypes[dtype])
+    policy.to(PartialState().device).eval()
+    return name, sha, policy, tokenizer
+
+
+def _task_ids(envs, env: str, split: str, limit: int | None, task_ids: str | None) -> list[str]:
+    from etokit.envs.base import SPLITS
+
+    if split not in SPLITS:
+        raise EtokitError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    available = envs[0].task_ids(split)
+    if task_ids is not None:
+        wanted = [t.strip() for t in task_ids.split(",") if t.strip()]
+        known = set(available)
+        unknown = [t for t in wanted if t not in known]
+        if unknown:
+            raise EtokitError(f"--task-ids: {', '.join(unknown[:5])} not in {env}/{split}")
+        available = list(dict.fromkeys(wanted))
+    return available[:limit] if limit else available
+
+
+def _progress(what: str, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn(f"[bold]{what}[/] {{task.description}}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("live {task.fields[live]}  avg reward {task.fields[avg]:.3f}"))
+    progress = Progress(*columns, console=console, transient=False)
+    return progress
+
+
+def _metrics_table(title: str, result) -> Table:
+    table = Table(title=title)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("episodes", str(result.episodes))
+    table.add_row("avg reward (x100)", f"{result.avg_reward:.1f}")
+    table.add_row("success rate", f"{result.success_rate:.1%}")
+    table.add_row("avg steps", f"{result.avg_steps:.2f}")
+    table.add_row("invalid-action rate", f"{result.invalid_action_rate:.1%}")
+    if result.errors:
+        table.add_row("env errors", f"[red]{result.errors}[/]")
+    return table
+
+
+# ----------------------------------------------------------------------------------- explore
+
+
+@user_errors
+def explore(
+    model: ModelOpt,
+    env: EnvNameOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file the trajectories are appended to (resumed when "
+                                                          "it exists).", show_default=False)],
+    split: Annotated[str, typer.Option("--split", help="Task split: train, test-seen or test-unseen.")] = "train",
+    limit: LimitOpt = None,
+    task_ids: TaskIdsOpt = None,
+    samples_per_task: Annotated[int, typer.Option("--samples-per-task", "-n", min=1,
+                                                  help="Episodes per task (Best-of-N / self-play; use with "
+                                                       "--temperature).")] = 1,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy (the paper).")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0,
+                                         help="Nucleus sampling when --temperature > 0.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed (recorded per trajectory as seed + sample "
+                                                     "index; samples also depend on --batch-size).")] = 0,
+    batch_size: BatchSizeOpt = 16,
+    max_new_tokens: MaxNewTokensOpt = 256,
+    max_steps: MaxStepsOpt = None,
+    no_icl: NoIclOpt = False,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Let the policy play every task of a split and record each episode as a trajectory (ETO's
+    exploration phase). Episodes are batched: one generate call per step for all live episodes.
+    Re-running skips the (task, sample) episodes already in --out. Under `accelerate launch` the
+    tasks are sharded across processes and merged into --out by the main process."""
+    from accelerate import PartialState
+
+    from etokit.data import JsonlAppender, read_jsonl
+    from etokit.explore import ExploreConfig, Generator, close_envs, job_of, open_envs, plan_jobs, run_episodes, shard
+
+    if samples_per_task > 1 and temperature == 0:
+        raise EtokitError("--samples-per-task > 1 needs --temperature > 0: greedy samples of a task are identical")
+    state = PartialState()
+    parts = [_part_file(out, r) for r in range(state.num_processes)] if state.num_processes > 1 else []
+    if state.is_main_process:
+        _merge_parts(out, parts, None)  # left over by an interrupted multi-process run
+    state.wait_for_everyone()
+
+    name, sha, policy, tokenizer = _load_policy(model, dtype)
+    config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           icl=not no_icl, seed=seed, max_steps=max_steps)
+    envs = open_envs(env, batch_size)
+    try:
+        tasks = _task_ids(envs, env, split, limit, task_ids)
+        done = {job_of(t) for t in read_jsonl(out, "trajectory")} if out.exists() else set()
+        todo = plan_jobs(tasks, samples_per_task, done)
+        mine = shard(todo, state)
+        target = parts[state.process_index] if parts else out
+        generator = Generator(policy, tokenizer, config)
+        rewards, errors = [], []
+        with JsonlAppender(target, "trajectory") as appender, _progress("explore", len(mine)) as progress:
+            bar = progress.add_task(f"{env}/{split}", total=len(mine), live=0, avg=0.0)
+            if not state.is_main_process:
+                progress.stop()
+            for t in run_episodes(generator, envs, mine, split=split, model_name=name, model_revision=sha,
+                                  on_step=lambda n: progress.update(bar, live=n)):
+                if "error" in t.extra:
+                    errors.append((t.task_id, t.extra["error"]))
+                else:
+                    appender.append(t)
+                    rewards.append(t.reward)
+                progress.update(bar, advance=1, avg=sum(rewards) / len(rewards) if rewards else 0.0)
+    finally:
+        close_envs(envs)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+    if parts:
+        _merge_parts(out, parts, todo)
+    for task_id, why in errors:
+        console.print(f"[red]error[/] {task_id}: {why}")
+    from etokit.evaluate import summarize
+
+    written = [t for t in read_jsonl(out, "trajectory") if job_of(t) in set(todo)]
+    result = summarize(written)
+    console.print(
+        f"[green]✓[/] {env}/{split}: {len(written)} episodes written, {len(tasks) * samples_per_task - len(todo)} "
+        f"already in {out}, {len(todo) - len(written)} errors; avg reward {result.avg_reward / 100:.3f}, success rate "
+        f"{result.success_rate:.1%}, invalid actions {result.invalid_action_rate:.1%} (model revision {sha})"
+    )
+
+
+def _part_file(out: Path, rank: int) -> Path:
+    return out.with_name(f".{out.name}.rank{rank}.jsonl")
+
+
+def _merge_parts(out: Path, parts: list[Path], jobs) -> None:
+    """Append the ranks' part files to ``out`` (in ``jobs`` order, each episode once) and remove them."""
+    from etokit.data import JsonlAppender, read_jsonl
+    from etokit.explore import job_of, merge_shards
+
+    existing = [p for p in (parts or out.parent.glob(f".{out.name}.rank*.jsonl")) if p.exists()]
+    if not existing:
+        return
+    shards = [read_jsonl(p, "trajectory") for p in existing]
+    with JsonlAppender(out, "trajectory") as appender:
+        done = {job_of(t) for t in appender.existing}
+        order = jobs if jobs is not None else [job_of(t) for s in shards for t in s]
+        for t in merge_shards(order, shards):
+            if job_of(t) not in done:
+                appender.append(t)
+    for p in existing:
+        p.unlink()
+
+
+# ------------------------------------------------------------------------------- build-pairs
+
+
+@user_errors
+def build_pairs(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Pairs file: .jsonl (etokit) or .json (official ETO format). "
+                                                          "Its win/tie/lose counts go to <name>.stats.json.",
+                                      show_default=False)],
+    explore: Annotated[Path, typer.Option("--explore", help="Explored trajectories (etokit or official format).",
+                                          show_default=False)],
+    expert: Annotated[Optional[Path], typer.Option("--expert", help="Expert trajectories, the reference of "
+                                                                    "trajectory mode (etokit or official ETO file).",
+                                                   show_default=False)] = None,
+    mode: Annotated[str, typer.Option("--mode", help="trajectory (agent vs expert, the paper) or self-play (the "
+                                                     "agent's best vs worst sample of a task).")] = "trajectory",
+    iteration: Annotated[Optional[int], typer.Option("--iteration", min=0, help="ETO iteration K, stored on every "
+                                                                                "pair.")] = None,
+    env: Annotated[Optional[str], typer.Option("--env", help="Environment of official ETO files, which do not record "
+                                                             "it.")] = None,
+) -> None:
+    """Build contrastive trajectory pairs for DPO with the official ETO rule: an explored trajectory
+    worse than the expert's gives (chosen = expert, rejected = agent), a better one the reverse,
+    equal rewards are dropped as ties. Prints and stores the win/tie/lose counts."""
+    from etokit.data import atomic_write, load_records, to_eto_rows, write_json, write_jsonl
+    from etokit.pairs import build_pairs as make_pairs
+
+    if mode not in ("trajectory", "self-play"):
+        raise EtokitError(f"--mode {mode!r}: expected trajectory or self-play")
+    if mode == "trajectory" and expert is None:
+        raise EtokitError("--expert is required in trajectory mode (or use --mode self-play)")
+    if out.suffix not in (".jsonl", ".json"):
+        raise EtokitError(f"--out {out}: expected a .jsonl or .json file")
+    explored = load_records(explore, "trajectory", env=env).records
+    experts = load_records(expert, "trajectory", env=env).records if expert is not None else None
+    pairs, stats = make_pairs(explored, experts, mode=mode, iteration=iteration)
+    if not pairs:
+        raise EtokitError(f"no pairs: {stats.to_dict()} (nothing differs in reward from its reference)")
+    if out.suffix == ".json":
+        write_json(out, to_eto_rows(pairs))
+    else:
+        write_jsonl(out, pairs)
+    stats_file = out.with_suffix(".stats.json")
+    with atomic_write(stats_file) as f:
+        f.write((json.dumps(stats.to_dict(), indent=2) + "\n").encode())
+
+    table = Table(title=f"{mode} pairs" + (f", iteration {iteration}" if iteration is not None else ""))
+    table.add_column("outcome", style="bold")
+    table.add_column("tasks", justify="right")
+    rows = [("win", stats.win), ("tie (dropped)", stats.tie), ("lose", stats.lose)] if mode == "trajectory" \
+        else [("tie (dropped)", stats.tie)]
+    rows += [("missing expert (skipped)", stats.missing_expert)] if mode == "trajectory" else []
+    rows += [("unusable (dropped)", stats.unusable)] if stats.unusable else []
+    for label, count in rows:
+        table.add_row(label, str(count))
+    console.print(table)
+    console.print(f"[green]✓[/] {stats.pairs} pairs written to {out}; counts in {stats_file}. "
+                  f"Publish with: etokit push-pairs {out} --repo-id ... --ties {stats.tie}")
+
+
+# -------------------------------------------------------------------------------------- eval
+
+
+@user_errors
+def eval_(
+    model: ModelOpt,
+    env: EnvNameOpt,
+    split: Annotated[str, typer.Option("--split", help="test-seen or test-unseen (train also works).")] = "test-seen",
+    limit: LimitOpt = None,
+    task_ids: TaskIdsOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON file for the metrics.")] = None,
+    trajectories: Annotated[Optional[Path], typer.Option("--trajectories", help="Also write the evaluation "
+                                                                                "episodes to this JSONL file.")] = None,
+    batch_size: BatchSizeOpt = 16,
+    max_new_tokens: MaxNewTokensOpt = 256,
+    max_steps: MaxStepsOpt = None,
+    no_icl: NoIclOpt = False,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Evaluate a policy on a test split: greedy decoding with the 1-shot prompt (as the paper),
+    reporting average reward x100, success rate, average steps and invalid-action rate."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from etokit.data import atomic_write, write_jsonl
+    from etokit.evaluate import summarize
+    from etokit.explore import ExploreConfig, Generator, Job, close_envs, open_envs, run_episodes, shard
+
+    for path, suffix in ((out, ".json"), (trajectories, ".jsonl")):
+        if path is not None and path.suffix != suffix:
+            raise EtokitError(f"{path}: expected a {suffix} file")
+    state = PartialState()
+    name, sha, policy, tokenizer = _load_policy(model, dtype)
+    config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, icl=not no_icl, max_steps=max_steps)
+    envs = open_envs(env, batch_size)
+    try:
+        tasks = _task_ids(envs, env, split, limit, task_ids)
+        mine = shard([Job(t) for t in tasks], state)
+        played = []
+        with _progress("eval", len(mine)) as progress:
+            bar = progress.add_task(f"{env}/{split}", total=len(mine), live=0, avg=0.0)
+            if not state.is_main_process:
+                progress.stop()
+            for t in run_episodes(Generator(policy, tokenizer, config), envs, mine, split=split, model_name=name,
+                                  model_revision=sha, on_step=lambda n: progress.update(bar, live=n)):
+                played.append(t)
+                progress.update(bar, advance=1, avg=sum(p.reward for p in played) / len(played))
+    finally:
+        close_envs(envs)
+    played = gather_object(played) if state.num_processes > 1 else played
+    if not state.is_main_process:
+        return
+    order = {t: i for i, t in enumerate(tasks)}
+    played = sorted({t.task_id: t for t in played}.values(), key=lambda t: order[t.task_id])
+    result = summarize(played)
+    console.print(_metrics_table(f"{env}/{split} — {name} ({sha[:16]})", result))
+    report = {"model": name, "model_revision": sha, "env": env, "split": split, **result.to_dict(),
+              "rewards": {t.task_id: t.reward for t in played}}
+    if out is not None:
+        with atomic_write(out) as f:
+            f.write((json.dumps(report, indent=2) + "\n").encode())
+        console.print(f"[green]✓[/] metrics written to {out}")
+    if trajectories is not None:
+        write_jsonl(trajectories, played)
+        console.print(f"[green]✓[/] {len(played)} episodes written to {trajectories}")
+
+
+def register(app: typer.Typer) -> None:
+    panel = "ETO"
+    app.command("explore", epilog=_EXPLORE_EXAMPLES, rich_help_panel=panel)(explore)
+    app.command("build-pairs", epilog=_PAIRS_EXAMPLES, rich_help_panel=panel)(build_pairs)
+    app.command("eval", epilog=_EVAL_EXAMPLES, rich_help_panel=panel)(eval_)

@@ -1,0 +1,331 @@
+"""Exploration: the agent plays tasks in an environment and every episode is recorded (ETO's
+exploration phase; evaluation runs the same engine on the test splits).
+
+Many episodes advance together. Each step renders every live episode's conversation with the
+tokenizer's chat template, left-pads them into one batch, and makes ONE ``model.generate`` call
+for the whole batch; the replies are parsed and sent to each episode's environment. An episode
+that ends frees its slot for the next task in the queue (continuous batching at the episode
+level), so the batch stays full until the queue runs dry.
+
+Conversations follow the agent protocol: instruction, "OK", the 1-shot example (prompt only,
+never recorded), the task turn, then Thought/Action replies and observations. A reply without an
+``Action:`` line gets INVALID_FORMAT_OBS and still counts as a step; the environment's
+``max_steps`` ends the episode. A recorded trajectory ends on the agent's last reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from etokit.agent.protocol import INVALID_FORMAT_OBS, STOP_STRINGS, build_prompt, format_observation, parse_action
+from etokit.data.schema import Message, Trajectory
+from etokit.envs.base import Env
+from etokit.errors import EtokitError
+
+# A model can reply with nothing at all (an end-of-turn token first). Trajectory files reject
+# empty turns, so such a reply is recorded as this text; ``extra["empty_replies"]`` lists the
+# step numbers (0-based) where that happened, so the turn can be told apart from real text.
+EMPTY_REPLY = "(empty reply)"
+
+# Envs whose simulator is a JVM run in subprocess workers: a crash or hang there must not take
+# the model down with it. The others step in-process (microseconds to milliseconds a step).
+SUBPROCESS_ENVS = ("scienceworld", "alfworld")
+
+
+@dataclass
+class ExploreConfig:
+    """How the agent decodes and how many episodes share a batch."""
+
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy (the paper's exploration and evaluation)
+    top_p: float = 1.0
+    icl: bool = True  # the 1-shot example in the prompt
+    seed: int = 0
+    max_steps: int | None = None  # None = the environment's own limit
+
+
+@dataclass(frozen=True)
+class Job:
+    """One episode to play: a task and which sample of it (Best-of-N / self-play)."""
+
+    task_id: str
+    sample: int = 0
+
+
+@dataclass
+class _Episode:
+    job: Job
+    env: Env
+    prompt_len: int  # messages before the agent's first reply (1-shot example included)
+    icl_len: int  # of which the 1-shot example
+    messages: list[Message]
+    max_steps: int
+    reward: float = 0.0
+    steps: int = 0
+    invalid: int = 0
+    empty: list[int] = field(default_factory=list)
+    done: bool = False
+    stop: str | None = None  # why an episode ended other than by the env: "context", "error"
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def model_revision(model: str, revision: str | None) -> str:
+    """What exactly was loaded: the commit sha for a Hub model; for a local folder "local:" and a
+    fingerprint of its config and weight files (name, size, first and last MiB: cheap on 14 GB
+    checkpoints, and any retraining changes it)."""
+    path = Path(model)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if f.is_file() and f.suffix in (".json", ".safetensors"):
+                size = f.stat().st_size
+                digest.update(f"{f.name}:{size}:".encode())
+                with open(f, "rb") as fh:
+                    digest.update(fh.read(1 << 20))
+                    if size > 1 << 21:
+                        fh.seek(-(1 << 20), 2)
+                        digest.update(fh.read())
+        return f"local:{digest.hexdigest()[:16]}"
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return HfApi().model_info(model, revision=revision).sha
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise EtokitError(f"--model {model}{'@' + revision if revision else ''}: not a local folder and not found "
+                          f"on the Hub ({str(e).splitlines()[0]})") from None
+
+
+def split_model_ref(ref: str) -> tuple[str, str | None]:
+    """``PATH_OR_REPO[@REV]`` -> (name, revision). A local path containing "@" stays whole."""
+    if Path(ref).exists() or "@" not in ref:
+        return ref, None
+    name, _, revision = ref.rpartition("@")
+    if not name or not revision:
+        raise EtokitError(f"--model {ref!r}: expected PATH_OR_REPO or REPO@REVISION")
+    return name, revision
+
+
+def open_envs(name: str, n: int, options: dict[str, Any] | None = None, step_timeout: float = 60.0) -> list[Env]:
+    """``n`` environments, one per batch slot."""
+    from etokit.envs.registry import env_class, make
+
+    ok, detail = env_class(name).check()
+    if not ok:
+        raise EtokitError(f"--env {name}: not available here ({detail})")
+    if name in SUBPROCESS_ENVS:
+        from etokit.envs.worker import WorkerPool
+
+        return list(WorkerPool(name, options, n=n, step_timeout=step_timeout).workers)
+    return [make(name, **(options or {})) for _ in range(n)]
+
+
+def close_envs(envs: Sequence[Env]) -> None:
+    for env in envs:
+        env.close()
+
+
+# --------------------------------------------------------------------------------- generation
+
+
+class Generator:
+    """Batched chat-template generation with stop strings, for one model and tokenizer."""
+
+    def __init__(self, model, tokenizer, config: ExploreConfig):
+        import torch
+        from transformers import GenerationConfig
+
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        sampling = config.temperature > 0
+        self.generation_config = GenerationConfig(
+            max_new_tokens=config.max_new_tokens,
+            do_sample=sampling,
+            temperature=config.temperature if sampling else None,
+            top_p=config.top_p if sampling else None,
+            top_k=None,
+            eos_token_id=model.generation_config.eos_token_id,
+            pad_token_id=self.pad_id,
+            stop_strings=list(STOP_STRINGS),
+        )
+        self.max_context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+        self.device = next(model.parameters()).device
+        self._torch = torch
+
+    def encode(self, messages: list[Message]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template writes its own BOS and role tokens.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def fits(self, ids: list[int]) -> bool:
+        return len(ids) + self.config.max_new_tokens <= self.max_context
+
+    def generate(self, batch: list[list[int]]) -> list[str]:
+        torch = self._torch
+        width = max(map(len, batch))
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, ids in enumerate(batch):  # left padding: every prompt ends where generation starts
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention_mask[i, width - len(ids):] = 1
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids.to(self.device),
+                                      attention_mask=attention_mask.to(self.device),
+                                      generation_config=self.generation_config, tokenizer=self.tokenizer)
+        texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        # Generation stops a row at a stop string but keeps the rows around it going (and the
+        # stopped row may hold a few tokens past it): cut every reply at its first stop string.
+        return [cut_at_stop(t) for t in texts]
+
+
+def cut_at_stop(text: str) -> str:
+    cuts = [i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0]
+    return text[:min(cuts)] if cuts else text
+
+
+# ------------------------------------------------------------------------------------ engine
+
+
+def run_episodes(generator: Generator, envs: Sequence[Env], jobs: Sequence[Job], *, split: str,
+                 model_name: str | None = None, model_revision: str | None = None,
+                 on_step: Callable[[int], None] | None = None) -> Iterator[Trajectory]:
+    """Play ``jobs`` with up to ``len(envs)`` episodes in flight; yield each Trajectory as it ends
+    (completion order). ``on_step(n)`` is called after each batched step with the live count."""
+    config = generator.config
+    if config.temperature > 0:
+        import torch
+
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+    queue = deque(jobs)
+    slots: list[_Episode | None] = [None] * len(envs)
+    threaded = any(env.name in SUBPROCESS_ENVS for env in envs)
+    with ThreadPoolExecutor(len(envs)) if threaded else _Inline() as pool:
+        while queue or any(slots):
+            for i, env in enumerate(envs):
+                if slots[i] is None and queue:
+                    slots[i] = _start(env, queue.popleft(), config)
+            live = [ep for ep in slots if ep is not None]
+            encoded = [generator.encode(ep.messages) for ep in live]
+            for ep, ids in zip(live, encoded):
+                if not generator.fits(ids):
+                    if not ep.steps:
+                        raise EtokitError(
+                            f"task {ep.job.task_id!r}: the prompt alone is {len(ids)} tokens; with max_new_tokens "
+                            f"{generator.config.max_new_tokens} it exceeds the model's context of "
+                            f"{generator.max_context} tokens")
+                    ep.done, ep.stop = True, "context"
+            active = [(ep, ids) for ep, ids in zip(live, encoded) if not ep.done]
+            if active:
+                replies = generator.generate([ids for _, ids in active])
+                list(pool.map(lambda a: _act(a[0], a[1]), [(ep, r) for (ep, _), r in zip(active, replies)]))
+            if on_step is not None:
+                on_step(len(active))
+            for i, ep in enumerate(slots):
+                if ep is not None and ep.done:
+                    slots[i] = None
+                    yield _trajectory(ep, split, model_name, model_revision, config)
+
+
+def _last_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
+
+
+class _Inline:
+    """The ThreadPoolExecutor interface, run in the calling thread (in-process envs)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    @staticmethod
+    def map(fn, items):
+        return map(fn, items)
+
+
+def _start(env: Env, job: Job, config: ExploreConfig) -> _Episode:
+    reset = env.reset(job.task_id)
+    messages = build_prompt(env.name, reset, icl=config.icl)
+    icl_len = len(messages) - 3
+    info = {k: v for k, v in reset.info.items() if k == "game_file"}
+    return _Episode(job=job, env=env, prompt_len=len(messages), icl_len=icl_len, messages=messages,
+                    max_steps=config.max_steps or env.max_steps, info=info)
+
+
+def _act(ep: _Episode, reply: str) -> None:
+    if reply == "":
+        ep.empty.append(ep.steps)
+    ep.messages.append({"role": "assistant", "content": reply or EMPTY_REPLY})
+    action = parse_action(reply)
+    ep.steps += 1
+    if action is None:
+        ep.invalid += 1
+        observation, done = INVALID_FORMAT_OBS, False
+    else:
+        try:
+            result = ep.env.step(action)
+        except Exception as e:  # a crashed or hung env worker: report the episode, keep the run going
+            ep.done, ep.stop, ep.error = True, "error", _last_line(e)
+            return
+        ep.reward, done, observation = result.reward, result.done, result.observation
+    ep.done = done or ep.steps >= ep.max_steps
+    if not ep.done:
+        ep.messages.append({"role": "user", "content": format_observation(observation)})
+
+
+def _trajectory(ep: _Episode, split: str, model_name: str | None, revision: str | None,
+                config: ExploreConfig) -> Trajectory:
+    # Recorded without the 1-shot example: it is prompt scaffolding, not part of the trajectory.
+    messages = ep.messages[:2] + ep.messages[2 + ep.icl_len:]
+    extra: dict[str, Any] = {"invalid_actions": ep.invalid, "sample": ep.job.sample, **ep.info}
+    if ep.empty:
+        extra["empty_replies"] = ep.empty
+    if ep.stop:
+        extra["stopped"] = ep.stop
+    if ep.error:
+        extra["error"] = ep.error
+    if config.temperature > 0:
+        extra.update(temperature=config.temperature, top_p=config.top_p)
+    return Trajectory(task_id=ep.job.task_id, env=ep.env.name, split=split, messages=messages, reward=ep.reward,
+                      num_steps=ep.steps, source="explore", model=model_name, model_revision=revision,
+                      seed=config.seed + ep.job.sample, extra=extra)
+
+
+# --------------------------------------------------------------------------- multi-process
+
+
+def shard(jobs: Sequence[Job], state) -> list[Job]:
+    """This process's share of ``jobs`` under ``accelerate launch`` (contiguous blocks, as
+    ``split_between_processes``; padding would replay the last job, so none is asked for)."""
+    with state.split_between_processes(list(jobs), apply_padding=False) as mine:
+        return list(mine)
+
+
+def merge_shards(jobs: Sequence[Job], shards: Sequence[Sequence[Trajectory]]) -> list[Trajectory]:
+    """The ranks' trajectories as one list in ``jobs`` order, each job once (a job a rank played
+    twice, e.g. after a padded split or a retried rank, keeps its first record)."""
+    by_job: dict[Job, Trajectory] = {}
+    for trajectories in shards:
+        for t in trajectories:
+            by_job.setdefault(job_of(t), t)
+    return [by_job[j] for j in jobs if j in by_job]
+
+
+def job_of(t: Trajectory) -> Job:
+    return Job(t.task_id, int(t.extra.get("sample", 0)))
+
+
+def plan_jobs(task_ids: Sequence[str], samples_per_task: int, done: set[Job] | frozenset = frozenset()) -> list[Job]:
+    """Every (task, sample) not already recorded in ``done``."""
+    return [job for t in task_ids for s in range(samples_per_task) if (job := Job(t, s)) not in done]

@@ -1,0 +1,295 @@
+"""The batched exploration engine and `etokit explore`.
+
+Two kinds of policy: a scripted generator (known replies, so episode logic is checked exactly)
+and a tiny random Llama (real tokenizer, chat template, left padding and generate; its replies
+are junk, which the engine must still record and terminate on).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from etokit.agent.protocol import INVALID_FORMAT_OBS, load_icl, load_instruction
+from etokit.data import read_jsonl
+from etokit.envs import Reset, Step
+from etokit.explore import (EMPTY_REPLY, ExploreConfig, Generator, Job, cut_at_stop, merge_shards, plan_jobs,
+                            run_episodes, shard)
+
+runner = CliRunner()
+
+
+# --------------------------------------------------------------------------------- fixtures
+
+
+def build_policy(path):
+    """A tiny random Llama saved to ``path``, re-initialized so that its replies depend on the prompt:
+    with the default init and tied embeddings it echoes the prompt's last token (the special
+    <|assistant|>) forever, which decodes to "" for every task."""
+    import torch
+
+    from etokit.models.init_model import build_tiny_model
+
+    corpus = [load_instruction(e) for e in ("webshop", "textworld-express")]
+    corpus += [m["content"] for e in ("webshop", "textworld-express") for m in load_icl(e)]
+    model, tokenizer = build_tiny_model(corpus * 5, path, max_position_embeddings=4096)
+    torch.manual_seed(1)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.5)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.dim() == 2 and not name.startswith("lm_head"):
+                weight.normal_(0, 0.3)
+    model.save_pretrained(path)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("policy") / "tiny"
+    model, tokenizer = build_policy(path)
+    return SimpleNamespace(path=path, model=model, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def shops():
+    from etokit.envs.registry import make
+
+    return [make("webshop") for _ in range(4)]
+
+
+class CounterEnv:
+    """Say the task's name to win: ``say t3`` on task t3. Uses the TWX prompts."""
+
+    name = "textworld-express"
+    max_steps = 4
+
+    @classmethod
+    def check(cls):
+        return True, "test env"
+
+    def task_ids(self, split):
+        return [f"{split[0]}{i}" for i in range(10)]
+
+    def reset(self, task_id):
+        self.task, self.n = task_id, 0
+        return Reset(task_id=task_id, instruction=f"Your task is to say {task_id}.", observation="You are in a room.")
+
+    def step(self, action):
+        self.n += 1
+        reward = 1.0 if action == f"say {self.task}" else 0.0
+        return Step(observation=f"You said {action}.", reward=reward, done=reward == 1.0 or self.n >= self.max_steps)
+
+    def close(self):
+        pass
+
+
+class ScriptedGenerator:
+    """Stands in for Generator: the reply is a function of the conversation so far."""
+
+    def __init__(self, script, **config):
+        self.script, self.config, self.calls = script, ExploreConfig(**config), []
+
+    def encode(self, messages):
+        return list(messages)
+
+    def fits(self, ids):
+        return True
+
+    def generate(self, batch):
+        self.calls.append(len(batch))
+        return [self.script(messages) for messages in batch]
+
+
+def _task(messages):
+    return next(m["content"] for m in messages if m["content"].startswith("Your task is to say"))
+
+
+def _script(messages):
+    """Even tasks: a reply without an action, then the winning action. Odd tasks: empty replies."""
+    task = _task(messages).split("say ")[1].split(".")[0]
+    if int(task[1:]) % 2:
+        return ""
+    replies = sum(m["role"] == "assistant" for m in messages[2 + len(load_icl("textworld-express")):])
+    return "I am thinking." if replies == 0 else f"Thought: I know it.\nAction: say {task}\nObservation: fake"
+
+
+# ------------------------------------------------------------------------------ episode logic
+
+
+def test_episodes_record_invalid_empty_and_winning_replies():
+    envs = [CounterEnv() for _ in range(3)]
+    gen = ScriptedGenerator(_script, icl=True)
+    jobs = [Job(f"t{i}") for i in range(10)]
+    out = {t.task_id: t for t in run_episodes(gen, envs, jobs, split="train", model_name="m", model_revision="r")}
+    assert sorted(out) == sorted(j.task_id for j in jobs)
+    task_turn = "Your task is to say t4.\nYou are in a room."
+    win, empty = out["t4"], out["t3"]
+    # The 1-shot example was in the prompt but is not recorded.
+    assert [m["content"] for m in win.messages[:3]] == [load_instruction("textworld-express"), "OK", task_turn]
+    assert win.messages[3:] == [
+        {"role": "assistant", "content": "I am thinking."},
+        {"role": "user", "content": f"Observation: {INVALID_FORMAT_OBS}"},
+        {"role": "assistant", "content": "Thought: I know it.\nAction: say t4\nObservation: fake"},
+    ]
+    assert (win.reward, win.success, win.num_steps, win.extra["invalid_actions"]) == (1.0, True, 2, 1)
+    assert (win.source, win.model, win.model_revision, win.seed, win.split) == ("explore", "m", "r", 0, "train")
+    assert empty.num_steps == CounterEnv.max_steps and empty.reward == 0.0 and not empty.success
+    assert empty.extra["empty_replies"] == [0, 1, 2, 3] and empty.extra["invalid_actions"] == 4
+    assert [m["content"] for m in empty.messages[3::2]] == [EMPTY_REPLY] * 4
+    assert empty.messages[-1]["role"] == "assistant"
+    # One generate row per agent step, never more rows than slots, and the freed slots refilled.
+    assert sum(gen.calls) == sum(t.num_steps for t in out.values())
+    assert max(gen.calls) == 3 and len(gen.calls) < sum(gen.calls) / 2
+
+
+def test_max_steps_option_overrides_the_env_limit():
+    gen = ScriptedGenerator(lambda m: "", max_steps=2)
+    (t,) = run_episodes(gen, [CounterEnv()], [Job("t1")], split="train")
+    assert t.num_steps == 2 and len(t.messages) == 3 + 3
+
+
+def test_a_failing_env_ends_the_episode_as_an_error():
+    class Broken(CounterEnv):
+        def step(self, action):
+            raise RuntimeError("simulator died\nsegfault")
+
+    (t,) = run_episodes(ScriptedGenerator(lambda m: "Action: go"), [Broken()], [Job("t0")], split="train")
+    assert t.extra["error"] == "RuntimeError: segfault" and t.extra["stopped"] == "error"
+    assert t.messages[-1] == {"role": "assistant", "content": "Action: go"}
+
+
+def test_stop_strings_cut_the_reply():
+    assert cut_at_stop("Thought: a\nAction: b\nObservation: c\nTask: d") == "Thought: a\nAction: b"
+    assert cut_at_stop("Action: b") == "Action: b"
+
+
+def test_plan_jobs_skips_recorded_episodes():
+    assert plan_jobs(["a", "b"], 2, {Job("a", 1), Job("b", 0)}) == [Job("a", 0), Job("b", 1)]
+
+
+# ---------------------------------------------------------------------------- real tiny model
+
+
+def _play(policy, envs, task_ids, **config):
+    gen = Generator(policy.model, policy.tokenizer, ExploreConfig(**config))
+    return sorted(run_episodes(gen, envs, [Job(t) for t in task_ids], split="train"), key=lambda t: t.task_id)
+
+
+def test_batched_exploration_equals_one_episode_at_a_time(policy, shops):
+    """Left-padded batches of different prompts give the same greedy trajectories as batch size 1
+    (fp32; checked on this model: the replies are long junk strings, so any change in a logit
+    argmax anywhere would show)."""
+    tasks = shops[0].task_ids("train")[:5]
+    config = dict(icl=False, max_new_tokens=10, max_steps=3)
+    batched = _play(policy, shops[:4], tasks, **config)
+    sequential = _play(policy, shops[:1], tasks, **config)
+    assert [t.to_row() for t in batched] == [t.to_row() for t in sequential]
+    replies = {m["content"] for t in batched for m in t.messages[3::2]}
+    assert len(replies) > 8  # the replies differ across tasks and steps: the comparison has teeth
+    for t in batched:
+        assert t.num_steps == 3 and t.messages[-1]["role"] == "assistant"
+        assert t.extra["invalid_actions"] == sum(m["content"] == f"Observation: {INVALID_FORMAT_OBS}"
+                                                 for m in t.messages) + 1
+
+
+def test_sharded_across_two_ranks_equals_one_process(policy, shops):
+    """Simulated ranks: accelerate's own split_between_processes on a two-process state, each
+    shard played separately, merged; equal to a single-process run (greedy)."""
+    from accelerate import PartialState
+
+    tasks = shops[0].task_ids("train")[10:15]
+    jobs = [Job(t) for t in tasks]
+    config = dict(icl=False, max_new_tokens=8, max_steps=2)
+    shards = []
+    for rank in range(2):
+        state = SimpleNamespace(num_processes=2, process_index=rank,
+                                split_between_processes=lambda items, apply_padding=False, rank=rank:
+                                PartialState.split_between_processes(
+                                    SimpleNamespace(num_processes=2, process_index=rank), items, apply_padding))
+        mine = shard(jobs, state)
+        assert len(mine) == (3 if rank == 0 else 2)
+        shards.append(_play(policy, shops[:2], [j.task_id for j in mine], **config))
+    single = _play(policy, shops[:3], tasks, **config)
+    assert [t.to_row() for t in merge_shards(jobs, shards)] == [t.to_row() for t in single]
+    # A padded split replays the last job on the short rank: the merge keeps it once.
+    assert [t.task_id for t in merge_shards(jobs, [shards[0], shards[1] + shards[1][-1:]])] == tasks
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+
+def _app():
+    from etokit.cli import eto
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Root."""
+
+    eto.register(app)
+    return app
+
+
+_FAST = ["--env", "webshop", "--no-icl", "--max-steps", "2", "--max-new-tokens", "8", "--batch-size", "2"]
+
+
+def test_explore_cli_writes_and_resumes(policy, tmp_path):
+    out = tmp_path / "explore.jsonl"
+    first = runner.invoke(_app(), ["explore", "--model", str(policy.path), *_FAST, "--limit", "3", "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    rows = read_jsonl(out, "trajectory")
+    assert len(rows) == 3 and len({r.task_id for r in rows}) == 3
+    for r in rows:
+        assert r.source == "explore" and r.model == str(policy.path) and r.model_revision.startswith("local:")
+        assert r.num_steps == 2 and r.seed == 0 and r.env == "webshop" and r.split == "train"
+    second = runner.invoke(_app(), ["explore", "--model", str(policy.path), *_FAST, "--limit", "5", "--out", str(out)])
+    assert second.exit_code == 0, second.output
+    assert "2 episodes written, 3 already in" in " ".join(second.output.split())
+    assert [r.to_row() for r in read_jsonl(out, "trajectory")[:3]] == [r.to_row() for r in rows]
+    assert len(read_jsonl(out, "trajectory")) == 5
+
+
+def test_explore_cli_samples_per_task(policy, tmp_path):
+    out = tmp_path / "samples.jsonl"
+    result = runner.invoke(_app(), ["explore", "--model", str(policy.path), *_FAST, "--task-ids", "200,201",
+                                    "--samples-per-task", "2", "--temperature", "1.0", "--seed", "5",
+                                    "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(out, "trajectory")
+    assert sorted((r.task_id, r.extra["sample"], r.seed) for r in rows) == [
+        ("200", 0, 5), ("200", 1, 6), ("201", 0, 5), ("201", 1, 6)]
+    assert all(r.extra["temperature"] == 1.0 for r in rows)
+
+
+def test_explore_cli_from_a_hub_revision_records_the_commit(policy, tmp_path, hub, repo_name):
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_name)
+    sha = api.upload_folder(folder_path=str(policy.path), repo_id=repo_name).oid
+    api.create_tag(repo_name, tag="iter-1")
+    out = tmp_path / "hub.jsonl"
+    result = runner.invoke(_app(), ["explore", "--model", f"{repo_name}@iter-1", *_FAST, "--limit", "1",
+                                    "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (row,) = read_jsonl(out, "trajectory")
+    assert row.model == repo_name and row.model_revision == sha
+
+
+def test_explore_cli_user_errors(policy, tmp_path):
+    out = tmp_path / "x.jsonl"
+    for args, message in [
+        (["--task-ids", "nope"], "--task-ids: nope"),
+        (["--samples-per-task", "2"], "--temperature"),
+        (["--split", "dev"], "--split 'dev'"),
+    ]:
+        result = runner.invoke(_app(), ["explore", "--model", str(policy.path), *_FAST, *args, "--out", str(out)])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    result = runner.invoke(_app(), ["explore", "--model", str(tmp_path / "missing"), *_FAST, "--out", str(out)])
+    assert result.exit_code == 2 and "missing" in result.output, result.output
+    assert not out.exists() or not out.read_text()
