@@ -6,13 +6,11 @@ import functools
 import sys
 from typing import Callable, TypeVar
 
-from rich.console import Console
-
+from etokit.cli._console import err_console
 from etokit.errors import EtokitError  # re-exported for commands
 
 F = TypeVar("F", bound=Callable)
 
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:

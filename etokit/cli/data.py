@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+from etokit.cli._console import console
 from rich.markup import escape
 from rich.table import Table
 
@@ -57,7 +57,6 @@ def validate(path: DataPathArg, kind: KindOpt = None, env: EnvOpt = None, split:
         typer.echo(json.dumps({"path": str(path), "format": records.format, "kind": records.kind,
                                "stats": stats}, indent=2))
         return
-    console = Console(highlight=False)
     console.print(f"[green]✓[/] {escape(str(path))}: format [bold]{records.format}[/], {_count(len(records), records.kind)}")
     console.print(_stats_table(stats))
 

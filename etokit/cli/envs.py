@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+from etokit.cli._console import console
 from rich.table import Table
 
 from etokit.cli._errors import user_errors
 from etokit.errors import EtokitError
 
-console = Console(highlight=False)
 
 EnvNameOpt = Annotated[
     str, typer.Option("--env", help="Environment: webshop, scienceworld, alfworld or textworld-express.",

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+from etokit.cli._console import console
 from rich.table import Table
 
 from etokit.cli._errors import user_errors
 from etokit.errors import EtokitError
 
-console = Console(highlight=False)
 
 ModelOpt = Annotated[
     str, typer.Option("--model", help="Policy: a local folder or a Hub repo, optionally REPO@REVISION (branch, tag "

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from etokit.cli._console import console
 
 from etokit.cli._errors import user_errors
 from etokit.errors import EtokitError
 
-console = Console(highlight=False)
 
 _EXAMPLES = """
 [bold]Examples[/bold]

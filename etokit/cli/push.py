@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+from etokit.cli._console import console
 
 from etokit.cli._errors import user_errors
 from etokit.cli._options import (
@@ -21,7 +21,6 @@ from etokit.cli._options import (
     SplitOpt,
 )
 
-console = Console(highlight=False, soft_wrap=True)  # no wrapping: the load snippet stays copy-pasteable
 
 _EXAMPLES = {
     "expert": """
