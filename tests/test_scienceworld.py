@@ -1,15 +1,26 @@
 """ScienceWorld through etokit's direct-server adapter: gold replay, ambiguous-request answers,
-invalid actions, step limits, the split index, and JVM crashes inside a worker."""
+invalid actions, step limits, the official ETO split index (and the disjoint derived one), and JVM
+crashes inside a worker."""
 
 from __future__ import annotations
 
 import collections
+import json
+import random
+from importlib import resources
 
 import psutil
 import pytest
 
 from etokit.envs import SPLITS, EnvWorker, EnvWorkerError, make
-from etokit.envs.scienceworld import MAX_STEPS, OFFICIAL_SIZES, load_splits, parse_task_id
+from etokit.envs.scienceworld import (
+    MAX_STEPS,
+    OFFICIAL_SIZES,
+    OFFICIAL_TRAIN_TEST_SEEN_OVERLAP,
+    load_splits,
+    parse_task_id,
+    simulator_task_name,
+)
 from etokit.errors import EtokitError
 
 
@@ -64,23 +75,77 @@ def test_invalid_action_feedback_and_step_limit(env):
         env.step("look around")
 
 
-def test_split_sizes_and_disjointness(env):
+def _variations(env, task):
+    env._server.load(task, 0, "easy", False)
+    s = env._server
+    return {"train": set(s.getVariationsTrain()), "dev": set(s.getVariationsDev()),
+            "test": set(s.getVariationsTest()), "max": int(s.getTaskMaxVariations(task))}
+
+
+def test_official_index_is_the_default_and_keeps_the_official_files(env):
+    official = json.loads(resources.files("etokit.envs").joinpath("data", "scienceworld_official.json").read_text())
+    assert official["source"]["commit"] == "9cd80875322d255db0c9e20600b22f88450ca0d6"
+    splits = load_splits()
+    for split in SPLITS:
+        # Same pairs in the same order as the official files, only renamed to simulator task names.
+        assert splits[split] == [f"{simulator_task_name(t)}_{v}" for t, v in official[split]]
+        assert env.task_ids(split) == splits[split]
+    assert simulator_task_name("task-10-measure-melting-point-(known-substance)") == \
+        "measure-melting-point-known-substance"
+
+
+def test_official_split_sizes_and_how_they_overlap(env):
     splits = load_splits()
     assert {s: len(splits[s]) for s in SPLITS} == OFFICIAL_SIZES == {"train": 1483, "test-seen": 194,
                                                                       "test-unseen": 211}
     for split in SPLITS:
-        assert len(set(splits[split])) == len(splits[split]) and env.task_ids(split) == splits[split]
-    assert not set(splits["train"]) & set(splits["test-seen"])
-    assert not (set(splits["train"]) | set(splits["test-seen"])) & set(splits["test-unseen"])
-    per_task = collections.Counter(parse_task_id(t)[0] for t in splits["test-unseen"])
-    assert set(per_task) == set(MAX_STEPS) and max(per_task.values()) == 10
+        assert len(set(splits[split])) == len(splits[split])
+        assert {parse_task_id(t)[0] for t in splits[split]} == set(MAX_STEPS)  # all 24 task types
+    train, seen, unseen = (set(splits[s]) for s in SPLITS)
+    # As the module docstring says: test-unseen is apart; train and test-seen share 54 ids.
+    assert not (train | seen) & unseen
+    assert len(train & seen) == OFFICIAL_TRAIN_TEST_SEEN_OVERLAP == 54
+
+
+def test_every_official_id_is_a_simulator_variation_of_the_documented_range(env):
+    lists = {task: _variations(env, task) for task in MAX_STEPS}  # one load per task type
+    where = collections.Counter()
+    for split in SPLITS:
+        for t in load_splits()[split]:
+            task, v = parse_task_id(t)
+            assert 0 <= v < lists[task]["max"], t
+            where[split, next(r for r in ("train", "dev", "test") if v in lists[task][r])] += 1
+    assert where == {("train", "train"): 1126, ("train", "dev"): 357, ("test-seen", "dev"): 194,
+                     ("test-unseen", "test"): 211}
+
+
+def test_sampled_official_ids_reset_in_the_simulator(env):
+    rng = random.Random(0)
+    for split in SPLITS:  # a few ids (a reset of a large task type takes seconds)
+        for task_id in rng.sample(load_splits()[split], 1):
+            reset = env.reset(task_id)
+            assert reset.task_id == task_id and reset.instruction.startswith("Your task is to")
+            assert env.max_steps == MAX_STEPS[parse_task_id(task_id)[0]]
+            assert "No known action" not in env.step("look around").observation
 
 
 def test_test_unseen_is_the_first_ten_test_variations(env):
     # The official rule, checked against the simulator's own test list for one task type.
-    env._server.load("melt", 0, "easy", False)
-    expected = [f"melt_{v}" for v in sorted(env._server.getVariationsTest())[:10]]
+    expected = [f"melt_{v}" for v in sorted(_variations(env, "melt")["test"])[:10]]
     assert [t for t in env.task_ids("test-unseen") if t.startswith("melt_")] == expected
+
+
+def test_derived_splits_are_disjoint_with_the_official_sizes_and_test_unseen():
+    derived, official = load_splits("derived"), load_splits("official")
+    assert {s: len(derived[s]) for s in SPLITS} == OFFICIAL_SIZES
+    train, seen, unseen = (set(derived[s]) for s in SPLITS)
+    assert not train & seen and not (train | seen) & unseen
+    assert unseen == set(official["test-unseen"])
+
+
+def test_unknown_splits_option_is_a_user_error():
+    with pytest.raises(EtokitError, match="unknown splits 'disjoint'; valid: official, derived"):
+        make("scienceworld", splits="disjoint")
 
 
 def test_bad_task_id(env):

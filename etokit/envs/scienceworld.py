@@ -6,26 +6,33 @@ combination (~2,900 strings per step) and the look/inventory text, which caps it
 This adapter talks to the same server object over py4j but only asks for the observation, score
 and completion (valid actions on request), ~10x faster; see bench/env_step.py.
 
-Splits (package data ``data/scienceworld_splits.json``; regenerate with
-``python -m etokit.envs.scienceworld``) follow the official ETO code's 24 task types and sizes:
+Splits. By default (``splits="official"``) the task index is ETO's own, shipped verbatim as
+``data/scienceworld_official.json``: the (task name, variation) pairs and their order from
+github.com/Yifan-Song793/ETO at commit 9cd80875322d255db0c9e20600b22f88450ca0d6,
+``eval_agent/data/sciworld/train_indices.json`` (train, 1483), ``dev_indices.json`` (test-seen, 194)
+and ``test_indices.json`` (test-unseen, 211). License: that commit has no LICENSE file and its
+README states none; the index is a list of task names and integers of ScienceWorld (Apache-2.0).
 
-- test-unseen (211): the first <= 10 variations of each task type's *test* list. This is the
-  official rule (checked against the official index).
-- test-seen (194): <= 10 variations per task type drawn (seeded) from its *dev* list. The official
-  index drops 5 dev variations of the small task types (``_OFFICIAL_DEV_DROPPED``); we drop the
-  same 5, so for every task type with <= 10 dev variations the membership equals the official.
-- train (1483): a seeded uniform sample of 1483 variations from the 24 task types' *train*
-  lists. The official index is a random sample of the same size whose exact draw is not
-  recoverable offline (it also takes some variations from the dev range; ours keeps the
-  simulator's train/dev/test partition, so train and test-seen never share a variation).
+The official index is not disjoint: 54 of the 194 test-seen ids are also train ids
+(``OFFICIAL_TRAIN_TEST_SEEN_OVERLAP``). Its train split draws 357 ids from the simulator's *dev*
+variations, test-seen only dev variations, test-unseen the first <= 10 *test* variations of each
+task type; test-unseen shares no id with the other two.
 
-Task ids are ``"<task-name>_<variation>"``, e.g. ``"boil_18"``.
+``splits="derived"`` (``data/scienceworld_derived.json``; regenerate with
+``python -m etokit.envs.scienceworld``) is for users who want disjoint splits of the same sizes:
+test-unseen as the official; test-seen <= 10 variations per task type drawn (seeded) from its dev
+list minus the 5 the official test-seen leaves out (``_OFFICIAL_DEV_DROPPED``); train a seeded
+sample of 1483 from the simulator's train lists only, so no id is in two splits.
+
+Task ids are ``"<task-name>_<variation>"`` with the simulator's task name, e.g. ``"boil_18"``;
+official names (``"task-1-boil"``) are mapped the way the simulator's ``infer_task`` does.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from functools import lru_cache
 from importlib import resources
@@ -33,7 +40,7 @@ from importlib import resources
 from etokit.envs.base import SPLITS, Reset, Step
 from etokit.errors import EtokitError
 
-SPLITS_FILE = "scienceworld_splits.json"
+SPLIT_FILES = {"official": "scienceworld_official.json", "derived": "scienceworld_derived.json"}
 
 # Per-task step limits of the official ETO code (its max_steps.json), keyed by simulator task name.
 MAX_STEPS = {
@@ -63,6 +70,7 @@ MAX_STEPS = {
     "identify-life-stages-2": 30,
 }
 OFFICIAL_SIZES = {"train": 1483, "test-seen": 194, "test-unseen": 211}
+OFFICIAL_TRAIN_TEST_SEEN_OVERLAP = 54
 _PER_TASK_EVAL = 10
 _OFFICIAL_DEV_DROPPED = {
     "boil": [18],
@@ -83,10 +91,19 @@ def parse_task_id(task_id: str) -> tuple[str, int]:
     return task, int(variation)
 
 
-@lru_cache(maxsize=1)
-def load_splits() -> dict[str, list[str]]:
-    text = resources.files("etokit.envs").joinpath("data", SPLITS_FILE).read_text()
-    data = json.loads(text)
+def simulator_task_name(official_name: str) -> str:
+    """``"task-10-measure-melting-point-(known-substance)"`` -> ``"measure-melting-point-known-substance"``
+    (the simulator's own ``infer_task`` rule: drop the ``task-N-`` prefix and the parentheses)."""
+    return re.sub(r"task-(\d|a|b)+-|[()]", "", official_name)
+
+
+@lru_cache(maxsize=2)
+def load_splits(kind: str = "official") -> dict[str, list[str]]:
+    if kind not in SPLIT_FILES:
+        raise EtokitError(f"scienceworld: unknown splits {kind!r}; valid: {', '.join(SPLIT_FILES)}")
+    data = json.loads(resources.files("etokit.envs").joinpath("data", SPLIT_FILES[kind]).read_text())
+    if kind == "official":
+        return {split: [task_id_of(simulator_task_name(t), v) for t, v in data[split]] for split in SPLITS}
     return {split: data[split] for split in SPLITS}
 
 
@@ -94,11 +111,13 @@ class ScienceWorldEnv:
     name = "scienceworld"
     max_steps = max(MAX_STEPS.values())  # set to the task's own limit by reset()
 
-    def __init__(self, simplification: str = "easy", max_steps: int | None = None, heap: str = "512m"):
+    def __init__(self, simplification: str = "easy", max_steps: int | None = None, heap: str = "512m",
+                 splits: str = "official"):
         from scienceworld.constants import BASEPATH, JAR_PATH
 
         from etokit.envs.worker import JavaServer
 
+        self._splits = load_splits(splits)  # first: a bad option fails before a JVM starts
         self.simplification = simplification
         self._max_steps_override = max_steps
         self._java = JavaServer(JAR_PATH, BASEPATH, heap=heap)
@@ -125,7 +144,7 @@ class ScienceWorldEnv:
     def task_ids(self, split: str) -> list[str]:
         if split not in SPLITS:
             raise EtokitError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-        return list(load_splits()[split])
+        return list(self._splits[split])
 
     def _load(self, task_id: str, gold: bool) -> None:
         task, variation = parse_task_id(task_id)
@@ -175,7 +194,7 @@ class ScienceWorldEnv:
 
 
 def derive_splits(server, seed: int = 0) -> dict[str, list[str]]:
-    """The split index described in the module docstring, from the simulator's variation lists."""
+    """The disjoint ``"derived"`` split index (module docstring), from the simulator's variation lists."""
     train_pool, seen, unseen = [], [], []
     for task in MAX_STEPS:
         server.load(task, 0, "easy", False)
@@ -207,7 +226,7 @@ def _write_splits() -> None:
         java.close()
     for split, ids in splits.items():
         print(f"{split}: {len(ids)} (official {OFFICIAL_SIZES[split]})")
-    path = Path(__file__).parent / "data" / SPLITS_FILE
+    path = Path(__file__).parent / "data" / SPLIT_FILES["derived"]
     path.parent.mkdir(exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
