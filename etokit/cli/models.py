@@ -58,3 +58,54 @@ def register(app: typer.Typer) -> None:
         n_params = sum(p.numel() for p in model.parameters())
         console.print(f"[green]✓[/] {out}: LlamaForCausalLM, {n_params:,} parameters, vocabulary {len(tokenizer)}")
         console.print(f'  AutoModelForCausalLM.from_pretrained("{out}")', markup=False)
+
+    app.add_typer(models_app)
+
+
+# --- `etokit models ...` ----------------------------------------------------------------------
+
+_IMPORT_GGUF_EXAMPLES = """
+[bold]Examples[/bold]
+
+  $ etokit models import-gguf .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2
+
+  $ etokit models import-gguf llama.Q8_0.gguf --out models/llama --dtype bfloat16 --overwrite
+
+Then train or explore with [cyan]--model models/smollm2[/cyan], or load it with
+[cyan]AutoModelForCausalLM.from_pretrained("models/smollm2")[/cyan].
+"""
+
+GgufPathArg = Annotated[
+    Path, typer.Argument(help="A .gguf file of an architecture transformers can load (llama, qwen2, ...).",
+                         show_default=False),
+]
+ImportOutOpt = Annotated[
+    Path, typer.Option("--out", help="Folder to write (safetensors, config, tokenizer).", show_default=False)
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weight dtype of the saved model: float32, bfloat16 or float16.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists and is not empty.")]
+
+models_app = typer.Typer(
+    name="models",
+    help="Bring pretrained models into etokit (offline).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+
+
+@models_app.command("import-gguf", epilog=_IMPORT_GGUF_EXAMPLES)
+@user_errors
+def import_gguf_cmd(gguf_path: GgufPathArg, out: ImportOutOpt, dtype: DtypeOpt = "float32",
+                    overwrite: OverwriteOpt = False) -> None:
+    """Convert a GGUF checkpoint into a plain transformers model folder.
+
+    Weights are dequantized and saved as safetensors with the tokenizer (fast, chat template kept) and generation config; the saved model must give the GGUF model's logits exactly.
+    """
+    from etokit.models.gguf import import_gguf
+
+    with console.status("Importing...") as status:
+        out_dir = import_gguf(gguf_path, out, dtype, overwrite=overwrite,
+                             progress=lambda msg: status.update(f"{msg}..."))
+    size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
+    console.print(f"[green]✓[/] {out_dir}: logits match the GGUF model; {size / 1e6:,.1f} MB ({dtype})")
+    console.print(f'  AutoModelForCausalLM.from_pretrained("{out_dir}")', markup=False)
