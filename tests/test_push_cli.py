@@ -78,6 +78,17 @@ def test_second_iteration_keeps_the_first_and_card_lists_both(hub, repo_name, tm
     assert set(stats["textworld-express"]) == {"iter_1", "iter_2"}
 
 
+def test_repeating_a_push_makes_no_new_commit(hub, repo_name, tmp_path):
+    from huggingface_hub import HfApi
+
+    write_jsonl(tmp_path / "p.jsonl", [pair(f"t{i}", iteration=1) for i in range(3)])
+    assert push("push-pairs", tmp_path / "p.jsonl", "--repo-id", repo_name, "--ties", 2).exit_code == 0
+    commits = HfApi().list_repo_commits(repo_name, repo_type="dataset")
+    r = push("push-pairs", tmp_path / "p.jsonl", "--repo-id", repo_name, "--ties", 2)
+    assert r.exit_code == 0, r.output
+    assert HfApi().list_repo_commits(repo_name, repo_type="dataset") == commits
+
+
 def test_push_to_a_revision_leaves_main_alone(hub, repo_name, tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [trajectory("a", 1.0, source="explore")])
     write_jsonl(tmp_path / "b.jsonl", [trajectory("b", 0.0, source="explore"), trajectory("c", 1.0, source="explore")])

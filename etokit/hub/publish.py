@@ -110,13 +110,15 @@ def _refresh_card(api, repo_id, branch, parent, card, template, license, config_
         all_stats = json.loads(_read(api, repo_id, STATS_FILE, parent) or "{}")
         all_stats.setdefault(config_name, {})[split] = entry
         readme = DatasetCard(_read(api, repo_id, "README.md", parent) or "")
-        metadata = readme.data.to_dict()  # keeps the `configs` / `dataset_info` datasets wrote
-        metadata |= {
-            "license": metadata.get("license") or license,
-            "task_categories": sorted(set(metadata.get("task_categories") or []) | {"text-generation"}),
-            "tags": sorted(set(metadata.get("tags") or []) | {"eto", "agent", "trajectory", *entry["provenance"]["envs"]}),
-            "language": metadata.get("language") or ["en"],
+        existing = readme.data.to_dict()  # keeps the `configs` / `dataset_info` datasets wrote
+        ours = {
+            "license": existing.get("license") or license,
+            "language": existing.get("language") or ["en"],
+            "task_categories": sorted(set(existing.get("task_categories") or []) | {"text-generation"}),
+            "tags": sorted(set(existing.get("tags") or []) | {"eto", "agent", "trajectory", *entry["provenance"]["envs"]}),
         }
+        # A fixed key order, so re-pushing the same data renders the same README (no new commit).
+        metadata = ours | {k: existing[k] for k in sorted(existing) if k not in ours}
         body = render("data_cards", template, repo_id=repo_id, configs=all_stats, card=card, version=__version__)
         content = DatasetCard(f"---\n{_yaml(metadata)}---\n{body}").content
         ops = [
