@@ -9,8 +9,13 @@ and observations), rejected ~ chosen + a few turns, lengths log-normal with a lo
 
 Both sides: fp32 on CPU, the same global batch, one epoch, reference log-probs precomputed
 before training (TRL: ``precompute_ref_log_probs=True``; its ``padding_free`` is disabled in
-TRL 1.16 and falls back to padding). Timed: reference pass + training (tokenization and model
-loading excluded on both sides). tokens/s counts real (non-pad) input tokens: the tokens of every
+TRL 1.16 and falls back to padding), gradient checkpointing on (TRL's default;
+``--no-gradient-checkpointing`` turns it off on both sides). Timed: reference pass + training
+(tokenization and model loading excluded on both sides). The two workers alternate
+``--repeats`` times and each side's fastest run counts (the machine is shared; the minimum is the
+run least disturbed by other load); memory is each side's largest peak over its runs. On a busy
+shared machine ``--threads 1`` (both sides) keeps OpenMP barriers from stalling on a descheduled
+thread, which otherwise penalises whichever side runs more, smaller kernels. tokens/s counts real (non-pad) input tokens: the tokens of every
 prompt+chosen and prompt+rejected sequence, identical for both since both render the same chat
 template. Peak memory: the process's peak RSS (VmHWM, reset via /proc/self/clear_refs just
 before the timed section) minus its RSS at that point; each side runs in its own subprocess.
@@ -83,7 +88,8 @@ def worker_etokit(a) -> dict:
 
     from etokit.data import read_jsonl
     from etokit.train.dpo import DPOConfig, step_batches, tokenize_pairs, train_step
-    from etokit.train.logprobs import default_backend, sequence_logps
+    from etokit.train.common import enable_gradient_checkpointing
+    from etokit.train.logprobs import default_backend, default_max_tokens, sequence_logps
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
@@ -91,18 +97,21 @@ def worker_etokit(a) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a.model)
     pairs = read_jsonl(a.pairs, "pair")
     tokens = tokenize_pairs(tok, pairs, max_length=None)
+    max_tokens = a.max_tokens or default_max_tokens("cpu")
     cfg = DPOConfig(model=a.model, data=a.pairs, output_dir=a.tmp, batch_size=a.batch_size, learning_rate=1e-6,
-                    max_tokens_per_micro_batch=a.max_tokens)
+                    max_tokens_per_micro_batch=max_tokens, gradient_checkpointing=a.gradient_checkpointing)
     accelerator = Accelerator(cpu=True)
     backend = a.backend or default_backend("cpu")
     schedule = step_batches(len(tokens), cfg.batch_size, 1, 0)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     base = _rss_reset()
     t0 = time.perf_counter()
     model.eval()
-    ref = sequence_logps(model, tokens.flat(), backend, max_tokens=a.max_tokens, pad_token_id=tok.pad_token_id).view(-1, 2)
+    ref = sequence_logps(model, tokens.flat(), backend, max_tokens=max_tokens, pad_token_id=tok.pad_token_id).view(-1, 2)
     model.train()
     n_tokens = 0
     for step in schedule:
@@ -112,7 +121,7 @@ def worker_etokit(a) -> dict:
         n_tokens += int(sums["num_tokens"])
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "train_tokens": n_tokens, "peak_rss_delta": _status("VmHWM") - base,
-            "backend": backend, "steps": len(schedule)}
+            "backend": f"{backend}, {max_tokens} tokens/forward", "steps": len(schedule)}
 
 
 def worker_trl(a) -> dict:
@@ -131,7 +140,7 @@ def worker_trl(a) -> dict:
         output_dir=a.tmp, per_device_train_batch_size=a.trl_micro_batch,
         gradient_accumulation_steps=a.batch_size // a.trl_micro_batch, num_train_epochs=1, learning_rate=1e-6,
         beta=0.1, max_length=None, precompute_ref_log_probs=True, precompute_ref_batch_size=a.trl_micro_batch,
-        use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=10_000,
+        gradient_checkpointing=a.gradient_checkpointing, use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=10_000,
         dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
@@ -148,7 +157,12 @@ def main() -> None:
     p.add_argument("--pairs-count", type=int)
     p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step (both sides)")
     p.add_argument("--trl-micro-batch", type=int, default=2, help="TRL per-device batch (grad accumulation makes up the rest)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="etokit token budget per forward")
+    p.add_argument("--max-tokens", type=int, help="etokit token budget per forward (default: etokit's CPU default)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="on both sides (TRL's default: on)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the fastest counts")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both sides (default: torch's own choice); "
+                                                 "1 gives load-robust ratios on a busy shared machine")
     p.add_argument("--backend", choices=["padded", "bucketed", "packed"], help="etokit log-prob backend (default: CPU default)")
     p.add_argument("--worker", choices=["etokit", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -178,27 +192,35 @@ def main() -> None:
     lengths = sorted(len(s.input_ids) for s in t.flat())
     data_tokens = sum(lengths)
     print(f"{n} pairs, {len(lengths)} sequences, {data_tokens} tokens; length min/median/max "
-          f"{lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}; batch {a.batch_size} pairs; torch threads "
-          f"{os.cpu_count()} cores", flush=True)
+          f"{lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}; batch {a.batch_size} pairs; {os.cpu_count()} cores, "
+          f"threads {a.threads or 'default'}; gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}", flush=True)
 
-    results = {}
-    for name in ("etokit", "trl"):
-        cmd = [sys.executable, __file__, "--worker", name, "--model", str(tmp / "model"), "--pairs",
-               str(tmp / "pairs.jsonl"), "--tmp", str(tmp / name), "--batch-size", str(a.batch_size),
-               "--trl-micro-batch", str(a.trl_micro_batch), "--max-tokens", str(a.max_tokens)]
-        if a.backend:
-            cmd += ["--backend", a.backend]
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
-        if res.returncode or not line:
-            sys.exit(f"{name} worker failed:\n{res.stderr[-4000:]}")
-        r = json.loads(line[0][7:])
-        # both sides process every sequence twice (reference pass + training step)
-        r["tokens_per_s"] = 2 * data_tokens / r["seconds"]
-        results[name] = r
-        print(f"{name:7s} {r['tokens_per_s']:9.0f} tokens/s  {r['seconds']:7.1f} s  "
-              f"peak RSS delta {r['peak_rss_delta'] / 2**20:7.1f} MiB  steps {r['steps']}"
-              + (f"  backend {r['backend']}" if "backend" in r else ""), flush=True)
+    results: dict[str, dict] = {}
+    for _ in range(a.repeats):
+        for name in ("etokit", "trl"):
+            cmd = [sys.executable, __file__, "--worker", name, "--model", str(tmp / "model"), "--pairs",
+                   str(tmp / "pairs.jsonl"), "--tmp", str(tmp / name), "--batch-size", str(a.batch_size),
+                   "--trl-micro-batch", str(a.trl_micro_batch),
+                   "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing"]
+            if a.max_tokens:
+                cmd += ["--max-tokens", str(a.max_tokens)]
+            if a.backend:
+                cmd += ["--backend", a.backend]
+            env = {**os.environ, "TQDM_DISABLE": "1", **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+            if res.returncode or not line:
+                sys.exit(f"{name} worker failed:\n{res.stderr[-4000:]}")
+            r = json.loads(line[0][7:])
+            # both sides process every sequence twice (reference pass + training step)
+            r["tokens_per_s"] = 2 * data_tokens / r["seconds"]
+            print(f"{name:7s} {r['tokens_per_s']:9.0f} tokens/s  {r['seconds']:7.1f} s  "
+                  f"peak RSS delta {r['peak_rss_delta'] / 2**20:7.1f} MiB  steps {r['steps']}"
+                  + (f"  backend {r['backend']}" if "backend" in r else ""), flush=True)
+            best = results.setdefault(name, r)
+            best["peak_rss_delta"] = max(best["peak_rss_delta"], r["peak_rss_delta"])
+            if r["seconds"] < best["seconds"]:
+                best.update(seconds=r["seconds"], tokens_per_s=r["tokens_per_s"])
     e, t_ = results["etokit"], results["trl"]
     print(f"peak memory (RSS delta): {e['peak_rss_delta'] / max(t_['peak_rss_delta'], 1):.2f}x trl DPOTrainer")
     print(f"dpo tokens/s: {e['tokens_per_s'] / t_['tokens_per_s']:.2f}x trl DPOTrainer")

@@ -16,61 +16,24 @@ state checkpoint with the same loss sequence as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
 from etokit.errors import EtokitError
 from etokit.train import common
-from etokit.train.config import parse_config, save_config
+from etokit.train.config import TrainConfig, parse_config, save_config
 from etokit.train.tokenize import tokenize_messages
 
 
-@dataclass
-class BCConfig:
+@dataclass(kw_only=True)
+class BCConfig(TrainConfig):
     model: str = field(default="", metadata={"help": "base model: local folder or Hub repo"})
     data: str = field(default="", metadata={"help": "trajectories: local .jsonl/.json/.parquet or Hub dataset repo"})
-    output_dir: str = field(default="", metadata={"help": "where the model, config, logs and state checkpoints go"})
-    model_revision: str | None = None
     data_config: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. the env)"})
-    data_split: str = "train"
-    data_revision: str | None = None
-    max_length: int = field(default=4096, metadata={"gt": 0, "help": "tokens; longer trajectories lose trailing turns"})
     per_device_batch_size: int = field(default=4, metadata={"gt": 0})
     gradient_accumulation_steps: int = field(default=1, metadata={"gt": 0})
-    learning_rate: float = field(default=2e-5, metadata={"gt": 0})
-    weight_decay: float = 0.0
-    lr_scheduler: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "constant", "constant_with_warmup"]})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps"})
-    num_epochs: int = field(default=3, metadata={"gt": 0})
-    max_steps: int | None = field(default=None, metadata={"gt": 0, "help": "stop (and shorten the schedule) after this many steps"})
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    mixed_precision: str = field(default="auto", metadata={"choices": ["auto", "no", "bf16", "fp16"]})
-    gradient_checkpointing: bool = False
-    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, flash_attention_2, ..."})
-    trust_remote_code: bool = False
-    lora: bool = False
-    lora_r: int = field(default=16, metadata={"gt": 0})
-    lora_alpha: int = field(default=32, metadata={"gt": 0})
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    save_steps: int = field(default=0, metadata={"help": "accelerate state checkpoint every N steps (0: only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "newest state checkpoints kept (0: all)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest state checkpoint in output_dir"})
-    logging_steps: int = field(default=1, metadata={"gt": 0})
-    report_to: str = field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
-    push_to: str | None = field(default=None, metadata={"help": "Hub model repo NAMESPACE/NAME"})
     revision: str = field(default="bc", metadata={"help": "branch + tag the checkpoint is pushed as"})
-    private: bool = False
-
-    def __post_init__(self):
-        for name in ("model", "data", "output_dir"):
-            if not getattr(self, name):
-                raise EtokitError(f"--{name.replace('_', '-')} is required")
-        if self.warmup_ratio > 1:
-            raise EtokitError(f"warmup_ratio must be within [0, 1], got {self.warmup_ratio}")
 
 
 def main(argv=None) -> None:
@@ -87,11 +50,7 @@ def main(argv=None) -> None:
         cfg.model, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
     )
-    if cfg.lora:
-        model = common.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  target_modules=cfg.lora_target_modules)
-    if cfg.gradient_checkpointing:
-        common.enable_gradient_checkpointing(model)
+    model = common.adapt_for_training(model, cfg)  # LoRA, gradient checkpointing
 
     trajectories = common.load_training_records(cfg.data, "trajectory", config=cfg.data_config,
                                                 split=cfg.data_split, revision=cfg.data_revision)
@@ -110,18 +69,8 @@ def main(argv=None) -> None:
     total_steps = min(len(schedule), cfg.max_steps or len(schedule))
 
     # --- optimizer, schedule, resumable state -------------------------------------------------
-    optimizer, scheduler = common.make_optimizer_and_scheduler(
-        model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, scheduler=cfg.lr_scheduler,
-        warmup_ratio=cfg.warmup_ratio, total_steps=total_steps,
-    )
-    # The scheduler stays unwrapped: accelerate's wrapper would step it once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = common.TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
-    if cfg.resume and not common.resume(accelerator, cfg.output_dir, state):
-        accelerator.print(f"--resume: no checkpoint in {cfg.output_dir}, starting from scratch")
-    metrics_log = common.MetricsLog(accelerator, cfg.output_dir, resumed_at=state.step)
-    common.init_trackers(accelerator, "train_bc", asdict(cfg))
+    model, optimizer, scheduler, state, metrics_log = common.prepare_training(
+        accelerator, model, cfg, total_steps, "train_bc", asdict(cfg))
 
     # --- training loop --------------------------------------------------------------------------
     model.train()
@@ -143,45 +92,26 @@ def main(argv=None) -> None:
                 accelerator.backward(loss_sum * accelerator.num_processes / step_tokens)
             step_loss += loss_sum.item()
             throughput.add(int(batch["attention_mask"].sum()))
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
         state.step += 1
         state.tokens += int(step_tokens)
 
         if state.step % cfg.logging_steps == 0 or state.step == total_steps:
             loss = common.reduce_sum(accelerator, step_loss) / step_tokens
             metrics = {"loss": loss, "learning_rate": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "tokens_per_s": common.reduce_sum(accelerator, throughput.rate()),
+                       "grad_norm": grad_norm, "tokens_per_s": common.reduce_sum(accelerator, throughput.rate()),
                        "trained_tokens": state.tokens}
             metrics_log.log(metrics, step=state.step)
             bar.set_postfix(loss=f"{loss:.4f}")
-        if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
-            common.save_state(accelerator, cfg.output_dir, state.step, keep=cfg.keep_checkpoints)
+        common.save_state_if_due(accelerator, cfg, state.step, total_steps)
         bar.update(1)
     bar.close()
 
-    # --- output: model + tokenizer (safetensors), then the Hub --------------------------------
-    common.save_state(accelerator, cfg.output_dir, state.step, keep=cfg.keep_checkpoints)
-    common.save_model(accelerator, model, tokenizer, cfg.output_dir)
-    accelerator.end_training()
-    if cfg.push_to and accelerator.is_main_process:
-        from etokit.hub.checkpoint import push_checkpoint
-
-        sha = push_checkpoint(
-            cfg.output_dir, cfg.push_to, cfg.revision,
-            card={
-                "stage": "behavioral cloning (SFT)",
-                "base_model": cfg.model,
-                "base_model_revision": cfg.model_revision,
-                "datasets": common.card_datasets([(cfg.data, cfg.data_config, cfg.data_split, cfg.data_revision)]),
-                "hyperparameters": _card_hyperparameters(cfg, accelerator.num_processes, len(examples), total_steps),
-            },
-            commit_message=f"BC checkpoint {cfg.revision}",
-            private=cfg.private,
-        )
-        accelerator.print(f"pushed {cfg.push_to}@{cfg.revision} ({sha})")
+    # --- output: state, model + tokenizer (safetensors), then the Hub -------------------------
+    common.finish(accelerator, model, tokenizer, cfg, state.step, commit_message=f"BC checkpoint {cfg.revision}", card={
+        "stage": "behavioral cloning (SFT)",
+        "hyperparameters": _card_hyperparameters(cfg, accelerator.num_processes, len(examples), total_steps),
+    })
 
 
 def _card_hyperparameters(cfg: BCConfig, world_size: int, n_examples: int, steps: int) -> dict:
@@ -198,8 +128,4 @@ def _card_hyperparameters(cfg: BCConfig, world_size: int, n_examples: int, steps
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except EtokitError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    common.run_recipe(main)

@@ -19,7 +19,6 @@ Defaults follow ETO iteration 1 (beta 0.1, lr 1e-6, 3 epochs, 10% warmup, consta
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict
 
 import torch
@@ -29,7 +28,7 @@ from etokit.errors import EtokitError
 from etokit.train import common, ref_cache
 from etokit.train.config import parse_config, save_config
 from etokit.train.dpo import DPOConfig, step_batches, tokenize_pairs, train_step
-from etokit.train.logprobs import default_backend, sequence_logps
+from etokit.train.logprobs import default_backend, default_max_tokens, sequence_logps
 
 
 def main(argv=None) -> None:
@@ -38,6 +37,8 @@ def main(argv=None) -> None:
     # --- setup: processes, trackers, resolved config next to the checkpoint -----------------------
     accelerator = common.make_accelerator(cfg.output_dir, mixed_precision=cfg.mixed_precision,
                                           report_to=cfg.report_to, seed=cfg.seed)
+    # The budget depends on the device; the written config records the one that ran.
+    cfg.max_tokens_per_micro_batch = cfg.max_tokens_per_micro_batch or default_max_tokens(accelerator.device)
     if accelerator.is_main_process:
         save_config(cfg, cfg.output_dir)
     backend = default_backend(accelerator.device) if cfg.backend == "auto" else cfg.backend
@@ -93,27 +94,13 @@ def main(argv=None) -> None:
         raise EtokitError(f"reference log-prob cache {cache_dir} is not readable by every process; "
                           "set --ref-cache-dir to a shared folder")
 
-    if cfg.lora:
-        model = common.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  target_modules=cfg.lora_target_modules)
-    if cfg.gradient_checkpointing:
-        common.enable_gradient_checkpointing(model)
+    model = common.adapt_for_training(model, cfg)  # LoRA, gradient checkpointing
 
     # --- schedule, optimizer, resumable state -------------------------------------------------
     schedule = step_batches(len(tokens), cfg.batch_size, cfg.num_epochs, cfg.seed, accelerator.num_processes)
     total_steps = min(len(schedule), cfg.max_steps or len(schedule))
-    optimizer, scheduler = common.make_optimizer_and_scheduler(
-        model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, scheduler=cfg.lr_scheduler,
-        warmup_ratio=cfg.warmup_ratio, total_steps=total_steps,
-    )
-    # The scheduler stays unwrapped: accelerate's wrapper would step it once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = common.TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
-    if cfg.resume and not common.resume(accelerator, cfg.output_dir, state):
-        accelerator.print(f"--resume: no checkpoint in {cfg.output_dir}, starting from scratch")
-    metrics_log = common.MetricsLog(accelerator, cfg.output_dir, resumed_at=state.step)
-    common.init_trackers(accelerator, "train_dpo", {**asdict(cfg), "resolved_backend": backend})
+    model, optimizer, scheduler, state, metrics_log = common.prepare_training(
+        accelerator, model, cfg, total_steps, "train_dpo", {**asdict(cfg), "resolved_backend": backend})
 
     # --- training loop --------------------------------------------------------------------------
     model.train()
@@ -125,10 +112,7 @@ def main(argv=None) -> None:
         mine = step_pairs[accelerator.process_index::accelerator.num_processes]
         sums = train_step(accelerator, model, tokens, ref_logps, mine, len(step_pairs), backend, cfg,
                           tokenizer.pad_token_id)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
         state.step += 1
         throughput.add(int(sums["num_tokens"]))
 
@@ -137,47 +121,27 @@ def main(argv=None) -> None:
         state.tokens += int(sums.pop("num_tokens"))
         if state.step % cfg.logging_steps == 0 or state.step == total_steps:
             metrics = {k: v.item() / len(step_pairs) for k, v in sums.items()}
-            metrics.update(learning_rate=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+            metrics.update(learning_rate=scheduler.get_last_lr()[0], grad_norm=grad_norm,
                            tokens_per_s=common.reduce_sum(accelerator, throughput.rate()), trained_tokens=state.tokens)
             metrics_log.log(metrics, step=state.step)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-        if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
-            common.save_state(accelerator, cfg.output_dir, state.step, keep=cfg.keep_checkpoints)
+        common.save_state_if_due(accelerator, cfg, state.step, total_steps)
         bar.update(1)
     bar.close()
 
-    # --- output: model + tokenizer (safetensors), then the Hub --------------------------------
-    common.save_state(accelerator, cfg.output_dir, state.step, keep=cfg.keep_checkpoints)
-    common.save_model(accelerator, model, tokenizer, cfg.output_dir)
-    accelerator.end_training()
-    if cfg.push_to and accelerator.is_main_process:
-        from etokit.hub.checkpoint import push_checkpoint
-
-        sha = push_checkpoint(
-            cfg.output_dir, cfg.push_to, cfg.revision,
-            card={
-                "stage": "ETO (DPO on contrastive trajectory pairs)",
-                "iteration": cfg.iteration,
-                "base_model": cfg.model,
-                "base_model_revision": cfg.model_revision,
-                "datasets": common.card_datasets([(cfg.data, cfg.data_config, cfg.data_split, cfg.data_revision)]),
-                "hyperparameters": {
-                    **{k: v for k, v in asdict(cfg).items() if k in {
-                        "beta", "learning_rate", "lr_scheduler", "warmup_ratio", "num_epochs", "batch_size",
-                        "max_length", "weight_decay", "max_grad_norm", "seed", "lora"}},
-                    "reference_model": ref_name, "num_processes": accelerator.num_processes,
-                    "train_pairs": len(tokens), "truncated_pairs": tokens.truncated, "optimizer_steps": total_steps,
-                },
-            },
-            commit_message=f"DPO checkpoint {cfg.revision}",
-            private=cfg.private,
-        )
-        accelerator.print(f"pushed {cfg.push_to}@{cfg.revision} ({sha})")
+    # --- output: state, model + tokenizer (safetensors), then the Hub -------------------------
+    common.finish(accelerator, model, tokenizer, cfg, state.step, commit_message=f"DPO checkpoint {cfg.revision}", card={
+        "stage": "ETO (DPO on contrastive trajectory pairs)",
+        "iteration": cfg.iteration,
+        "hyperparameters": {
+            **{k: v for k, v in asdict(cfg).items() if k in {
+                "beta", "learning_rate", "lr_scheduler", "warmup_ratio", "num_epochs", "batch_size",
+                "max_length", "weight_decay", "max_grad_norm", "seed", "lora"}},
+            "reference_model": ref_name, "num_processes": accelerator.num_processes,
+            "train_pairs": len(tokens), "truncated_pairs": tokens.truncated, "optimizer_steps": total_steps,
+        },
+    })
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except EtokitError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    common.run_recipe(main)

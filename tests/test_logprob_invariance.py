@@ -71,6 +71,15 @@ def test_backends_equal_direct_formula(model, seqs, backend):
     assert got[0] == 0 and got[1] == 0  # single-token sequences have nothing to score
 
 
+@pytest.mark.parametrize("backend", ["padded", "bucketed"])
+def test_right_padding_without_mask_ignores_pad_content(model, seqs, backend):
+    """Padded layouts pass no attention_mask: whatever the pad token is, no real token sees it."""
+    a = sequence_logps(model, seqs, backend, max_tokens=300, micro_batch_size=5, pad_token_id=0)
+    b = sequence_logps(model, seqs, backend, max_tokens=300, micro_batch_size=5, pad_token_id=96)
+    assert torch.equal(a, b)
+    assert collate(seqs[:4], backend).attention_mask is None
+
+
 def test_one_packed_row_of_everything(model, seqs):
     # all 24 sequences (incl. adjacent single-token ones: position 0 right after position 0) in ONE row
     b = collate_packed(seqs)

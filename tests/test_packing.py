@@ -46,7 +46,10 @@ def test_packed_multi_row_padding_is_its_own_segment():
 def test_padded():
     b = collate_padded(SEQS, pad_token_id=0)
     assert b.input_ids.tolist() == [[5, 6, 7], [9, 0, 0], [3, 0, 0], [4, 8, 0]]
-    assert b.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 0]]
+    # Right padding needs no mask under causal attention (the SDPA is_causal fast path); the
+    # invariance tests prove the log-probs are unchanged.
+    assert b.attention_mask is None and not b.packed
+    assert b.position_ids.tolist() == [[0, 1, 2]] * 4
     assert b.targets.tolist() == [[False, True, False], [False] * 3, [False] * 3, [False, True, False]]
     assert b.seq_index[:, 0].tolist() == [0, 1, 2, 3] and b.seq_index[1, 1].item() == -1
 

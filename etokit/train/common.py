@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,16 @@ from etokit.errors import EtokitError
 CHECKPOINTS_DIR = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 _COMPLETE = "COMPLETE"  # marker written last: a state dir without it was cut short by a kill
+
+
+def run_recipe(main) -> None:
+    """A recipe script's entry point: a user error is one ``Error:`` line and its exit code, never
+    a traceback."""
+    try:
+        main()
+    except EtokitError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 # --- accelerator ------------------------------------------------------------------------------
@@ -157,6 +168,16 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules):
     return get_peft_model(model, config)
 
 
+def adapt_for_training(model, cfg):
+    """``cfg.lora`` adapters and ``cfg.gradient_checkpointing``, as a recipe's config asks."""
+    if cfg.lora:
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
 def enable_gradient_checkpointing(model) -> None:
     model.config.use_cache = False
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -179,6 +200,25 @@ def make_optimizer_and_scheduler(model, *, learning_rate: float, weight_decay: f
         scheduler, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_steps), num_training_steps=total_steps
     )
     return optimizer, lr_scheduler
+
+
+def prepare_training(accelerator, model, cfg, total_steps: int, tracker: str, tracker_config: dict[str, Any]):
+    """AdamW + the LR schedule over ``total_steps``, wrapped by accelerate, the resumable
+    :class:`TrainState` (restored from the newest checkpoint with ``cfg.resume``), the metrics log
+    and the trackers. Returns ``(model, optimizer, scheduler, state, metrics_log)``."""
+    optimizer, scheduler = make_optimizer_and_scheduler(
+        model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, scheduler=cfg.lr_scheduler,
+        warmup_ratio=cfg.warmup_ratio, total_steps=total_steps,
+    )
+    # The scheduler stays unwrapped: accelerate's wrapper would step it once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    if cfg.resume and not resume(accelerator, cfg.output_dir, state):
+        accelerator.print(f"--resume: no checkpoint in {cfg.output_dir}, starting from scratch")
+    metrics_log = MetricsLog(accelerator, cfg.output_dir, resumed_at=state.step)
+    init_trackers(accelerator, tracker, tracker_config)
+    return model, optimizer, scheduler, state, metrics_log
 
 
 def save_model(accelerator, model, tokenizer, out_dir, *, merge_lora=True) -> None:
@@ -244,6 +284,40 @@ def resume(accelerator, output_dir, state: TrainState) -> bool:
     accelerator.load_state(str(path))
     accelerator.print(f"resumed from {path} (step {state.step})")
     return True
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip, step the optimizer and the LR schedule, clear the gradients; returns the grad norm
+    before clipping."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def save_state_if_due(accelerator, cfg, step: int, total_steps: int) -> None:
+    """The every-``cfg.save_steps`` checkpoint; the last step's is :func:`finish`'s."""
+    if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+        save_state(accelerator, cfg.output_dir, step, keep=cfg.keep_checkpoints)
+
+
+def finish(accelerator, model, tokenizer, cfg, step: int, *, card: dict[str, Any], commit_message: str) -> None:
+    """A recipe's end: the final state checkpoint, the model + tokenizer (safetensors), trackers
+    closed; then, with ``cfg.push_to``, the main process pushes the folder as ``cfg.revision``
+    with a model card (``card`` plus the base model and the training data from ``cfg``)."""
+    save_state(accelerator, cfg.output_dir, step, keep=cfg.keep_checkpoints)
+    save_model(accelerator, model, tokenizer, cfg.output_dir)
+    accelerator.end_training()
+    if not (cfg.push_to and accelerator.is_main_process):
+        return
+    from etokit.hub.checkpoint import push_checkpoint
+
+    card = {"base_model": cfg.model, "base_model_revision": cfg.model_revision,
+            "datasets": card_datasets([(cfg.data, cfg.data_config, cfg.data_split, cfg.data_revision)]), **card}
+    sha = push_checkpoint(cfg.output_dir, cfg.push_to, cfg.revision, card=card, commit_message=commit_message,
+                          private=cfg.private)
+    accelerator.print(f"pushed {cfg.push_to}@{cfg.revision} ({sha})")
 
 
 # --- logging ----------------------------------------------------------------------------------

@@ -17,64 +17,35 @@ from typing import Sequence
 import torch
 
 from etokit.errors import EtokitError
+from etokit.train.config import SCHEDULERS, TrainConfig
 from etokit.train.dpo_loss import dpo_loss, dpo_metrics
 from etokit.train.logprobs import BACKENDS, batch_logps, collate, plan
 
 
-@dataclass
-class DPOConfig:
+@dataclass(kw_only=True)
+class DPOConfig(TrainConfig):
     model: str = field(default="", metadata={"help": "policy to train: local folder or Hub repo (also the reference by default)"})
     data: str = field(default="", metadata={"help": "pairs: local .jsonl/.json/.parquet file or Hub dataset repo"})
-    output_dir: str = field(default="", metadata={"help": "where the model, config, logs and state checkpoints go"})
-    model_revision: str | None = None
     ref_model: str | None = field(default=None, metadata={"help": "reference if not --model (ETO: the policy that explored)"})
     ref_model_revision: str | None = None
-    data_config: str | None = field(default=None, metadata={"help": "Hub dataset config"})
-    data_split: str = "train"
-    data_revision: str | None = field(default=None, metadata={"help": "Hub dataset revision (branch/tag/sha)"})
     beta: float = field(default=0.1, metadata={"gt": 0, "help": "ETO: 0.1 at iteration 1, 0.5 later"})
     learning_rate: float = field(default=1e-6, metadata={"gt": 0, "help": "ETO: 1e-6 at iteration 1, 5e-7 later"})
-    lr_scheduler: str = field(default="constant_with_warmup",
-                              metadata={"choices": ["constant_with_warmup", "cosine", "linear", "constant"]})
+    lr_scheduler: str = field(default="constant_with_warmup", metadata={"choices": SCHEDULERS})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps"})
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    num_epochs: int = field(default=3, metadata={"gt": 0})
-    max_steps: int | None = field(default=None, metadata={"gt": 0, "help": "stop (and shorten the schedule) after this many steps"})
     batch_size: int = field(default=32, metadata={"gt": 0, "help": "pairs per optimizer step, all processes together"})
     backend: str = field(default="auto", metadata={"choices": ["auto", *BACKENDS],
                                                    "help": "log-prob layout (auto: packed on CUDA, bucketed on CPU)"})
-    max_tokens_per_micro_batch: int = field(default=16384, metadata={"gt": 0,
-                                            "help": "token budget of one forward (padded size for bucketed)"})
+    max_tokens_per_micro_batch: int | None = field(default=None, metadata={"gt": 0,
+                                                   "help": "token budget of one forward (padded size for bucketed); "
+                                                           "default 2048 on CPU, 16384 on CUDA"})
     micro_batch_size: int = field(default=2, metadata={"gt": 0, "help": "pairs per forward with --backend padded"})
-    max_length: int = field(default=4096, metadata={"gt": 0, "help": "tokens per sequence; longer ones lose trailing turns"})
-    seed: int = 0
-    mixed_precision: str = field(default="auto", metadata={"choices": ["auto", "no", "bf16", "fp16"]})
-    gradient_checkpointing: bool = False
-    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, flash_attention_2, ..."})
-    trust_remote_code: bool = False
-    lora: bool = False
-    lora_r: int = field(default=16, metadata={"gt": 0})
-    lora_alpha: int = field(default=32, metadata={"gt": 0})
     lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     ref_cache_dir: str | None = field(default=None, metadata={"help": "reference log-prob cache (default $HF_HOME/etokit/ref-logps)"})
-    save_steps: int = field(default=0, metadata={"help": "accelerate state checkpoint every N steps (0: only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "newest state checkpoints kept (0: all)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest state checkpoint in output_dir"})
-    logging_steps: int = field(default=1, metadata={"gt": 0})
-    report_to: str = field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
-    push_to: str | None = field(default=None, metadata={"help": "Hub model repo NAMESPACE/NAME"})
     revision: str | None = field(default=None, metadata={"help": "branch + tag of the pushed checkpoint, e.g. iter-1"})
     iteration: int | None = field(default=None, metadata={"help": "ETO iteration, for the model card"})
-    private: bool = False
 
     def __post_init__(self):
-        for name in ("model", "data", "output_dir"):
-            if not getattr(self, name):
-                raise EtokitError(f"--{name.replace('_', '-')} is required")
-        if self.warmup_ratio > 1:
-            raise EtokitError(f"warmup_ratio must be within [0, 1], got {self.warmup_ratio}")
+        super().__post_init__()
         if self.push_to and not self.revision:
             raise EtokitError("--push-to needs --revision (e.g. iter-1): each ETO iteration is its own revision")
 

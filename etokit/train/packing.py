@@ -12,6 +12,12 @@ single-token sequence, is a boundary too), but only when no ``attention_mask`` a
 are passed: packed batches therefore carry ``attention_mask=None`` and the caller must run with
 ``use_cache=False``. ``cu_seqlens`` / ``max_seqlen`` are the same boundaries in the form
 variable-length attention kernels take.
+
+Padded rows carry no ``attention_mask`` either. They are RIGHT-padded, and under the causal mask a
+real token only attends to earlier positions, which are all real: the pads after it cannot reach
+it, and the pads' own outputs are never scored. Leaving the mask out lets SDPA run ``is_causal``
+(PyTorch's fused flash / memory-efficient kernels, on CPU too) instead of the math path with a
+materialised ``[B, 1, T, T]`` mask, which is where a padded forward's time and memory went.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ class Tokenized(Protocol):
 class Batch:
     input_ids: torch.Tensor  # [B, T] long
     position_ids: torch.Tensor  # [B, T] long
-    attention_mask: torch.Tensor | None  # [B, T] long for padded layouts; None when packed
+    attention_mask: torch.Tensor | None  # always None (see the module docstring); kept for callers that pass it on
     targets: torch.Tensor  # [B, T] bool: token t is scored (its log-prob comes from logit t-1)
     seq_index: torch.Tensor  # [B, T] long: index of the token's sequence in this batch, -1 on padding
     num_seqs: int
@@ -60,22 +66,21 @@ def _check(seqs: Sequence[Tokenized]) -> None:
 
 
 def collate_padded(seqs: Sequence[Tokenized], pad_token_id: int = 0) -> Batch:
-    """One row per sequence, right-padded to the longest; ``attention_mask`` marks real tokens."""
+    """One row per sequence, right-padded to the longest, positions 0..T-1, no attention mask
+    (right padding is invisible to real tokens under the causal mask; see the module docstring)."""
     _check(seqs)
     width = max(len(s.input_ids) for s in seqs)
     n = len(seqs)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     position_ids = torch.arange(width).repeat(n, 1)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
     targets = torch.zeros((n, width), dtype=torch.bool)
     seq_index = torch.full((n, width), -1, dtype=torch.long)
     for i, s in enumerate(seqs):
         L = len(s.input_ids)
         input_ids[i, :L] = torch.tensor(s.input_ids)
-        attention_mask[i, :L] = 1
         targets[i, 1:L] = torch.tensor(s.loss_mask[1:], dtype=torch.bool)
         seq_index[i, :L] = i
-    return Batch(input_ids, position_ids, attention_mask, targets, seq_index, n,
+    return Batch(input_ids, position_ids, None, targets, seq_index, n,
                  sum(len(s.input_ids) for s in seqs), packed=False)
 
 
