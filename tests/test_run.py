@@ -1,0 +1,218 @@
+"""`etokit run` end to end on TextWorldExpress with a tiny Llama and the embedded Hub: every stage
+recorded, every dataset and checkpoint on the Hub; a crash at a stage boundary + --resume re-runs
+nothing done and ends with the outputs of an uninterrupted run; re-pushes make no commit; config
+errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from etokit.errors import EtokitError
+from etokit.run import Run, RunConfig
+from etokit.train.config import parse_config
+
+ENV = "textworld-express"
+# Small enough for CI (~1 minute a run on 2 cores), large enough that every stage does real work.
+FLAGS = ["--train-tasks", "3", "--eval-tasks", "1", "--iterations", "1", "--max-steps", "2", "--max-new-tokens", "16",
+         "--explore-batch-size", "1", "--no-icl", "--bc-num-epochs", "1", "--bc-per-device-batch-size", "2",
+         "--bc-gradient-accumulation-steps", "1", "--bc-learning-rate", "1e-3", "--dpo-num-epochs", "1",
+         "--dpo-batch-size", "2", "--dpo-learning-rate", "1e-3", "--max-length", "1024"]
+STAGES = ["expert", "push-expert", "init-model", "bc", "eval-bc", "push-bc", "explore-1", "pairs-1", "push-explore-1",
+          "push-pairs-1", "dpo-1", "eval-iter-1", "push-iter-1"]
+
+
+class Crash(Exception):
+    pass
+
+
+def make_config(run_dir: Path, repo: str, *extra: str) -> RunConfig:
+    return parse_config(RunConfig, [*FLAGS, "--run-dir", str(run_dir), "--push-to", repo, *extra])
+
+
+def new_repo(tag: str) -> str:
+    return f"etokit-tests/run-{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def commits(cfg: RunConfig) -> dict[str, list[str]]:
+    """Commit ids of every repo and branch the run pushes to."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    api = HfApi()
+    out = {}
+    for repo in cfg.datasets.values():
+        try:
+            out[repo] = [c.commit_id for c in api.list_repo_commits(repo, repo_type="dataset")]
+        except RepositoryNotFoundError:  # not pushed yet
+            out[repo] = []
+    refs = api.list_repo_refs(cfg.push_to)
+    for branch in refs.branches:
+        out[f"{cfg.push_to}@{branch.name}"] = [c.commit_id for c in
+                                               api.list_repo_commits(cfg.push_to, revision=branch.name)]
+    out["tags"] = sorted((t.name, t.target_commit) for t in refs.tags)
+    return out
+
+
+def pair_rows(path: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(r["task_id"], r["chosen"], r["rejected"], r["chosen_reward"], r["rejected_reward"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(hub_server, tmp_path_factory):
+    cfg = make_config(tmp_path_factory.mktemp("run") / "a", new_repo("a"))
+    rows = Run(cfg).run()
+    return cfg, rows
+
+
+def test_loop_records_every_stage_and_publishes_everything(uninterrupted, hub):
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForCausalLM
+
+    cfg, rows = uninterrupted
+    run_dir = Path(cfg.run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["stages"]] == STAGES
+    assert all(s["config_hash"] == manifest["config_hash"] for s in manifest["stages"])
+    outputs = {s["name"]: s["outputs"] for s in manifest["stages"]}
+    assert yaml.safe_load((run_dir / "etokit_config.yaml").read_text())["push_to"] == cfg.push_to
+
+    # The datasets, read back with `datasets` as a user would.
+    import datasets
+
+    expert = datasets.load_dataset(cfg.datasets["expert"], ENV, split="train")
+    assert len(expert) == outputs["expert"]["trajectories"] > 0
+    explore = datasets.load_dataset(cfg.datasets["explore"], ENV, split="iter_1")
+    assert len(explore) == 3 and set(explore["source"]) == {"explore"}
+    pairs = datasets.load_dataset(cfg.datasets["pairs"], ENV, split="iter_1")
+    stats = outputs["pairs-1"]["stats"]
+    assert len(pairs) == stats["pairs"] > 0 and stats["win"] + stats["tie"] + stats["lose"] == 3
+
+    # Checkpoints: branch + tag per stage, the tag on the pushed commit, loadable by revision.
+    refs = HfApi().list_repo_refs(cfg.push_to)
+    tags = {t.name: t.target_commit for t in refs.tags}
+    assert {"bc", "iter-1"} <= {b.name for b in refs.branches}
+    assert tags["iter-1"] == outputs["push-iter-1"]["commit"] and tags["bc"] == outputs["push-bc"]["commit"]
+    hub_model = AutoModelForCausalLM.from_pretrained(cfg.push_to, revision="iter-1")
+    local = AutoModelForCausalLM.from_pretrained(run_dir / outputs["dpo-1"]["model"])
+    bc = AutoModelForCausalLM.from_pretrained(run_dir / outputs["bc"]["model"])
+    for a, b, c in zip(hub_model.parameters(), local.parameters(), bc.parameters()):
+        assert (a == b).all()
+    assert any((b != c).any() for b, c in zip(local.parameters(), bc.parameters())), "DPO changed nothing"
+
+    # The iter-1 card's eval table holds every stage so far.
+    from huggingface_hub import hf_hub_download
+
+    card = Path(hf_hub_download(cfg.push_to, "README.md", revision="iter-1")).read_text()
+    table = [line for line in card.splitlines() if line.startswith("| BC |") or line.startswith("| iter-1 |")]
+    assert len(table) == 2, card
+    assert "reward_per_iteration.md" in HfApi().list_repo_files(cfg.push_to, revision="iter-1")
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["model"] for r in results["rows"]] == ["bc", "iter-1"] == [r["model"] for r in rows]
+    for row in results["rows"]:
+        stage = outputs[f"eval-{row['model']}"]
+        for split in ("test-seen", "test-unseen"):
+            assert row[split]["avg_reward"] == stage[split]["avg_reward"] and row[split]["episodes"] == 1
+    assert results["rows"][1]["pairs"] == stats
+
+
+def test_crash_then_resume_equals_uninterrupted_run(uninterrupted, hub, tmp_path):
+    reference, reference_rows = uninterrupted
+    cfg = make_config(tmp_path / "b", new_repo("b"))
+
+    def crash_after_pairs(stage):
+        if stage == "pairs-1":
+            raise Crash(stage)
+
+    with pytest.raises(Crash):
+        Run(cfg, after_stage=crash_after_pairs).run()
+    manifest_path = Path(cfg.run_dir) / "manifest.json"
+    before = json.loads(manifest_path.read_text())
+    assert [s["name"] for s in before["stages"]] == STAGES[:STAGES.index("pairs-1") + 1]
+    commits_before = commits(cfg)
+
+    with pytest.raises(EtokitError, match="--resume"):
+        Run(cfg)  # a run dir with a manifest is never silently overwritten
+
+    ran = []
+    run = Run(cfg, resume=True, after_stage=ran.append)
+    rows = run.run()
+    assert ran == STAGES[STAGES.index("pairs-1") + 1:]
+    assert run.skipped == STAGES[:STAGES.index("pairs-1") + 1]
+    after = json.loads(manifest_path.read_text())
+    assert after["stages"][:len(before["stages"])] == before["stages"]  # earlier records untouched
+    commits_after = commits(cfg)
+    for repo, ids in commits_before.items():
+        if repo != "tags" and ids:
+            assert commits_after[repo][-len(ids):] == ids  # history kept, nothing pushed twice
+    assert commits_after[cfg.datasets["expert"]] == commits_before[cfg.datasets["expert"]]
+
+    # Same outputs as the uninterrupted run (repos differ, so compare content, not ids).
+    assert rows == reference_rows
+    out_a = {s["name"]: s["outputs"] for s in json.loads((Path(reference.run_dir) / "manifest.json").read_text())["stages"]}
+    out_b = {s["name"]: s["outputs"] for s in after["stages"]}
+    for stage in ("bc", "dpo-1"):
+        assert out_b[stage]["weights_sha256"] == out_a[stage]["weights_sha256"]
+    assert pair_rows(Path(cfg.run_dir) / out_b["pairs-1"]["file"]) == \
+        pair_rows(Path(reference.run_dir) / out_a["pairs-1"]["file"])
+
+    # A crash between a push and its manifest record: the re-push finds the same content on the
+    # Hub and makes no commit.
+    after["stages"] = [s for s in after["stages"] if s["name"] not in ("push-pairs-1", "push-iter-1")]
+    manifest_path.write_text(json.dumps(after))
+    ran.clear()
+    Run(cfg, resume=True, after_stage=ran.append).run()
+    assert ran == ["push-pairs-1", "push-iter-1"]
+    assert commits(cfg) == commits_after
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    run_dir = tmp_path / "c"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text(json.dumps({"config_hash": "0" * 16, "stages": []}))
+    with pytest.raises(EtokitError, match="config differs"):
+        Run(make_config(run_dir, "ns/x"), resume=True)
+
+
+@pytest.mark.parametrize("yaml_text, flags, message", [
+    ("push_to: ns/agent\nrun_dir: r\nbogus_key: 1\n", [], "unknown config key 'bogus_key'"),
+    ("push_to: ns/agent\nrun_dir: r\n", ["--dpo-betas", "0.1"], "unknown config key --dpo-betas"),
+    ("push_to: ns/agent\nrun_dir: r\ndpo_beta: [0.1, 0]\n", [], "must be > 0, got 0"),
+    ("push_to: agent\nrun_dir: r\n", [], "--push-to must be NAMESPACE/NAME"),
+    ("push_to: ns/agent\nrun_dir: r\nenv: nethack\n", [], "--env 'nethack'"),
+    ("run_dir: r\n", [], "--push-to is required"),
+])
+def test_config_errors_are_one_line_exit_2(tmp_path, yaml_text, flags, message):
+    from typer.testing import CliRunner
+
+    from etokit.cli import app
+
+    path = tmp_path / "eto.yaml"
+    path.write_text(yaml_text)
+    result = CliRunner().invoke(app, ["run", "--config", str(path), *flags])
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert message in text and "Traceback" not in text
+    assert len(text.splitlines()) == 1, text
+
+
+def test_dpo_hyperparameters_per_iteration():
+    cfg = RunConfig(run_dir="r", push_to="ns/a")
+    assert [cfg.dpo_hparams(k) for k in (1, 2, 3)] == [(0.1, 1e-6), (0.5, 5e-7), (0.5, 5e-7)]
+    cfg = RunConfig(run_dir="r", push_to="ns/a", dpo_beta=[0.2], dpo_learning_rate=[1e-5, 2e-6, 3e-7])
+    assert [cfg.dpo_hparams(k) for k in (1, 2, 4)] == [(0.2, 1e-5), (0.2, 2e-6), (0.2, 3e-7)]
+
+
+def test_paper_configs_parse():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("textworld-express", "webshop", "scienceworld", "alfworld", "demo"):
+        cfg = parse_config(RunConfig, ["--config", str(root / f"{name}.yaml"), "--push-to", "ns/a", "--run-dir", "r"])
+        if name != "demo":
+            assert cfg.dpo_hparams(1) == (0.1, 1e-6) and cfg.dpo_hparams(2) == (0.5, 5e-7)
+            assert cfg.bc_per_device_batch_size * cfg.bc_gradient_accumulation_steps == 64
