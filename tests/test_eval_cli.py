@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from etokit.cli import app
 from etokit.data import read_jsonl
 from etokit.evaluate import summarize
 from tests.factories import trajectory
@@ -21,19 +21,6 @@ def policy_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("policy") / "tiny"
     build_policy(path)
     return path
-
-
-def _app():
-    from etokit.cli import eto
-
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Root."""
-
-    eto.register(app)
-    return app
 
 
 def test_summarize_uses_the_papers_metric_and_skips_env_errors():
@@ -52,7 +39,7 @@ def test_summarize_uses_the_papers_metric_and_skips_env_errors():
 
 def test_eval_cli_reports_metrics_consistent_with_its_episodes(policy_path, tmp_path):
     metrics, episodes = tmp_path / "eval.json", tmp_path / "eval.jsonl"
-    result = runner.invoke(_app(), ["eval", "--model", str(policy_path), "--env", "webshop", "--split", "test-seen",
+    result = runner.invoke(app, ["eval", "--model", str(policy_path), "--env", "webshop", "--split", "test-seen",
                                     "--limit", "3", "--no-icl", "--max-steps", "2", "--max-new-tokens", "8",
                                     "--batch-size", "3", "--out", str(metrics), "--trajectories", str(episodes)])
     assert result.exit_code == 0, result.output
@@ -72,5 +59,5 @@ def test_eval_cli_user_errors(policy_path, tmp_path):
         (["--out", str(tmp_path / "m.txt")], "expected a .json file"),
         (["--env", "nethack"], "unknown environment 'nethack'"),
     ]:
-        result = runner.invoke(_app(), ["eval", "--model", str(policy_path), "--env", "webshop", *args])
+        result = runner.invoke(app, ["eval", "--model", str(policy_path), "--env", "webshop", *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output

@@ -5,25 +5,13 @@ from __future__ import annotations
 import json
 import os
 
-import typer
 from typer.testing import CliRunner
 
-from etokit.cli import envs as envs_cli
+from etokit.cli import app
 from etokit.data import Trajectory
 from etokit.envs import Reset, Step
 
 runner = CliRunner()
-
-
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Root (so sub-commands keep their names)."""
-
-    envs_cli.register(app)
-    return app
 
 
 class FlakyExpertEnv:
@@ -63,11 +51,11 @@ def _rows(path):
 
 def test_expert_writes_and_resumes_without_duplicates(tmp_path):
     out = tmp_path / "expert.jsonl"
-    first = runner.invoke(_app(), ["expert", "--env", "textworld-express", "--split", "train", "--limit", "3",
+    first = runner.invoke(app, ["expert", "--env", "textworld-express", "--split", "train", "--limit", "3",
                                    "--out", str(out)])
     assert first.exit_code == 0, first.output
     assert [r.task_id for r in _rows(out)] and len(_rows(out)) == 3
-    second = runner.invoke(_app(), ["expert", "--env", "textworld-express", "--limit", "5", "--workers", "2",
+    second = runner.invoke(app, ["expert", "--env", "textworld-express", "--limit", "5", "--workers", "2",
                                     "--out", str(out)])
     assert second.exit_code == 0, second.output
     rows = _rows(out)
@@ -76,14 +64,14 @@ def test_expert_writes_and_resumes_without_duplicates(tmp_path):
     for r in rows:
         assert r.env == "textworld-express" and r.split == "train" and r.source == "expert"
         assert r.reward == 1.0 and r.success and r.messages[-1]["role"] == "assistant"
-    third = runner.invoke(_app(), ["expert", "--env", "textworld-express", "--limit", "5", "--out", str(out)])
+    third = runner.invoke(app, ["expert", "--env", "textworld-express", "--limit", "5", "--out", str(out)])
     assert third.exit_code == 0 and len(_rows(out)) == 5
 
 
 def test_expert_seed_picks_a_reproducible_subset(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     for path in (a, b):
-        result = runner.invoke(_app(), ["expert", "--env", "textworld-express", "--split", "test-seen", "--limit", "2",
+        result = runner.invoke(app, ["expert", "--env", "textworld-express", "--split", "test-seen", "--limit", "2",
                                         "--seed", "7", "--out", str(path)])
         assert result.exit_code == 0, result.output
     ids = [r.task_id for r in _rows(a)]
@@ -92,7 +80,7 @@ def test_expert_seed_picks_a_reproducible_subset(tmp_path):
 
 def test_failed_and_crashed_experts_are_reported_not_written(tmp_path):
     out = tmp_path / "expert.jsonl"
-    result = runner.invoke(_app(), ["expert", "--env", f"{__name__}:FlakyExpertEnv", "--workers", "2",
+    result = runner.invoke(app, ["expert", "--env", f"{__name__}:FlakyExpertEnv", "--workers", "2",
                                     "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
@@ -107,13 +95,13 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         (["--env", "nethack"], "unknown environment 'nethack'"),
         (["--env", "textworld-express", "--split", "dev"], "--split 'dev'"),
     ]:
-        result = runner.invoke(_app(), ["expert", *args, "--out", out])
+        result = runner.invoke(app, ["expert", *args, "--out", out])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not os.path.exists(out)
 
 
 def test_envs_list_shows_every_environment():
-    result = runner.invoke(_app(), ["envs", "list"])
+    result = runner.invoke(app, ["envs", "list"])
     assert result.exit_code == 0, result.output
     for name in ("webshop", "scienceworld", "alfworld", "textworld-express"):
         assert name in result.output

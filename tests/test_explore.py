@@ -10,10 +10,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from etokit.agent.protocol import INVALID_FORMAT_OBS, load_icl, load_instruction
+from etokit.cli import app
 from etokit.data import read_jsonl
 from etokit.envs import Reset, Step
 from etokit.explore import (EMPTY_REPLY, ExploreConfig, Generator, Job, cut_at_stop, merge_shards, plan_jobs,
@@ -222,32 +222,19 @@ def test_sharded_across_two_ranks_equals_one_process(policy, shops):
 # -------------------------------------------------------------------------------------- CLI
 
 
-def _app():
-    from etokit.cli import eto
-
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Root."""
-
-    eto.register(app)
-    return app
-
-
 _FAST = ["--env", "webshop", "--no-icl", "--max-steps", "2", "--max-new-tokens", "8", "--batch-size", "2"]
 
 
 def test_explore_cli_writes_and_resumes(policy, tmp_path):
     out = tmp_path / "explore.jsonl"
-    first = runner.invoke(_app(), ["explore", "--model", str(policy.path), *_FAST, "--limit", "3", "--out", str(out)])
+    first = runner.invoke(app, ["explore", "--model", str(policy.path), *_FAST, "--limit", "3", "--out", str(out)])
     assert first.exit_code == 0, first.output
     rows = read_jsonl(out, "trajectory")
     assert len(rows) == 3 and len({r.task_id for r in rows}) == 3
     for r in rows:
         assert r.source == "explore" and r.model == str(policy.path) and r.model_revision.startswith("local:")
         assert r.num_steps == 2 and r.seed == 0 and r.env == "webshop" and r.split == "train"
-    second = runner.invoke(_app(), ["explore", "--model", str(policy.path), *_FAST, "--limit", "5", "--out", str(out)])
+    second = runner.invoke(app, ["explore", "--model", str(policy.path), *_FAST, "--limit", "5", "--out", str(out)])
     assert second.exit_code == 0, second.output
     assert "2 episodes written, 3 already in" in " ".join(second.output.split())
     assert [r.to_row() for r in read_jsonl(out, "trajectory")[:3]] == [r.to_row() for r in rows]
@@ -256,7 +243,7 @@ def test_explore_cli_writes_and_resumes(policy, tmp_path):
 
 def test_explore_cli_samples_per_task(policy, tmp_path):
     out = tmp_path / "samples.jsonl"
-    result = runner.invoke(_app(), ["explore", "--model", str(policy.path), *_FAST, "--task-ids", "200,201",
+    result = runner.invoke(app, ["explore", "--model", str(policy.path), *_FAST, "--task-ids", "200,201",
                                     "--samples-per-task", "2", "--temperature", "1.0", "--seed", "5",
                                     "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -274,7 +261,7 @@ def test_explore_cli_from_a_hub_revision_records_the_commit(policy, tmp_path, hu
     sha = api.upload_folder(folder_path=str(policy.path), repo_id=repo_name).oid
     api.create_tag(repo_name, tag="iter-1")
     out = tmp_path / "hub.jsonl"
-    result = runner.invoke(_app(), ["explore", "--model", f"{repo_name}@iter-1", *_FAST, "--limit", "1",
+    result = runner.invoke(app, ["explore", "--model", f"{repo_name}@iter-1", *_FAST, "--limit", "1",
                                     "--out", str(out)])
     assert result.exit_code == 0, result.output
     (row,) = read_jsonl(out, "trajectory")
@@ -288,8 +275,8 @@ def test_explore_cli_user_errors(policy, tmp_path):
         (["--samples-per-task", "2"], "--temperature"),
         (["--split", "dev"], "--split 'dev'"),
     ]:
-        result = runner.invoke(_app(), ["explore", "--model", str(policy.path), *_FAST, *args, "--out", str(out)])
+        result = runner.invoke(app, ["explore", "--model", str(policy.path), *_FAST, *args, "--out", str(out)])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
-    result = runner.invoke(_app(), ["explore", "--model", str(tmp_path / "missing"), *_FAST, "--out", str(out)])
+    result = runner.invoke(app, ["explore", "--model", str(tmp_path / "missing"), *_FAST, "--out", str(out)])
     assert result.exit_code == 2 and "missing" in result.output, result.output
     assert not out.exists() or not out.read_text()

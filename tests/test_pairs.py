@@ -6,9 +6,9 @@ import json
 import random
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from etokit.cli import app
 from etokit.data import Pair, pair_to_eto, read_jsonl
 from etokit.data.eto_format import ROLE_TO_FROM
 from etokit.pairs import build_pairs, self_play_pairs, trajectory_pairs
@@ -164,18 +164,6 @@ def test_self_play_pairs_best_against_worst_and_drops_ties():
 
 # --- CLI -------------------------------------------------------------------------------------
 
-def _app():
-    from etokit.cli import eto
-
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Root."""
-
-    eto.register(app)
-    return app
-
 
 def test_build_pairs_cli_writes_pairs_and_stats(tmp_path):
     expert_file, explore_file, out = tmp_path / "expert.jsonl", tmp_path / "explore.jsonl", tmp_path / "pairs.jsonl"
@@ -183,7 +171,7 @@ def test_build_pairs_cli_writes_pairs_and_stats(tmp_path):
     write_jsonl(explore_file, [_explored("1", 0.0, 4, env="textworld-express"),
                                _explored("2", 1.0, 2, env="textworld-express"),
                                _explored("9", 0.0, 4, env="textworld-express")])
-    result = runner.invoke(_app(), ["build-pairs", "--expert", str(expert_file), "--explore", str(explore_file),
+    result = runner.invoke(app, ["build-pairs", "--expert", str(expert_file), "--explore", str(explore_file),
                                     "--out", str(out), "--iteration", "3"])
     assert result.exit_code == 0, result.output
     pairs = read_jsonl(out, "pair")
@@ -194,7 +182,7 @@ def test_build_pairs_cli_writes_pairs_and_stats(tmp_path):
     assert "1 pairs written" in text and "--ties 1" in text and "missing expert (skipped) │ 1" in text
 
     official = tmp_path / "pairs.json"
-    result = runner.invoke(_app(), ["build-pairs", "--expert", str(expert_file), "--explore", str(explore_file),
+    result = runner.invoke(app, ["build-pairs", "--expert", str(expert_file), "--explore", str(explore_file),
                                     "--out", str(official)])
     assert result.exit_code == 0, result.output
     assert json.loads(official.read_text()) == [pair_to_eto(Pair(**{**pairs[0].__dict__, "iteration": None}))]
@@ -208,6 +196,6 @@ def test_build_pairs_cli_user_errors(tmp_path):
         (["--explore", str(expert_file)], "--expert"),
         (["--expert", str(expert_file), "--explore", str(expert_file), "--mode", "step"], "--mode"),
     ]:
-        result = runner.invoke(_app(), ["build-pairs", *args, "--out", str(tmp_path / "p.jsonl")])
+        result = runner.invoke(app, ["build-pairs", *args, "--out", str(tmp_path / "p.jsonl")])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "p.jsonl").exists()
