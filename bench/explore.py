@@ -20,20 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build_policy(path: Path, size: str):
-    import torch
-
     from etokit.agent.protocol import load_icl, load_instruction
-    from etokit.models.init_model import build_tiny_model
+    from etokit.models.init_model import build_tiny_model, randomize_weights
 
     corpus = [load_instruction("webshop")] + [m["content"] for m in load_icl("webshop")]
     model, tokenizer = build_tiny_model(corpus * 5, path, size=size, max_position_embeddings=4096)
-    torch.manual_seed(1)
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.5)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if weight.dim() == 2 and not name.startswith("lm_head"):
-                weight.normal_(0, 0.3)
+    randomize_weights(model)
     return model.eval(), tokenizer
 
 

@@ -29,20 +29,12 @@ def build_policy(path):
     """A tiny random Llama saved to ``path``, re-initialized so that its replies depend on the prompt:
     with the default init and tied embeddings it echoes the prompt's last token (the special
     <|assistant|>) forever, which decodes to "" for every task."""
-    import torch
-
-    from etokit.models.init_model import build_tiny_model
+    from etokit.models.init_model import build_tiny_model, randomize_weights
 
     corpus = [load_instruction(e) for e in ("webshop", "textworld-express")]
     corpus += [m["content"] for e in ("webshop", "textworld-express") for m in load_icl(e)]
     model, tokenizer = build_tiny_model(corpus * 5, path, max_position_embeddings=4096)
-    torch.manual_seed(1)
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.5)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if weight.dim() == 2 and not name.startswith("lm_head"):
-                weight.normal_(0, 0.3)
+    randomize_weights(model)
     model.save_pretrained(path)
     return model.eval(), tokenizer
 

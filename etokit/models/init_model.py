@@ -93,6 +93,22 @@ def build_tiny_model(corpus_texts, out_dir, size="tiny", seed=0, *, vocab_size=N
     return model, tokenizer
 
 
+def randomize_weights(model, seed: int = 1, std: float = 0.3, head_std: float = 0.5):
+    """Give an untrained model large random weights and an untied head, so its greedy replies differ
+    from prompt to prompt: a policy for exercising the exploration engine (tests, benchmarks), where
+    a freshly initialised model would answer every prompt with the same token."""
+    import torch
+
+    torch.manual_seed(seed)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * head_std)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.dim() == 2 and not name.startswith("lm_head"):
+                weight.normal_(0, std)
+    return model
+
+
 def train_tokenizer(texts, vocab_size: int):
     """A SentencePiece unigram model trained on ``texts``, as a transformers fast tokenizer."""
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers
