@@ -13,6 +13,7 @@ would collide with etokit's ``source`` column) and whether a ``reward`` key exis
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from etokit.data.schema import Pair, Trajectory
@@ -24,6 +25,22 @@ ROLE_TO_FROM = {v: k for k, v in FROM_TO_ROLE.items()}
 # ScienceWorld and ALFWorld expert rows carry no reward; the official construct_preference.py
 # scores every expert trajectory 1.0 there.
 EXPERT_REWARD = 1.0
+
+# ETO names a ScienceWorld task "<task number>_<variation>" (eval_agent/data/sciworld/taskname2id.json),
+# etokit's environment "<simulator task name>_<variation>". Imports use etokit's id, so imported expert
+# rows pair with etokit's exploration; the original id is kept for export.
+SCIWORLD_TASK_NAMES = {
+    0: "boil", 1: "change-the-state-of-matter-of", 2: "freeze", 3: "melt",
+    4: "measure-melting-point-known-substance", 6: "use-thermometer", 7: "power-component",
+    8: "power-component-renewable-vs-nonrenewable-energy", 9: "test-conductivity",
+    10: "test-conductivity-of-unknown-substances", 11: "find-animal", 12: "find-living-thing",
+    13: "find-non-living-thing", 14: "find-plant", 15: "grow-fruit", 16: "grow-plant", 17: "chemistry-mix",
+    18: "chemistry-mix-paint-secondary-color", 19: "chemistry-mix-paint-tertiary-color",
+    20: "lifespan-longest-lived", 21: "lifespan-longest-lived-then-shortest-lived", 22: "lifespan-shortest-lived",
+    23: "identify-life-stages-1", 24: "identify-life-stages-2", 25: "inclined-plane-determine-angle",
+    26: "inclined-plane-friction-named-surfaces", 27: "inclined-plane-friction-unnamed-surfaces",
+    28: "mendellian-genetics-known-plant", 29: "mendellian-genetics-unknown-plant",
+}
 
 SFT_REQUIRED = ("id", "conversations")
 PAIR_REQUIRED = ("id", "prompt", "chosen", "rejected")
@@ -49,8 +66,8 @@ def trajectory_from_eto(row: dict[str, Any], *, env: str, split: str = "train",
         extra["game_file"] = row["game_file"]
     if others:
         extra["eto_fields"] = others
-    t = Trajectory(task_id=str(record_id), env=env, split=split, messages=messages, reward=float(reward),
-                   source="expert", extra=extra)
+    t = Trajectory(task_id=task_id_from_eto(record_id, env), env=env, split=split, messages=messages,
+                   reward=float(reward), source="expert", extra=extra)
     validate_trajectory(t, where=loc)
     return t
 
@@ -78,7 +95,7 @@ def pair_from_eto(row: dict[str, Any], *, env: str, where: str | Loc = "ETO row"
     others = {k: v for k, v in row.items() if k not in PAIR_REQUIRED}
     if others:
         extra["eto_fields"] = others
-    p = Pair(task_id=str(record_id), env=env, extra=extra, **sides)
+    p = Pair(task_id=task_id_from_eto(record_id, env), env=env, extra=extra, **sides)
     validate_pair(p, where=loc)
     return p
 
@@ -146,7 +163,17 @@ def _check_id(value: Any, loc: Loc) -> int | str:
     return value
 
 
+def task_id_from_eto(eto_id: int | str, env: str) -> str:
+    """etokit's task id for an official row id: ScienceWorld's "0_12" is "boil_12"; others unchanged."""
+    match = re.fullmatch(r"(\d+)_(\d+)", str(eto_id)) if env == "scienceworld" else None
+    if match and int(match[1]) in SCIWORLD_TASK_NAMES:
+        return f"{SCIWORLD_TASK_NAMES[int(match[1])]}_{match[2]}"
+    return str(eto_id)
+
+
 def _export_id(record: Trajectory | Pair) -> int | str:
     original = record.extra.get("eto_id")
-    # Keep WebShop's integer ids integers, unless the record was re-keyed since import.
-    return original if original is not None and str(original) == record.task_id else record.task_id
+    # Keep the original id (WebShop's ints, ScienceWorld's numbers), unless the record was re-keyed since import.
+    if original is not None and task_id_from_eto(original, record.env) == record.task_id:
+        return original
+    return record.task_id
