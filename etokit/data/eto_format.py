@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from etokit.data.schema import Pair, Trajectory
-from etokit.data.validate import DataError, Loc, validate_pair, validate_trajectory
+from etokit.data.validate import DataError, Loc, check_turn_keys, validate_pair, validate_trajectory
 
 FROM_TO_ROLE = {"human": "user", "gpt": "assistant"}
 ROLE_TO_FROM = {v: k for k, v in FROM_TO_ROLE.items()}
@@ -120,12 +120,7 @@ def turns_to_messages(turns: Any, field: str, loc: Loc) -> list[dict[str, str]]:
             raise loc.error(f"expected a {{from, value}} object, got {type(turn).__name__}", name)
         if "role" in turn or "content" in turn:
             raise loc.error("turn uses role/content; official ETO turns use from/value", name)
-        missing = [k for k in ("from", "value") if k not in turn]
-        if missing:
-            raise loc.error(f"missing required key(s) {', '.join(repr(k) for k in missing)}", name)
-        if set(turn) - {"from", "value"}:
-            raise loc.error(f"unexpected key(s) {', '.join(sorted(map(repr, set(turn) - {'from', 'value'})))}; "
-                            "an official turn has only from and value", name)
+        check_turn_keys(turn, ("from", "value"), "an official turn", loc, name)
         if turn["from"] not in FROM_TO_ROLE:
             raise loc.error(f"unknown 'from' {turn['from']!r}, expected human or gpt", f"{name}.from")
         messages.append({"role": FROM_TO_ROLE[turn["from"]], "content": turn["value"]})

@@ -138,12 +138,7 @@ def _check_messages(msgs: Any, field: str, loc: Loc) -> None:
         if "from" in m or "value" in m:
             raise loc.error("message uses the official ETO keys from/value, expected role/content; "
                             "convert official files with `etokit import-eto`", name)
-        missing = [k for k in ("role", "content") if k not in m]
-        if missing:
-            raise loc.error(f"missing required key(s) {', '.join(repr(k) for k in missing)}", name)
-        if set(m) - {"role", "content"}:
-            raise loc.error(f"unexpected key(s) {', '.join(sorted(map(repr, set(m) - {'role', 'content'})))}; "
-                            "a message has only role and content", name)
+        check_turn_keys(m, ("role", "content"), "a message", loc, name)
         if m["role"] not in ROLES:
             raise loc.error(f"unknown role {m['role']!r}, expected one of {', '.join(ROLES)}", f"{name}.role")
         content = m["content"]
@@ -204,3 +199,14 @@ def _role_key(loc: Loc) -> str:
 
 def _content_key(loc: Loc) -> str:
     return "value" if loc.eto else "content"
+
+
+def check_turn_keys(turn: dict, keys: tuple[str, str], what: str, loc: Loc, name: str) -> None:
+    """A turn has exactly `keys` (role/content for etokit, from/value for official ETO files)."""
+    missing = [k for k in keys if k not in turn]
+    if missing:
+        raise loc.error(f"missing required key(s) {', '.join(repr(k) for k in missing)}", name)
+    unexpected = set(turn) - set(keys)
+    if unexpected:
+        raise loc.error(f"unexpected key(s) {', '.join(sorted(map(repr, unexpected)))}; "
+                        f"{what} has only {keys[0]} and {keys[1]}", name)
