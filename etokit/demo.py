@@ -81,8 +81,9 @@ def _demo(args, overrides) -> None:
 
     last = rows[-1]["model"]
     with console.status(f"Loading {REPO}@{last} back from the Hub..."):
-        model = AutoModelForCausalLM.from_pretrained(REPO, revision=last)
-    local = AutoModelForCausalLM.from_pretrained(args.dir / "run" / run.manifest.get(f"dpo-{last.split('-')[1]}")["model"])
+        model = AutoModelForCausalLM.from_pretrained(REPO, revision=last, use_safetensors=True, trust_remote_code=False)
+    local = AutoModelForCausalLM.from_pretrained(args.dir / "run" / run.manifest.get(f"dpo-{last.split('-')[1]}")["model"],
+                                                 use_safetensors=True, trust_remote_code=False)
     same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), local.state_dict().values()))
     console.print(f'[green]✓[/] AutoModelForCausalLM.from_pretrained("{REPO}", revision="{last}"): '
                   f"{sum(p.numel() for p in model.parameters()):,} parameters, "

@@ -8,6 +8,7 @@ import importlib
 import typer
 
 from etokit import __version__
+from etokit.cli._errors import OneLineErrors
 
 app = typer.Typer(
     name="etokit",
@@ -15,6 +16,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,  # usage errors and stray EtokitErrors as one line, like every other user error
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

@@ -13,8 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from etokit.cli._errors import user_errors
-from etokit.cli._options import DataPathArg, EnvOpt
-from etokit.errors import EtokitError
+from etokit.cli._options import DataPathArg, EnvOpt, check_output
 
 
 class Kind(str, Enum):
@@ -103,12 +102,7 @@ def export_eto(
 
 
 def _check_out(out: Path, src: Path, suffixes: tuple[str, ...], overwrite: bool) -> None:
-    if out.suffix not in suffixes:
-        raise EtokitError(f"--out {out}: expected a {' or '.join(suffixes)} file, got {out.suffix or 'no extension'!r}")
-    if out.exists() and out.resolve() == src.resolve():
-        raise EtokitError(f"--out {out} is the input file; write to another path")
-    if out.exists() and not overwrite:
-        raise EtokitError(f"--out {out} already exists; pass --overwrite to replace it")
+    check_output(out, inputs=(src,), suffixes=suffixes, overwrite=overwrite)
 
 
 def _count(n: int, kind: str) -> str:

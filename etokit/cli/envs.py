@@ -12,6 +12,7 @@ from etokit.cli._console import console
 from rich.table import Table
 
 from etokit.cli._errors import user_errors
+from etokit.cli._options import finite_float
 from etokit.errors import EtokitError
 
 
@@ -33,8 +34,9 @@ SeedOpt = Annotated[
                                                "random subset). Default: the split's order.")
 ]
 StepTimeoutOpt = Annotated[
-    float, typer.Option("--step-timeout", min=1.0, help="Seconds an environment call may take before its worker is "
-                                                        "killed and the episode reported as an error.")
+    float, typer.Option("--step-timeout", min=1.0, callback=finite_float,
+                        help="Seconds an environment call may take before its worker is killed and the episode "
+                             "reported as an error.")
 ]
 
 _LIST_EXAMPLES = """

@@ -12,6 +12,7 @@ from etokit.cli._console import console
 from rich.table import Table
 
 from etokit.cli._errors import user_errors
+from etokit.cli._options import check_output, env_name, finite_float
 from etokit.errors import EtokitError
 
 
@@ -87,6 +88,16 @@ def _load_policy(model: str, dtype: str):
     return name, sha, policy, tokenizer
 
 
+def _check_env_split(env: str, split: str) -> None:
+    """The environment and split named on the command line, checked before a model loads."""
+    from etokit.data.names import check_env_name
+    from etokit.envs.base import SPLITS
+
+    check_env_name(env)
+    if split not in SPLITS:
+        raise EtokitError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+
+
 def _task_ids(envs, env: str, split: str, limit: int | None, task_ids: str | None) -> list[str]:
     from etokit.envs.base import SPLITS
 
@@ -141,8 +152,9 @@ def explore(
     samples_per_task: Annotated[int, typer.Option("--samples-per-task", "-n", min=1,
                                                   help="Episodes per task (Best-of-N / self-play; use with "
                                                        "--temperature).")] = 1,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy (the paper).")] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, callback=finite_float,
+                                               help="0 = greedy (the paper).")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, callback=finite_float,
                                          help="Nucleus sampling when --temperature > 0.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed (recorded per trajectory as seed + sample "
                                                      "index; samples also depend on --batch-size).")] = 0,
@@ -163,6 +175,10 @@ def explore(
 
     if samples_per_task > 1 and temperature == 0:
         raise EtokitError("--samples-per-task > 1 needs --temperature > 0: greedy samples of a task are identical")
+    _check_env_split(env, split)
+    check_output(out, suffixes=(".jsonl",))
+    if out.exists():
+        read_jsonl(out, "trajectory")  # a wrong --out is reported before the model loads, and left as it is
     state = PartialState()
     parts = [_part_file(out, r) for r in range(state.num_processes)] if state.num_processes > 1 else []
     if state.is_main_process:
@@ -253,8 +269,8 @@ def build_pairs(
                                                      "agent's best vs worst sample of a task).")] = "trajectory",
     iteration: Annotated[Optional[int], typer.Option("--iteration", min=0, help="ETO iteration K, stored on every "
                                                                                 "pair.")] = None,
-    env: Annotated[Optional[str], typer.Option("--env", help="Environment of official ETO files, which do not record "
-                                                             "it.")] = None,
+    env: Annotated[Optional[str], typer.Option("--env", callback=env_name,
+                                               help="Environment of official ETO files, which do not record it.")] = None,
 ) -> None:
     """Build contrastive trajectory pairs for DPO with the official ETO rule: an explored trajectory
     worse than the expert's gives (chosen = expert, rejected = agent), a better one the reverse,
@@ -266,8 +282,7 @@ def build_pairs(
         raise EtokitError(f"--mode {mode!r}: expected trajectory or self-play")
     if mode == "trajectory" and expert is None:
         raise EtokitError("--expert is required in trajectory mode (or use --mode self-play)")
-    if out.suffix not in (".jsonl", ".json"):
-        raise EtokitError(f"--out {out}: expected a .jsonl or .json file")
+    check_output(out, inputs=(explore, expert), suffixes=(".jsonl", ".json"))
     explored = load_records(explore, "trajectory", env=env).records
     experts = load_records(expert, "trajectory", env=env).records if expert is not None else None
     pairs, stats = make_pairs(explored, experts, mode=mode, iteration=iteration)
@@ -326,6 +341,7 @@ def eval_(
     for path, suffix in ((out, ".json"), (trajectories, ".jsonl")):
         if path is not None and path.suffix != suffix:
             raise EtokitError(f"{path}: expected a {suffix} file")
+    _check_env_split(env, split)
     state = PartialState()
     name, sha, policy, tokenizer = _load_policy(model, dtype)
     config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, icl=not no_icl, max_steps=max_steps)

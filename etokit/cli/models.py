@@ -45,13 +45,24 @@ def read_corpus(path: Path) -> list[str]:
         raise EtokitError(f"--corpus {path} is not UTF-8 text (byte {e.start})") from None
 
 
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise EtokitError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise EtokitError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("init-model", epilog=_EXAMPLES)
     @user_errors
-    def init_model(corpus: CorpusOpt, out: OutOpt, size: SizeOpt = "tiny", seed: SeedOpt = 0) -> None:
+    def init_model(corpus: CorpusOpt, out: OutOpt, size: SizeOpt = "tiny", seed: SeedOpt = 0,
+                   overwrite: OverwriteOpt = False) -> None:
         """Build a tiny Llama model + SentencePiece tokenizer (with a chat template) from a corpus."""
-        from etokit.models.init_model import build_tiny_model
+        from etokit.models.init_model import SIZES, build_tiny_model
 
+        if size not in SIZES:
+            raise EtokitError(f"--size {size!r}: choose one of {', '.join(SIZES)}")
+        _check_out_dir(out, overwrite)
         texts = read_corpus(corpus)
         with console.status(f"Training a tokenizer on {len(texts)} texts and building a {size} model..."):
             model, tokenizer = build_tiny_model(texts, out, size=size, seed=seed)

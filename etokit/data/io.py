@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from etokit.data.eto_format import pair_from_eto, pair_to_eto, trajectory_from_eto, trajectory_to_eto
-from etokit.data.schema import (PAIR_COLUMNS, TRAJECTORY_COLUMNS, Pair, RecordKind, Trajectory, pair_features,
-                                trajectory_features)
-from etokit.data.validate import DataError, Loc, _check_messages, _check_reward, validate_pair, validate_trajectory
+from etokit.data.schema import (PAIR_COLUMNS, SCHEMA_VERSION, TRAJECTORY_COLUMNS, Pair, RecordKind, Trajectory,
+                                pair_features, trajectory_features)
+from etokit.data.validate import (DataError, Loc, _check_messages, _check_reward, _is_int, validate_pair,
+                                  validate_trajectory)
+from etokit.faults import armed, faultpoint, fire
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +210,7 @@ def _infer_env(rows: list, path: Path) -> str:
     if all(isinstance(r, dict) and r.get("game_file") for r in rows):
         return "alfworld"
     raise DataError("official ETO rows do not say which environment they come from: --env is needed "
-                    "(e.g. --env webshop or --env sciworld; only rows with game_file are inferred, as alfworld)",
+                    "(e.g. --env webshop or --env scienceworld; only rows with game_file are inferred, as alfworld)",
                     path=path)
 
 
@@ -234,11 +236,15 @@ def _from_etokit_row(row: dict, kind: RecordKind, loc: Loc):
     missing = [k for k in _REQUIRED[kind] if k not in row]
     if missing:
         raise loc.error(f"missing required field(s) {', '.join(map(repr, missing))}")
-    unknown = [k for k in row if k not in _COLUMNS[kind]]
+    version = row.get("schema_version", SCHEMA_VERSION)
+    if not _is_int(version) or version != SCHEMA_VERSION:
+        raise loc.error(f"data schema version {version!r}, this etokit reads version {SCHEMA_VERSION} "
+                        "(a file from a newer etokit needs that etokit, or a conversion)", "schema_version")
+    unknown = [k for k in row if k not in _COLUMNS[kind] and k != "schema_version"]
     if unknown:
         raise loc.error(f"unknown column(s) {', '.join(map(repr, unknown))}; a {kind} row has only "
                         f"{', '.join(_COLUMNS[kind])}")
-    row = dict(row)
+    row = {k: v for k, v in row.items() if k != "schema_version"}
     for name in ("task_id", "env"):
         if not isinstance(row[name], str) or not row[name]:
             raise loc.error(f"expected a non-empty string, got {row[name]!r}", name)
@@ -320,6 +326,7 @@ def atomic_write(path: str | Path) -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        faultpoint("io.atomic-write.before-rename")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -333,6 +340,7 @@ def write_jsonl(path: str | Path, records: Records | Iterable[Trajectory | Pair]
     with atomic_write(path) as f:
         for i, record in enumerate(records):
             f.write(_jsonl_line(record, Loc(text=f"record {i}")))
+            faultpoint("io.write-jsonl.record")
 
 
 def write_json(path: str | Path, rows: list[dict[str, Any]]) -> None:
@@ -343,8 +351,17 @@ def write_json(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 
 def to_eto_rows(records: Records | Iterable[Trajectory | Pair]) -> list[dict[str, Any]]:
+    """The official rows of ``records``; a record the official format cannot hold is an error
+    naming its file and row."""
+    path = records.path if isinstance(records, Records) else None
     records = records.records if isinstance(records, Records) else records
-    return [trajectory_to_eto(r) if _kind_of_record(r) == "trajectory" else pair_to_eto(r) for r in records]
+    rows = []
+    for i, r in enumerate(records):
+        try:
+            rows.append(trajectory_to_eto(r) if _kind_of_record(r) == "trajectory" else pair_to_eto(r))
+        except DataError as e:
+            raise DataError(e.problem, path=path, row=i, record_id=r.task_id, field=e.field) from None
+    return rows
 
 
 def _jsonl_line(record: Trajectory | Pair, loc: Loc) -> bytes:
@@ -391,16 +408,17 @@ class JsonlAppender:
         if self.path.exists():
             _check_exists(self.path, (".jsonl",))
             data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                keep = data.rfind(b"\n") + 1
+            keep = data.rfind(b"\n") + 1 if data and not data.endswith(b"\n") else len(data)
+            # The complete lines are validated before the torn one is dropped: a file that is not a
+            # `kind` file (a wrong --out) is reported and left byte for byte as it was.
+            self.existing = _parse_jsonl(data[:keep], self.path, kind)
+            if keep < len(data):
                 self.repaired_bytes = len(data) - keep
                 with open(self.path, "r+b") as f:
                     f.truncate(keep)
                     os.fsync(f.fileno())
-                data = data[:keep]
                 logger.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run",
                                self.path, self.repaired_bytes)
-            self.existing = _parse_jsonl(data, self.path, kind)
         else:
             _prepare_new_jsonl(self.path)
         self.existing_ids = frozenset(r.task_id for r in self.existing)
@@ -415,6 +433,9 @@ class JsonlAppender:
             raise TypeError(f"{self.path} holds {_PLURAL[self.kind]}, got a {type(record).__name__}")
         data = _jsonl_line(record, Loc(path=self.path, row=self.count, record_id=record.task_id))
         view = memoryview(data)
+        if armed("io.append.torn"):  # a crash inside the write: half a line, no newline
+            os.write(self._fd, view[: len(view) // 2])
+            fire()
         while view:
             view = view[os.write(self._fd, view):]
         os.fsync(self._fd)

@@ -19,6 +19,9 @@ ROLES = ("system", "user", "assistant")
 SOURCES = ("expert", "explore", "human")
 OUTCOMES = ("win", "lose")
 MODES = ("trajectory", "step", "mixture", "self-play")
+# The version of this data model. A row may say which version it follows in a `schema_version`
+# key (absent means 1, which is all etokit writes today); readers refuse any other version with an
+# error naming the row, rather than misreading a file from a newer etokit.
 SCHEMA_VERSION = 1
 
 # Column order on disk and on the Hub.

@@ -110,8 +110,10 @@ def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        # A GGUF file holds tensors and metadata only (no pickle, no code); remote code stays off all the same.
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except (ValueError, KeyError, NotImplementedError) as e:
         # transformers' GGUF loader raises these for architectures / tokenizer types it lacks.
         raise EtokitError(f"transformers cannot load {path}: {e}") from None
@@ -164,13 +166,14 @@ def _verify(folder: Path, gguf_tokenizer, probe, expected, path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     if tokenizer.chat_template != gguf_tokenizer.chat_template:
         raise EtokitError(f"{path}: the saved tokenizer lost the GGUF chat template")
     ids = _probe_ids(tokenizer)
     if not torch.equal(ids, probe):
         raise EtokitError(f"{path}: the saved tokenizer encodes the probe differently from the GGUF tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=expected.dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=expected.dtype, use_safetensors=True,
+                                                 trust_remote_code=False).eval()
     with torch.no_grad():
         logits = model(probe).logits
     if not torch.equal(logits, expected):

@@ -7,7 +7,11 @@ value of the wrong type, a negative or NaN number where none makes sense is an
 written next to the checkpoint (without secrets) so a run can be reproduced from its output.
 
 Field metadata understood here: ``help`` (for ``--help``), ``min`` (inclusive lower bound of a
-number; defaults to 0, ``None`` for no bound), ``gt`` (strict lower bound), ``choices``.
+number; defaults to 0, ``None`` for no bound), ``gt`` (strict lower bound), ``max`` / ``lt``
+(inclusive / strict upper bound), ``choices``. A subclass that redeclares a field to change its
+default keeps the base field's checks. Names that reach Hub URLs are checked by field name, in
+every config class: ``push_to`` and ``dataset_prefix`` must be repo ids NAMESPACE/NAME, fields
+ending in ``revision`` valid branch/tag/commit names (no ``..``, no leading ``/``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
+from etokit.data.names import check_repo_id, check_revision
 from etokit.errors import EtokitError
 
 CONFIG_FILENAME = "etokit_config.yaml"
@@ -54,7 +59,7 @@ class TrainConfig:
     max_length: int = dataclasses.field(default=4096, metadata={"gt": 0, "help": "tokens per sequence; longer ones lose trailing turns"})
     learning_rate: float = dataclasses.field(default=2e-5, metadata={"gt": 0})
     lr_scheduler: str = dataclasses.field(default="cosine", metadata={"choices": SCHEDULERS})
-    warmup_ratio: float = dataclasses.field(default=0.03, metadata={"help": "fraction of steps"})
+    warmup_ratio: float = dataclasses.field(default=0.03, metadata={"max": 1, "help": "fraction of steps"})
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     num_epochs: int = dataclasses.field(default=3, metadata={"gt": 0})
@@ -67,7 +72,7 @@ class TrainConfig:
     lora: bool = False
     lora_r: int = dataclasses.field(default=16, metadata={"gt": 0})
     lora_alpha: int = dataclasses.field(default=32, metadata={"gt": 0})
-    lora_dropout: float = 0.05
+    lora_dropout: float = dataclasses.field(default=0.05, metadata={"lt": 1})
     lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
     save_steps: int = dataclasses.field(default=0, metadata={"help": "accelerate state checkpoint every N steps (0: only at the end)"})
     keep_checkpoints: int = dataclasses.field(default=2, metadata={"help": "newest state checkpoints kept (0: all)"})
@@ -84,6 +89,8 @@ class TrainConfig:
                 raise EtokitError(f"--{name.replace('_', '-')} is required")
         if self.warmup_ratio > 1:
             raise EtokitError(f"warmup_ratio must be within [0, 1], got {self.warmup_ratio}")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise EtokitError(f"--output-dir {self.output_dir} exists and is not a folder")
 
 
 def parse_config(cls, argv=None):
@@ -93,7 +100,7 @@ def parse_config(cls, argv=None):
     ``--flag`` / ``--no-flag`` / ``--flag false``. Lists: ``--items a b c``. ``-h`` prints the fields.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: _with_base_checks(cls, f) for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     if "-h" in argv or "--help" in argv:
         print(_help(cls, fields, hints))
@@ -107,9 +114,10 @@ def parse_config(cls, argv=None):
         for key, value in _read_yaml(path).items():
             name = str(key).replace("-", "_")
             _check_known(name, fields, f"in {path}")
-            values[name] = _coerce(value, hints[name], fields[name], f"{name!r} in {path}")
+            values[name] = _check_name(name, _coerce(value, hints[name], fields[name], f"{name!r} in {path}"),
+                                       f" (in {path})")
     for name, raw in flags.items():
-        values[name] = _coerce_flag(raw, hints[name], fields[name], f"--{name.replace('_', '-')}")
+        values[name] = _check_name(name, _coerce_flag(raw, hints[name], fields[name], f"--{name.replace('_', '-')}"))
     try:
         return cls(**values)
     except TypeError as e:  # a required field with no default, missing from both sources
@@ -191,6 +199,34 @@ def _split_flags(argv, fields, hints) -> dict[str, Any]:
             out[name] = argv[i]
             i += 1
     return out
+
+
+def _with_base_checks(cls, f):
+    """``f`` with the metadata of the same field in the base classes underneath its own (a recipe
+    that redeclares ``lora_dropout`` only to change its default keeps its bounds)."""
+    metadata: dict[str, Any] = {}
+    for base in reversed(cls.__mro__):
+        base_field = getattr(base, "__dataclass_fields__", {}).get(f.name)
+        if base_field is not None:
+            metadata.update(base_field.metadata)
+    if metadata == dict(f.metadata):
+        return f
+    merged = dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=metadata)
+    merged.name, merged.type = f.name, f.type
+    return merged
+
+
+def _check_name(name: str, value, source: str = ""):
+    """Repo ids and revisions reach Hub URLs and cache paths: refuse traversal and malformed names.
+    The error names the option as a flag, plus the file it came from (``source``)."""
+    check = check_repo_id if name in ("push_to", "dataset_prefix") else check_revision if name.endswith("revision") \
+        else None
+    if value is None or check is None:
+        return value
+    try:
+        return check(value, f"--{name.replace('_', '-')}")
+    except EtokitError as e:
+        raise EtokitError(f"{e}{source}") from None
 
 
 def _check_known(name, fields, where, flag=False) -> None:
@@ -324,12 +360,19 @@ def _coerce(value, tp, field, where):
 def _check_range(value, field, where) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise EtokitError(f"config key {where} must be a finite number, got {value}")
-    lo = field.metadata.get("min", 0)
+    # A strict bound replaces the default one, so -1 for a `gt: 0` key reads "must be > 0".
+    lo = field.metadata.get("min", None if "gt" in field.metadata else 0)
     if lo is not None and value < lo:
         raise EtokitError(f"config key {where} must be >= {lo}, got {value}")
     gt = field.metadata.get("gt")
     if gt is not None and value <= gt:
         raise EtokitError(f"config key {where} must be > {gt}, got {value}")
+    hi = field.metadata.get("max")
+    if hi is not None and value > hi:
+        raise EtokitError(f"config key {where} must be <= {hi}, got {value}")
+    lt = field.metadata.get("lt")
+    if lt is not None and value >= lt:
+        raise EtokitError(f"config key {where} must be < {lt}, got {value}")
 
 
 def _help(cls, fields, hints) -> str:
