@@ -27,6 +27,7 @@ from etokit.agent.protocol import INVALID_FORMAT_OBS, STOP_STRINGS, build_prompt
 from etokit.data.schema import Message, Trajectory
 from etokit.envs.base import Env
 from etokit.errors import EtokitError
+from etokit.faults import faultpoint
 
 # A model can reply with nothing at all (an end-of-turn token first). Trajectory files reject
 # empty turns, so such a reply is recorded as this text; ``extra["empty_replies"]`` lists the
@@ -49,6 +50,9 @@ class ExploreConfig:
     icl: bool = True  # the 1-shot example in the prompt
     seed: int = 0
     max_steps: int | None = None  # None = the environment's own limit
+    # An episode whose environment fails (a worker or JVM that died, a step past the timeout) is
+    # played again from its reset this many times before it is recorded as an error.
+    env_retries: int = 1
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class _Episode:
     stop: str | None = None  # why an episode ended other than by the env: "context", "error"
     error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 0  # 0 = first try; n = n-th replay after an environment failure
 
 
 def model_revision(model: str, revision: str | None) -> str:
@@ -111,17 +116,21 @@ def split_model_ref(ref: str) -> tuple[str, str | None]:
     name, _, revision = ref.rpartition("@")
     if not name or not revision:
         raise EtokitError(f"--model {ref!r}: expected PATH_OR_REPO or REPO@REVISION")
-    return name, revision
+    from etokit.data.names import check_repo_id, check_revision
+
+    return check_repo_id(name, "--model"), check_revision(revision, "--model revision")
 
 
-def open_envs(name: str, n: int, options: dict[str, Any] | None = None, step_timeout: float = 60.0) -> list[Env]:
-    """``n`` environments, one per batch slot."""
+def open_envs(name: str, n: int, options: dict[str, Any] | None = None, step_timeout: float = 60.0,
+              isolate: bool | None = None) -> list[Env]:
+    """``n`` environments, one per batch slot; in subprocess workers with ``isolate`` (default:
+    the JVM-heavy envs of SUBPROCESS_ENVS), where a crash or a hang costs one episode."""
     from etokit.envs.registry import env_class, make
 
     ok, detail = env_class(name).check()
     if not ok:
         raise EtokitError(f"--env {name}: not available here ({detail})")
-    if name in SUBPROCESS_ENVS:
+    if name in SUBPROCESS_ENVS if isolate is None else isolate:
         from etokit.envs.worker import WorkerPool
 
         return list(WorkerPool(name, options, n=n, step_timeout=step_timeout).workers)
@@ -205,15 +214,28 @@ def run_episodes(generator: Generator, envs: Sequence[Env], jobs: Sequence[Job],
 
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-    queue = deque(jobs)
+    from etokit.envs.worker import EnvWorker
+
+    queue: deque[tuple[Job, int]] = deque((job, 0) for job in jobs)  # (job, attempt)
     slots: list[_Episode | None] = [None] * len(envs)
-    threaded = any(env.name in SUBPROCESS_ENVS for env in envs)
+    threaded = any(isinstance(env, EnvWorker) for env in envs)  # workers step in parallel
     with ThreadPoolExecutor(len(envs)) if threaded else _Inline() as pool:
         while queue or any(slots):
             for i, env in enumerate(envs):
-                if slots[i] is None and queue:
-                    slots[i] = _start(env, queue.popleft(), config)
+                while slots[i] is None and queue:
+                    job, attempt = queue.popleft()
+                    try:
+                        slots[i] = _start(env, job, config, attempt)
+                    except EtokitError:
+                        raise
+                    except Exception as e:  # the env failed at reset: the same as failing at a step
+                        if attempt < config.env_retries:
+                            queue.appendleft((job, attempt + 1))
+                        else:
+                            yield _failed_reset(env, job, split, model_name, model_revision, config, e)
             live = [ep for ep in slots if ep is not None]
+            if not live:
+                continue
             encoded = [generator.encode(ep.messages) for ep in live]
             for ep, ids in zip(live, encoded):
                 if not generator.fits(ids):
@@ -226,12 +248,16 @@ def run_episodes(generator: Generator, envs: Sequence[Env], jobs: Sequence[Job],
             active = [(ep, ids) for ep, ids in zip(live, encoded) if not ep.done]
             if active:
                 replies = generator.generate([ids for _, ids in active])
+                faultpoint("explore.mid-batch")  # crash tests: replies generated, not yet sent to the envs
                 list(pool.map(lambda a: _act(a[0], a[1]), [(ep, r) for (ep, _), r in zip(active, replies)]))
             if on_step is not None:
                 on_step(len(active))
             for i, ep in enumerate(slots):
                 if ep is not None and ep.done:
                     slots[i] = None
+                    if ep.error is not None and ep.attempt < config.env_retries:
+                        queue.appendleft((ep.job, ep.attempt + 1))  # replayed next, from its reset
+                        continue
                     yield _trajectory(ep, split, model_name, model_revision, config)
 
 
@@ -254,13 +280,24 @@ class _Inline:
         return map(fn, items)
 
 
-def _start(env: Env, job: Job, config: ExploreConfig) -> _Episode:
+def _start(env: Env, job: Job, config: ExploreConfig, attempt: int = 0) -> _Episode:
     reset = env.reset(job.task_id)
     messages = build_prompt(env.name, reset, icl=config.icl)
     icl_len = len(messages) - 3
     info = {k: v for k, v in reset.info.items() if k == "game_file"}
     return _Episode(job=job, env=env, prompt_len=len(messages), icl_len=icl_len, messages=messages,
-                    max_steps=config.max_steps or env.max_steps, info=info)
+                    max_steps=config.max_steps or env.max_steps, info=info, attempt=attempt)
+
+
+def _failed_reset(env: Env, job: Job, split: str, model_name: str | None, revision: str | None,
+                  config: ExploreConfig, e: Exception) -> Trajectory:
+    """The error record of an episode whose environment never started it (no turns)."""
+    extra: dict[str, Any] = {"sample": job.sample, "stopped": "error", "error": _last_line(e)}
+    if config.env_retries:
+        extra["env_retries"] = config.env_retries
+    return Trajectory(task_id=job.task_id, env=env.name, split=split, messages=[], reward=0.0, num_steps=0,
+                      source="explore", model=model_name, model_revision=revision, seed=config.seed + job.sample,
+                      extra=extra)
 
 
 def _act(ep: _Episode, reply: str) -> None:
@@ -295,6 +332,8 @@ def _trajectory(ep: _Episode, split: str, model_name: str | None, revision: str 
         extra["stopped"] = ep.stop
     if ep.error:
         extra["error"] = ep.error
+    if ep.attempt:
+        extra["env_retries"] = ep.attempt  # a replay after the environment failed (the earlier tries are not kept)
     if config.temperature > 0:
         extra.update(temperature=config.temperature, top_p=config.top_p)
     return Trajectory(task_id=ep.job.task_id, env=ep.env.name, split=split, messages=messages, reward=ep.reward,

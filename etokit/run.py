@@ -12,6 +12,13 @@ skip the episodes already in them, and the training scripts are always launched 
 resumed run ends with the outputs of an uninterrupted one, and re-pushing the same content makes
 no new Hub commit.
 
+Crash safety (tests/test_faults_crash.py SIGKILLs the run at points in every stage): every file a
+later stage or a resumed run reads is either written atomically (temp file, fsync, rename: the
+manifest, pair files, sorted episode files, training state checkpoints, saved models, the
+reference log-prob cache) or an append log of fsynced lines whose torn last line is dropped when
+it is opened again; the run folder is locked while a process runs it; a killed run's training
+subprocesses stop with it rather than train on as orphans.
+
 The training scripts are only ever launched as subprocesses (``accelerate launch``): they own
 their distributed setup, and this loop stays a plain single process that drives them.
 """
@@ -22,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,11 +41,13 @@ from typing import Any, Callable
 from rich.console import Console
 
 from etokit.errors import EtokitError
+from etokit.faults import faultpoint
 
 console = Console(highlight=False)
 
 MANIFEST = "manifest.json"
 RESULTS = "results.json"
+LOCK = ".lock"
 SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
 EVAL_SPLITS = ("test-seen", "test-unseen")
 
@@ -112,6 +122,15 @@ class RunConfig:
 
         if self.env not in ENV_CLASSES:
             raise EtokitError(f"--env {self.env!r}: expected one of {', '.join(ENV_CLASSES)}")
+        # Local inputs are checked now, before the run dir is made, not when their stage comes.
+        if self.base_model:
+            from etokit.models.files import check_model_dir
+
+            check_model_dir(self.base_model, option="--base-model")
+        if self.expert_data and Path(self.expert_data).exists():
+            from etokit.data import load_records
+
+            load_records(self.expert_data, "trajectory")
 
     @property
     def datasets(self) -> dict[str, str]:
@@ -165,17 +184,24 @@ class Manifest:
     def done(self, name: str, outputs: dict[str, Any], seconds: float) -> None:
         self.data["stages"].append({"name": name, "outputs": outputs, "seconds": round(seconds, 2),
                                     "config_hash": self.data["config_hash"]})
-        write_json_atomic(self.path, self.data)
+        write_json_atomic(self.path, self.data, point="manifest.before-rename")
 
     @property
     def names(self) -> list[str]:
         return [s["name"] for s in self.data["stages"]]
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+def write_json_atomic(path: Path, data: Any, point: str | None = None) -> None:
+    """Temp file, fsync, rename, fsync of the folder: a crash leaves the old file or the new one,
+    and a recorded stage stays recorded after a power cut. ``point``: a fault point between the
+    temp file and the rename."""
+    from etokit.data.io import atomic_write
+
+    with atomic_write(path) as f:
+        f.write((json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+        if point:
+            f.flush()
+            faultpoint(point)
 
 
 # --------------------------------------------------------------------------------------- loop
@@ -211,6 +237,7 @@ class Run:
         with console.status(f"[bold]{name}[/] ..."):
             outputs = fn()
         seconds = time.monotonic() - start
+        faultpoint("run.stage.before-record")  # the stage's work is done, the manifest does not say so yet
         self.manifest.done(name, outputs, seconds)
         console.print(f"[green]✓[/] {name} [dim]({seconds:.1f}s)[/] {_summary(outputs)}")
         if self.after_stage is not None:
@@ -220,6 +247,11 @@ class Run:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> list[dict[str, Any]]:
+        with _RunLock(self.dir / LOCK):
+            _remove_stale_temps(self.dir)
+            return self._run()
+
+    def _run(self) -> list[dict[str, Any]]:
         cfg = self.cfg
         expert = self.stage("expert", self.expert)
         self.stage("push-expert", lambda: self.push("expert", self.dir / expert["file"], split="train"))
@@ -280,6 +312,7 @@ class Run:
                         t = expert_trajectory(envs[0], task_id, "train")
                         if t.success:
                             appender.append(t)
+                            faultpoint("expert.appended")
                         else:
                             failed += 1
             finally:
@@ -297,6 +330,7 @@ class Run:
         # tokenizer that has seen it keeps that prompt within the context.
         texts += [m["content"] for m in load_icl(self.cfg.env)]
         build_tiny_model(texts, out, size=self.cfg.init_model_size, seed=self.cfg.seed, max_position_embeddings=4096)
+        faultpoint("init-model.built")
         return {"model": _rel(out, self.dir), "revision": None, "size": self.cfg.init_model_size}
 
     def bc(self, base: dict[str, Any]) -> dict[str, Any]:
@@ -331,8 +365,9 @@ class Run:
         experts = read_jsonl(self.dir / self.manifest.get("expert")["file"], "trajectory")
         explored = read_jsonl(explore_file, "trajectory")
         pairs, stats = build_pairs(explored, experts, mode="trajectory", iteration=k)
+        faultpoint("pairs.built")
         out = self.dir / "data" / f"pairs_iter{k}.jsonl"
-        write_jsonl(out, pairs)
+        write_jsonl(out, pairs)  # atomic: a crash mid-write leaves no pairs file, never part of one
         return {"file": _rel(out, self.dir), "stats": stats.to_dict()}
 
     def push(self, card: str, path: Path, split: str, ties: int | None = None) -> dict[str, Any]:
@@ -394,7 +429,10 @@ class Run:
         folder = self.dir / self.manifest.get(_train_stage(name))["model"]
         rows = self.results(upto=name)
         chart = reward_chart(rows)
-        (folder / "reward_per_iteration.md").write_text(chart + "\n")
+        from etokit.data.io import atomic_write
+
+        with atomic_write(folder / "reward_per_iteration.md") as f:  # pushed with the weights: never torn
+            f.write((chart + "\n").encode())
         if k is None:
             stage, data = "behavioral cloning (SFT)", [(cfg.datasets["expert"], cfg.env, "train", None)]
             hp = {"learning_rate": cfg.bc_learning_rate, "num_epochs": cfg.bc_num_epochs,
@@ -472,8 +510,10 @@ class Run:
                     if "error" in t.extra:
                         raise EtokitError(f"{cfg.env} task {t.task_id}: the environment failed ({t.extra['error']})")
                     appender.append(t)
+                    faultpoint("play.appended")
         finally:
             close_envs(envs)
+        faultpoint("play.before-sort")
         _sort_by_task(out, tasks)
 
     def _launch(self, script: str, args: list[str], out: Path) -> None:
@@ -487,10 +527,14 @@ class Run:
         cmd = [*launcher, str(SCRIPTS_DIR / script), *args]
         out.mkdir(parents=True, exist_ok=True)
         log = out / "launch.log"
+        # The trainer must not outlive this process: an orphan still writing to `out` while a
+        # resumed run trains there again would interleave two runs' checkpoints. Every rank
+        # watches this pid and stops itself once it is gone (etokit.train.common.make_accelerator).
+        env = {**os.environ, DRIVER_PID_ENV: str(os.getpid())}
         with open(log, "ab") as f:
             f.write(f"$ {' '.join(cmd)}\n".encode())
             f.flush()
-            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         if done.returncode != 0:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
             raise EtokitError(f"{script} failed (exit {done.returncode}): {tail[0]} (full log: {log})")
@@ -519,6 +563,47 @@ def _published(repo: str, config: str, split: str, records) -> str | None:
     except (HfHubHTTPError, OSError, ValueError):  # no repo, no card, no such split yet
         return None
     return head if remote.to_list() == to_dataset(records).to_list() else None
+
+
+DRIVER_PID_ENV = "ETOKIT_DRIVER_PID"  # read by the training scripts: stop when this pid is gone
+_TEMP_NAME = re.compile(r"^\..+\.([0-9a-f]{8}\.tmp|tmp-\d+)$")  # atomic_write's temp files (and older ones)
+
+
+class _RunLock:
+    """An exclusive lock on the run folder for as long as this process runs it: two `etokit run
+    --resume` on one folder would both append the same episodes. The kernel drops the lock when
+    the process dies, however it dies, so a crash never leaves the folder locked."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def __enter__(self) -> "_RunLock":
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise EtokitError(f"{self.path.parent} is in use by another etokit run (pid {holder}); wait for it to "
+                              "finish or stop it before --resume") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # releases the lock
+
+
+def _remove_stale_temps(run_dir: Path) -> None:
+    """Temp files of atomic writes that a crash left before their rename: never read, only clutter.
+    Only called with the run lock held, so no live writer owns them."""
+    for root, dirs, files in os.walk(run_dir):
+        dirs[:] = [d for d in dirs if d != "checkpoints"]  # the trainers' own business
+        for name in files:
+            if _TEMP_NAME.match(name):
+                Path(root, name).unlink(missing_ok=True)
 
 
 def _train_stage(policy: str) -> str:

@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from etokit.errors import EtokitError
-from etokit.train import common, ref_cache
+from etokit.models.files import check_model_dir
+from etokit.train import common, prefix_attention, ref_cache
 from etokit.train.config import parse_config, save_config
 from etokit.train.dpo import DPOConfig, step_batches, tokenize_pairs, train_step
 from etokit.train.logprobs import default_backend, default_max_tokens, sequence_logps
@@ -39,10 +40,6 @@ def main(argv=None) -> None:
                                           report_to=cfg.report_to, seed=cfg.seed)
     # The budget depends on the device; the written config records the one that ran.
     cfg.max_tokens_per_micro_batch = cfg.max_tokens_per_micro_batch or default_max_tokens(accelerator.device)
-    if accelerator.is_main_process:
-        save_config(cfg, cfg.output_dir)
-    backend = default_backend(accelerator.device) if cfg.backend == "auto" else cfg.backend
-    accelerator.print(f"DPO on {accelerator.num_processes} process(es), {accelerator.device}, log-prob backend {backend}")
 
     # --- model and pairs ----------------------------------------------------------------------
     model, tokenizer = common.load_model_and_tokenizer(
@@ -55,6 +52,18 @@ def main(argv=None) -> None:
     if tokens.truncated:
         accelerator.print(f"{tokens.truncated} of {len(tokens)} pairs were longer than {cfg.max_length} tokens; "
                           "trailing turns dropped (whole turns only)")
+    longest = max(len(s.input_ids) for s in tokens.flat())
+    backend = default_backend(accelerator.device, model.config, longest) if cfg.backend == "auto" else cfg.backend
+    why_not = prefix_attention.unsupported(model.config, longest)
+    if backend == "shared" and why_not:
+        raise EtokitError(f"--backend shared: model {cfg.model!r} uses {why_not}, which prefix-tree attention does "
+                          "not implement; use --backend bucketed")
+    accelerator.print(f"DPO on {accelerator.num_processes} process(es), {accelerator.device}, log-prob backend {backend}")
+    if cfg.ref_model:  # checked from its files now, loaded only if the reference cache misses
+        check_model_dir(cfg.ref_model, option="--ref-model", trust_remote_code=cfg.trust_remote_code)
+    # The inputs are usable: nothing was written before this point.
+    if accelerator.is_main_process:
+        save_config(cfg, cfg.output_dir)
 
     # --- reference log-probs: once, cached, before the policy is trained ------------------------
     # Without --ref-model the reference is the policy's starting weights (ETO: the explorer); with
@@ -75,10 +84,12 @@ def main(argv=None) -> None:
         if cfg.ref_model:
             ref, _ = common.load_model_and_tokenizer(cfg.ref_model, revision=cfg.ref_model_revision,
                                                      trust_remote_code=cfg.trust_remote_code,
-                                                     attn_implementation=cfg.attn_implementation)
+                                                     attn_implementation=cfg.attn_implementation, option="--ref-model")
         ref.to(accelerator.device).eval()
+        # Every backend gives the same numbers: a reference the tree kernels cannot run goes unshared.
+        ref_backend = "bucketed" if backend == "shared" and prefix_attention.unsupported(ref.config, longest) else backend
         with accelerator.autocast():
-            out = sequence_logps(ref, flat, backend, max_tokens=cfg.max_tokens_per_micro_batch,
+            out = sequence_logps(ref, flat, ref_backend, max_tokens=cfg.max_tokens_per_micro_batch,
                                  micro_batch_size=2 * cfg.micro_batch_size, pad_token_id=tokenizer.pad_token_id,
                                  device=accelerator.device, progress=True, description="reference log-probs")
         del ref
@@ -112,6 +123,7 @@ def main(argv=None) -> None:
         mine = step_pairs[accelerator.process_index::accelerator.num_processes]
         sums = train_step(accelerator, model, tokens, ref_logps, mine, len(step_pairs), backend, cfg,
                           tokenizer.pad_token_id)
+        common.faultpoint("dpo.mid-step")  # crash tests (etokit/faults.py): gradients computed, step not taken
         grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
         state.step += 1
         throughput.add(int(sums["num_tokens"]))

@@ -18,10 +18,12 @@ from etokit.train.config import parse_config
 
 ENV = "textworld-express"
 # Small enough for CI (~1 minute a run on 2 cores), large enough that every stage does real work.
+# A state checkpoint after every training step (of 2), so a killed BC/DPO resumes mid-training.
 FLAGS = ["--train-tasks", "3", "--eval-tasks", "1", "--iterations", "1", "--max-steps", "2", "--max-new-tokens", "16",
          "--explore-batch-size", "1", "--no-icl", "--bc-num-epochs", "1", "--bc-per-device-batch-size", "2",
          "--bc-gradient-accumulation-steps", "1", "--bc-learning-rate", "1e-3", "--dpo-num-epochs", "1",
-         "--dpo-batch-size", "2", "--dpo-learning-rate", "1e-3", "--max-length", "1024"]
+         "--dpo-batch-size", "2", "--dpo-learning-rate", "1e-3", "--max-length", "1024",
+         "--bc-args=--save-steps,1", "--dpo-args=--save-steps,1"]
 STAGES = ["expert", "push-expert", "init-model", "bc", "eval-bc", "push-bc", "explore-1", "pairs-1", "push-explore-1",
           "push-pairs-1", "dpo-1", "eval-iter-1", "push-iter-1"]
 
@@ -63,11 +65,21 @@ def pair_rows(path: Path) -> list[tuple]:
     return [(r["task_id"], r["chosen"], r["rejected"], r["chosen_reward"], r["rejected_reward"]) for r in rows]
 
 
+_REFERENCE: dict[str, tuple[RunConfig, list]] = {}
+
+
+def reference_run(tmp_path_factory) -> tuple[RunConfig, list]:
+    """The uninterrupted run of FLAGS, made once per session: tests/test_faults_crash.py compares
+    its killed-and-resumed run with the same one (this module's global is shared by both)."""
+    if "run" not in _REFERENCE:
+        cfg = make_config(tmp_path_factory.mktemp("run") / "a", new_repo("a"))
+        _REFERENCE["run"] = (cfg, Run(cfg).run())
+    return _REFERENCE["run"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(hub_server, tmp_path_factory):
-    cfg = make_config(tmp_path_factory.mktemp("run") / "a", new_repo("a"))
-    rows = Run(cfg).run()
-    return cfg, rows
+    return reference_run(tmp_path_factory)
 
 
 def test_loop_records_every_stage_and_publishes_everything(uninterrupted, hub):

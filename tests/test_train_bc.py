@@ -92,6 +92,36 @@ def test_observations_get_no_gradient(setup):
     assert common.causal_lm_loss_sum(logits, batch["labels"]) == common.causal_lm_loss_sum(logits, relabelled)
 
 
+def test_maskless_scored_only_loss_equals_the_masked_full_logits_loss(setup):
+    """The recipe's batches run without an attention mask (right padding) and project only the
+    positions that predict a trained token: same loss and gradients as the masked full-logits
+    formula, whatever the pad token is."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(setup / "tiny")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(setup / "tiny")
+    assert model.config._attn_implementation == "sdpa"
+    messages = trajectory("t3", 1.0, n_steps=3).messages
+    seqs = [tokenize_messages(tok, messages), tokenize_messages(tok, messages[:3]), tokenize_messages(tok, messages[:7])]
+    assert len({len(s) for s in seqs}) == 3  # real padding in the batch
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    batch = common.pad_batch(seqs, tok.pad_token_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected, expected_grads = grads(common.causal_lm_loss_sum(logits, batch["labels"]))
+    for pad in (tok.pad_token_id, 5):
+        batch = common.pad_batch(seqs, pad)
+        loss, got_grads = grads(train_bc.trained_loss_sum(model, batch["input_ids"], batch["labels"]))
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+        for g, e in zip(got_grads, expected_grads):  # fp32 sums over ~100 tokens: ~1e-6 noise
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
 def test_resume_after_kill_continues_bit_for_bit(setup, tmp_path):
     full = tmp_path / "full"
     train_bc.main(args(setup, full, "--num-epochs", "2", "--save-steps", "2", "--keep-checkpoints", "0"))

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from etokit.envs.base import Reset, Step
 from etokit.errors import EtokitError
+from etokit.faults import faultpoint
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -85,6 +86,7 @@ def _serve(conn, name: str, options: dict[str, Any]) -> None:
             env.close()
             conn.send(("ok", None, env.max_steps))
             break
+        faultpoint(f"worker.{method}")  # crash tests: this worker dies or hangs in the middle of an episode
         try:
             value = getattr(env, method)(*args)
         except BaseException as e:

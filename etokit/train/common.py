@@ -7,7 +7,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,19 +18,25 @@ from typing import Any, Iterable
 import torch
 
 from etokit.errors import EtokitError
+from etokit.faults import faultpoint
 
 CHECKPOINTS_DIR = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 _COMPLETE = "COMPLETE"  # marker written last: a state dir without it was cut short by a kill
+# Set by `etokit run` (etokit.run.DRIVER_PID_ENV) for the scripts it launches: the pid to die with.
+DRIVER_PID_ENV = "ETOKIT_DRIVER_PID"
+_resumed_from: Path | None = None  # the checkpoint resume() loaded in this process
 
 
 def run_recipe(main) -> None:
     """A recipe script's entry point: a user error is one ``Error:`` line and its exit code, never
     a traceback."""
+    from etokit.train.config import redact
+
     try:
         main()
     except EtokitError as e:
-        print(f"Error: {e}", file=sys.stderr)
+        print(f"Error: {redact(str(e))}", file=sys.stderr)  # a token typed in the wrong place is not echoed
         sys.exit(e.exit_code)
 
 
@@ -48,6 +56,7 @@ def make_accelerator(output_dir, *, mixed_precision="auto", report_to="tensorboa
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    stop_with_driver()
     report_to = None if report_to in (None, "none") else report_to
     # Launched as several processes on a host without GPUs (`accelerate launch --multi_gpu` or
     # torchrun), accelerate would silently make each process a single-process run: ask for gloo.
@@ -60,6 +69,34 @@ def make_accelerator(output_dir, *, mixed_precision="auto", report_to="tensorboa
     )
     set_seed(seed)
     return accelerator
+
+
+def stop_with_driver() -> None:
+    """Under `etokit run`, SIGKILL this process once the driver is gone. A driver killed while it
+    waits for training would otherwise leave the ranks training on as orphans, writing the same
+    checkpoints as the resumed run that starts a new training. (Polled by a thread, not
+    PR_SET_PDEATHSIG: a rank's parent is the launcher, which is not ours to change.)"""
+    pid = os.environ.get(DRIVER_PID_ENV)
+    if not pid or any(t.name == "etokit-driver-watch" for t in threading.enumerate()):
+        return
+    import psutil
+
+    try:
+        driver = psutil.Process(int(pid))  # remembers the start time: a reused pid is not the driver
+    except (psutil.NoSuchProcess, ValueError):
+        driver = None
+
+    def watch() -> None:
+        while True:
+            try:
+                alive = driver is not None and driver.is_running() and driver.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            if not alive:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="etokit-driver-watch", daemon=True).start()
 
 
 def init_trackers(accelerator, name: str, config: dict[str, Any]) -> None:
@@ -139,21 +176,24 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def load_model_and_tokenizer(name: str, *, revision=None, trust_remote_code=False, attn_implementation=None,
-                             dtype=None):
+                             dtype=None, option="--model"):
     """A causal LM and its tokenizer from a local folder or a Hub repo. Weights load from
     safetensors only (no pickle), and remote code runs only when explicitly allowed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from etokit.models.files import check_model_dir
+
+    check_model_dir(name, option=option, trust_remote_code=trust_remote_code)  # a local folder, from its files
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             name, use_safetensors=True, attn_implementation=attn_implementation, dtype=dtype, **kwargs
         )
-    except OSError as e:
-        raise EtokitError(f"cannot load model {name!r} (revision {revision}): {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:  # ValueError: custom code not trusted, unknown model type, bad repo id
+        raise EtokitError(f"{option} {name!r}: cannot load model (revision {revision}): {str(e).splitlines()[0]}") from None
     if tokenizer.chat_template is None:
-        raise EtokitError(f"tokenizer of {name!r} has no chat template; etokit trains on rendered conversations")
+        raise EtokitError(f"{option} {name!r}: the tokenizer has no chat template; etokit trains on rendered conversations")
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, any id will do.
         tokenizer.pad_token = tokenizer.eos_token
@@ -231,8 +271,29 @@ def save_model(accelerator, model, tokenizer, out_dir, *, merge_lora=True) -> No
             unwrapped = unwrapped.merge_and_unload()
             state_dict = None
         unwrapped.config.use_cache = True
-        unwrapped.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        # Written into a hidden folder, fsynced, then renamed file by file: a kill never leaves a
+        # torn weight or tokenizer file in out_dir, and the weights move last, so a folder whose
+        # weights are new has the config and tokenizer that go with them.
+        out, tmp = Path(out_dir), Path(out_dir) / ".save.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        is_weights = lambda f: f.name.endswith((".safetensors", ".safetensors.index.json"))  # noqa: E731
+        new = sorted(tmp.iterdir(), key=lambda f: (is_weights(f), f.name))
+        for f in new:
+            if not is_weights(f):
+                os.replace(f, out / f.name)
+        faultpoint("train.save-model.between-files")
+        names = {f.name for f in new}
+        for f in out.iterdir():  # shards of an earlier save that this one does not have
+            if f.is_file() and is_weights(f) and f.name not in names:
+                f.unlink()
+        for f in new:
+            if is_weights(f):
+                os.replace(f, out / f.name)
+        _fsync_dir(out)
+        tmp.rmdir()
     accelerator.wait_for_everyone()
 
 
@@ -253,37 +314,96 @@ class TrainState:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
 
 
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """checkpoints/step-N folders marked complete, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / _COMPLETE).exists()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def latest_checkpoint(output_dir) -> Path | None:
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    done = [p for p in root.glob("step-*") if (p / _COMPLETE).exists()] if root.is_dir() else []
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    done = _complete_checkpoints(Path(output_dir) / CHECKPOINTS_DIR)
+    return done[-1] if done else None
 
 
 def save_state(accelerator, output_dir, step: int, keep: int = 0) -> Path:
-    """accelerate ``save_state`` into checkpoints/step-N, marked complete only once fully written;
-    keeps the newest ``keep`` checkpoints (0 = all)."""
+    """accelerate ``save_state`` as checkpoints/step-N, atomically: written into a hidden
+    ``.step-N.partial`` folder, fsynced, marked COMPLETE, then renamed into place, so a kill at any
+    point leaves the step-N of before or the whole new one, never a folder that looks complete
+    and is not. Keeps the newest ``keep`` checkpoints (0 = all)."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     path = root / f"step-{step}"
-    accelerator.save_state(str(path))
+    if _resumed_from == path and (path / _COMPLETE).exists():
+        return path  # this process resumed from exactly this state (finish() after a kill): nothing new to save
+    partial = root / f".step-{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a killed save
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / _COMPLETE).write_text(str(step))
+        _fsync_tree(partial)
+        faultpoint("train.save-state.before-rename")
+        _write_synced(partial / _COMPLETE, str(step).encode())
+        old = root / f".step-{step}.old"
+        if path.exists():  # a fresh (not resumed) run saving over an earlier run's step-N
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(partial, path)
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
         if keep:
-            done = sorted((p for p in root.glob("step-*") if (p / _COMPLETE).exists()), key=lambda p: int(p.name[5:]))
-            for old in done[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            for stale in _complete_checkpoints(root)[:-keep]:
+                shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
 
 
 def resume(accelerator, output_dir, state: TrainState) -> bool:
     """Load the newest complete checkpoint of ``output_dir``; False if there is none."""
+    global _resumed_from
     path = latest_checkpoint(output_dir)
     if path is None:
         return False
     accelerator.load_state(str(path))
+    _resumed_from = path
     accelerator.print(f"resumed from {path} (step {state.step})")
     return True
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder`` and the folders themselves: the rename that publishes
+    them must not reach the disk before their contents do."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # not every filesystem can
+        pass
+    finally:
+        os.close(fd)
 
 
 def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> float:
@@ -331,9 +451,13 @@ class MetricsLog:
         self.accelerator = accelerator
         self.path = Path(output_dir) / LOG_FILE
         if accelerator.is_main_process and self.path.exists():
-            # Drop lines a killed run logged after its last checkpoint; they are about to be redone.
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_at]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # Drop lines a killed run logged after its last checkpoint (they are about to be redone)
+            # and a line it was killed in the middle of; rewritten atomically.
+            from etokit.data.io import atomic_write
+
+            kept = [line for line, row in _log_rows(self.path) if row["step"] <= resumed_at]
+            with atomic_write(self.path) as f:
+                f.write("".join(line + "\n" for line in kept).encode())
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.accelerator.log(metrics, step=step)
@@ -346,7 +470,20 @@ class MetricsLog:
 
 def read_log(output_dir) -> list[dict[str, float]]:
     path = Path(output_dir) / LOG_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [row for _, row in _log_rows(path)] if path.exists() else []
+
+
+def _log_rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of the metrics log; a torn last line (a kill mid-append) is left out."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise EtokitError(f"{path}: line {i + 1} is not valid JSON") from None
+    return rows
 
 
 class Throughput:

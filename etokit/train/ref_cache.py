@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from etokit.faults import faultpoint
 from etokit.train.packing import Tokenized
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -43,7 +43,10 @@ def model_fingerprint(name_or_path: str, revision: str | None = None) -> str:
     path = Path(name_or_path)
     if path.is_dir():
         h = hashlib.sha256()
-        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in _CONFIG_FILES))
+        # The checkpoint's own files only: not its training state (checkpoints/, optimizer moments
+        # as large as the weights, different after a resume) nor a save in progress (.save.partial).
+        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in _CONFIG_FILES)
+                       and not any(part == "checkpoints" or part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise FileNotFoundError(f"no weight files in {path}")
         for p in files:
@@ -80,27 +83,26 @@ def load(cache_dir: Path, meta: dict[str, str]) -> torch.Tensor | None:
     path = Path(cache_dir) / f"{meta['key']}.safetensors"
     if not path.exists():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        stored = f.metadata() or {}
-        if any(stored.get(k) != v for k, v in meta.items()):
-            return None  # a key collision or a stale format: recompute
-        return f.get_tensor("logps")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = f.metadata() or {}
+            if any(stored.get(k) != v for k, v in meta.items()):
+                return None  # a key collision or a stale format: recompute
+            return f.get_tensor("logps")
+    except Exception:  # unreadable (a disk that lost it): the cache is only a cache, recompute
+        return None
 
 
 def save(cache_dir: Path, meta: dict[str, str], logps: torch.Tensor) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{meta['key']}.safetensors"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=cache_dir)
-    os.close(fd)
-    try:
-        save_file({"logps": logps.contiguous().float()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from etokit.data.io import atomic_write
+
+    path = Path(cache_dir) / f"{meta['key']}.safetensors"
+    # Temp file, fsync, rename: the other ranks and later runs load it, never half of it.
+    with atomic_write(path) as f:
+        f.write(save({"logps": logps.contiguous().float()}, metadata=meta))
+        faultpoint("ref-cache.before-rename")
     return path
 
 
