@@ -340,6 +340,31 @@ def test_token_required_server_refuses_missing_or_wrong_token(tmp_path):
         assert not server.unknown_routes
 
 
+def _non_loopback_address() -> str | None:
+    """This machine's address on its outbound interface (a UDP connect sends nothing), if any."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            address = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+def test_server_binds_loopback_by_default(tmp_path):
+    import socket
+
+    with HubServer(tmp_path / "hub") as server:
+        assert server._httpd.server_address[0] == "127.0.0.1"
+        assert raw(server.endpoint, "GET", "/api/whoami-v2")[0] == 200
+        other = _non_loopback_address()
+        if other is not None:  # reachable on loopback only: another interface refuses the connection
+            with pytest.raises(OSError):
+                socket.create_connection((other, server.port), timeout=10).close()
+
+
 def test_path_traversal_is_refused(hub, repo_name):
     api_for().create_repo(repo_name)
     ns, name = repo_name.split("/")
@@ -362,6 +387,22 @@ def test_path_traversal_is_refused(hub, repo_name):
     create = json.dumps({"name": "..", "organization": "..", "type": "model"}).encode()
     assert raw(hub.endpoint, "POST", "/api/repos/create", create)[0] == 400
     assert raw(hub.endpoint, "POST", f"/api/models/{repo_name}/branch/..", b"{}")[0] == 400
+    # Revisions and tag names in every write, paths in the read-only POSTs, repo ids in LFS calls.
+    header = json.dumps({"key": "header", "value": {"summary": "evil"}}).encode()
+    bad_posts = [
+        (f"/api/models/{repo_name}/commit/..%2F..%2Fmain", header),
+        (f"/api/models/{repo_name}/tag/main", json.dumps({"tag": "../evil"}).encode()),
+        (f"/api/models/{repo_name}/tag/..%2Fmain", json.dumps({"tag": "ok"}).encode()),
+        (f"/api/models/{repo_name}/branch/ok", json.dumps({"startingPoint": "../main"}).encode()),
+        (f"/api/models/{repo_name}/preupload/main", json.dumps({"files": [{"path": "../x", "size": 1}]}).encode()),
+        (f"/api/models/{repo_name}/paths-info/main", b"paths=..%2Fx"),
+        (f"/%2E%2E/{name}.git/info/lfs/objects/batch", json.dumps({"operation": "upload", "objects": []}).encode()),
+    ]
+    for path, body in bad_posts:
+        assert raw(hub.endpoint, "POST", path, body)[0] == 400, path
+    assert raw(hub.endpoint, "DELETE", f"/api/models/{repo_name}/tag/%2E%2E")[0] == 400
+    refs = hub.storage.refs("model", repo_name)
+    assert not refs["tags"] and set(refs["branches"]) == {"main"}
     assert not list(hub.storage.root.parent.glob("**/escape.txt"))
     assert api_for().list_repo_files(repo_name) == [".gitattributes"]
 
@@ -379,6 +420,11 @@ def test_request_bodies_are_capped_and_lfs_uploads_verified(tmp_path):
     with HubServer(tmp_path / "hub", max_json_bytes=1024, max_body_bytes=4096) as server:
         api_for(server.endpoint).create_repo("org/m")
         assert raw(server.endpoint, "POST", "/api/validate-yaml", b" " * 2048)[0] == 413
+        u = urlsplit(server.endpoint)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        conn.request("POST", "/api/validate-yaml", body=iter([b" " * 1000] * 3), encode_chunked=True)
+        assert conn.getresponse().status == 413  # no Content-Length to check first: counted as it comes
+        conn.close()
         data = os.urandom(5000)
         oid = hashlib.sha256(data).hexdigest()
         batch = json.dumps({"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]}).encode()
@@ -417,6 +463,7 @@ def test_cli_hub_serve_prints_exports_and_stops_on_ctrl_c(tmp_path):
             lines.append(line.strip())
         timer.cancel()
         endpoint = next(ln.split("=", 1)[1] for ln in lines if ln.startswith("export HF_ENDPOINT="))
+        assert endpoint.startswith("http://127.0.0.1:")  # loopback unless --host says otherwise
         assert "export HF_HUB_DISABLE_XET=1" in lines
         status, _, body = raw(endpoint, "GET", "/api/whoami-v2")
         assert status == 200 and json.loads(body)["name"] == "etokit-user"
@@ -437,3 +484,32 @@ def test_cli_hub_serve_user_errors_are_one_line(tmp_path):
     assert "--data-dir" in result.output and "not a directory" in result.output
     help_text = CliRunner().invoke(app, ["hub", "serve", "--help"]).output
     assert "Examples" in help_text and "export HF_ENDPOINT" in help_text
+
+
+def test_cli_hub_serve_token_and_fault_proxy(tmp_path):
+    """`--token` is required on every request; `--fault-rate` puts the fault proxy in front."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "etokit", "hub", "serve", "--port", "0", "--data-dir", str(tmp_path / "d"),
+         "--token", "tok-123", "--fault-rate", "1", "--faults", "503"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        lines = []
+        timer = threading.Timer(60, proc.kill)
+        timer.start()
+        while not lines or "HF_HUB_DISABLE_XET" not in lines[-1]:
+            line = proc.stdout.readline()
+            assert line, f"server exited early: {proc.stderr.read()}"
+            lines.append(line.strip())
+        timer.cancel()
+        proxied = next(ln.split("=", 1)[1] for ln in lines if ln.startswith("export HF_ENDPOINT="))
+        direct = next(ln for ln in lines if ln.startswith("fault injection:")).rsplit(" ", 1)[1]
+        assert "tok-123" not in "\n".join(lines)
+        auth = {"Authorization": "Bearer tok-123"}
+        assert raw(proxied, "GET", "/api/whoami-v2", headers=auth)[0] == 503  # every request faulted
+        assert raw(direct, "GET", "/api/whoami-v2", headers={"Authorization": ""})[0] == 401
+        assert raw(direct, "GET", "/api/whoami-v2", headers={"Authorization": "Bearer nope"})[0] == 401
+        assert raw(direct, "GET", "/api/whoami-v2", headers=auth)[0] == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0

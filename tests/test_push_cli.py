@@ -89,6 +89,26 @@ def test_repeating_a_push_makes_no_new_commit(hub, repo_name, tmp_path):
     assert HfApi().list_repo_commits(repo_name, repo_type="dataset") == commits
 
 
+def test_repushing_an_earlier_split_makes_no_commit_and_changed_rows_are_pushed(hub, repo_name, tmp_path):
+    """A re-run (after a crash or a lost response) must not commit again, even for a split that is
+    not the last one pushed: datasets alone would re-commit its card with that split moved."""
+    from huggingface_hub import HfApi
+
+    for k in (1, 2):
+        write_jsonl(tmp_path / f"p{k}.jsonl", [pair(f"t{k}{i}", iteration=k) for i in range(k + 1)])
+        assert push("push-pairs", tmp_path / f"p{k}.jsonl", "--repo-id", repo_name).exit_code == 0
+    commits = HfApi().list_repo_commits(repo_name, repo_type="dataset")
+    r = push("push-pairs", tmp_path / "p1.jsonl", "--repo-id", repo_name)
+    assert r.exit_code == 0, r.output
+    assert HfApi().list_repo_commits(repo_name, repo_type="dataset") == commits
+
+    changed = [pair("t10", iteration=1, outcome="win"), pair("t11", iteration=1)]
+    write_jsonl(tmp_path / "p1.jsonl", changed)
+    assert push("push-pairs", tmp_path / "p1.jsonl", "--repo-id", repo_name).exit_code == 0
+    assert from_dataset(load(repo_name, "textworld-express", "iter_1"), "pair") == changed
+    assert len(HfApi().list_repo_commits(repo_name, repo_type="dataset")) == len(commits) + 2
+
+
 def test_push_to_a_revision_leaves_main_alone(hub, repo_name, tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [trajectory("a", 1.0, source="explore")])
     write_jsonl(tmp_path / "b.jsonl", [trajectory("b", 0.0, source="explore"), trajectory("c", 1.0, source="explore")])

@@ -8,6 +8,7 @@ were trained, so ``from_pretrained(repo, revision="iter-1")`` keeps meaning the 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from etokit.errors import EtokitError
+from etokit.faults import faultpoint
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +35,16 @@ def push_checkpoint(folder, repo_id, revision, *, card: dict, commit_message=Non
     creates no commit and keeps the tag. ``card`` keys: base_model, base_model_revision, datasets
     (list of {repo, revision, config, split, local}), hyperparameters (dict), eval (list of row
     dicts), stage, iteration, description, license, tags.
+
+    Order, so that a failure at any point leaves nothing misleading: commit to the branch (one
+    atomic commit on top of the head it read), check that the commit holds exactly this checkpoint,
+    and only then point the tag at it. A transient failure re-runs the push from the start; a
+    commit whose response was lost is then found already there and not made twice.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub import HfApi
+
+    from etokit.hub import retry
+    from etokit.hub.publish import _hub_errors
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -43,47 +53,122 @@ def push_checkpoint(folder, repo_id, revision, *, card: dict, commit_message=Non
         raise EtokitError(f"--push-to must be NAMESPACE/NAME, got {repo_id!r}")
     if revision in ("", "main"):
         raise EtokitError(f"--revision must name this checkpoint (e.g. iter-1), got {revision!r}")
+    from etokit.data.names import check_repo_id, check_revision
 
+    check_repo_id(repo_id, "--push-to")
+    check_revision(revision, "--revision")
+
+    retry.install()
     api = HfApi()
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    api.create_branch(repo_id, branch=revision, exist_ok=True)
-
     readme = render_model_card(repo_id, revision, card).encode()
     local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     local = [p for p in local if p != "README.md" and p.split("/")[0] not in _LOCAL_ONLY
              and not any(part.startswith(".") for part in p.split("/"))]
+    expected = {p: _Expected.of_file(folder / p) for p in local} | {"README.md": _Expected.of_bytes(readme)}
+    what = f"push of {folder} to '{repo_id}' revision '{revision}'"
+
+    def attempt() -> str:
+        retry.run(lambda: api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True),
+                  what=f"creating model '{repo_id}'")
+        retry.run(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True),
+                  what=f"creating branch '{revision}' of '{repo_id}'")
+        head = api.model_info(repo_id, revision=revision).sha
+        sha = _commit(api, repo_id, revision, head, folder, local, readme, commit_message or f"Upload {revision}")
+        faultpoint("hub.checkpoint.before-tag")  # crash tests (etokit/faults.py): committed, not yet tagged
+        _verify(api, repo_id, revision, sha, expected)
+        _tag(api, repo_id, revision, sha)
+        return sha
+
+    with _hub_errors(repo_id):
+        return retry.run(attempt, what=what)
+
+
+def _commit(api, repo_id, revision, head, folder, local, readme, message) -> str:
+    """One commit on top of ``head`` making branch ``revision`` mirror the folder; the head itself if
+    it already does (the Hub drops files whose content it already has, and with nothing left makes no
+    commit). ``parent_commit``: if the branch moved since ``head`` was read, 412, and the push re-runs."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
     operations: list = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in local]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme))
     # The branch mirrors the folder: files from an earlier push of this revision that are gone now
     # (an old shard) would otherwise load alongside the new ones.
-    remote = set(api.list_repo_files(repo_id, revision=revision))
+    remote = set(api.list_repo_files(repo_id, revision=head))
     stale = sorted(remote - set(local) - {"README.md"} - _HUB_OWNED)
     operations += [CommitOperationDelete(path_in_repo=p) for p in stale]
+    info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision,
+                             parent_commit=head)
+    return info.oid
 
-    # The Hub drops files whose content it already has at the branch head; if nothing is left,
-    # no commit is made and the head's sha comes back.
-    info = api.create_commit(
-        repo_id,
-        operations=operations,
-        commit_message=commit_message or f"Upload {revision}",
-        revision=revision,
-    )
-    sha = info.oid
-    _tag(api, repo_id, revision, sha)
-    return sha
+
+class _Expected(tuple):
+    """(size, sha256, git blob sha1 or None): what the Hub must hold for one file. The Hub reports
+    an LFS file's sha256 and a regular file's git blob sha1 (only files under 10 MB are regular)."""
+
+    @classmethod
+    def of_bytes(cls, data: bytes) -> "_Expected":
+        return cls((len(data), hashlib.sha256(data).hexdigest(), _git_sha1(data)))
+
+    @classmethod
+    def of_file(cls, path: Path) -> "_Expected":
+        size = path.stat().st_size
+        if size < 10 * 1024 * 1024:
+            return cls.of_bytes(path.read_bytes())
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return cls((size, digest.hexdigest(), None))
+
+
+def _git_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _verify(api, repo_id: str, revision: str, sha: str, expected: dict[str, _Expected]) -> None:
+    """Before the tag moves: commit ``sha`` holds exactly the checkpoint's files, byte for byte.
+    A mismatch (a concurrent push of the same revision) re-runs the push, which commits a fix."""
+    from huggingface_hub.hf_api import RepoFile
+
+    from etokit.hub import retry
+
+    remote = {e.path: e for e in api.list_repo_tree(repo_id, revision=sha, recursive=True) if isinstance(e, RepoFile)}
+    problems = sorted(set(expected) - set(remote)) + sorted(set(remote) - set(expected) - _HUB_OWNED)
+    for path, (size, sha256, sha1) in expected.items():
+        entry = remote.get(path)
+        if entry is None:
+            continue
+        same = entry.lfs.sha256 == sha256 if entry.lfs is not None else entry.blob_id == sha1
+        if entry.size != size or not same:
+            problems.append(path)
+    if problems:
+        raise retry.Transient(f"commit {sha[:8]} on {revision} does not hold the checkpoint: {', '.join(problems[:5])}")
 
 
 def _tag(api, repo_id: str, tag: str, sha: str) -> None:
-    refs = api.list_repo_refs(repo_id)
-    existing = {t.name: t.target_commit for t in refs.tags}
-    if existing.get(tag) == sha:
-        return
-    if tag in existing:
-        # A re-push with different weights: the tag must follow, or revision=tag and the branch
-        # of the same name would resolve to different weights.
-        logger.warning("moving tag %s of %s from %s to %s", tag, repo_id, existing[tag], sha)
-        api.delete_tag(repo_id, tag=tag)
-    api.create_tag(repo_id, tag=tag, revision=sha, tag_message=f"etokit checkpoint {tag}")
+    """Point ``tag`` at ``sha`` (create, or move it off an older commit). Re-run from the read of the
+    refs after a transient failure, so a delete or create whose response was lost is not repeated."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from etokit.hub import retry
+
+    def step() -> None:
+        existing = {t.name: t.target_commit for t in api.list_repo_refs(repo_id).tags}
+        if existing.get(tag) == sha:
+            return
+        try:
+            if tag in existing:
+                # A re-push with different weights: the tag must follow, or revision=tag and the
+                # branch of the same name would resolve to different weights.
+                logger.warning("moving tag %s of %s from %s to %s", tag, repo_id, existing[tag], sha)
+                api.delete_tag(repo_id, tag=tag)
+            api.create_tag(repo_id, tag=tag, revision=sha, tag_message=f"etokit checkpoint {tag}")
+        except HfHubHTTPError as e:
+            if retry.status_of(e) in (404, 409):  # the tag changed under us (a concurrent push): read again
+                raise retry.Transient(f"tag {tag} of {repo_id} changed while it was being moved") from e
+            raise
+
+    retry.run(step, what=f"tagging {sha[:8]} as '{tag}' in '{repo_id}'")
 
 
 def render_model_card(repo_id: str, revision: str, card: dict[str, Any]) -> str:

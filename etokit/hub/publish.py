@@ -15,7 +15,9 @@ from typing import Any
 
 from etokit import __version__
 from etokit.data import Records, pair_stats, to_dataset, trajectory_stats
+from etokit.data.names import check_revision
 from etokit.errors import EtokitError
+from etokit.faults import faultpoint
 from etokit.hub.cards import render
 
 STATS_FILE = "etokit_stats.json"
@@ -59,28 +61,91 @@ def push_dataset(
     if records.kind != kind:
         raise EtokitError(f"{records.path}: holds {records.kind} rows, but push-{card} publishes {kind} rows")
     _check_repo_id(repo_id)
+    if revision is not None:
+        check_revision(revision, "--revision")
     config_name = config_name or _single_env(records)
     split = split or _default_split(records, default_split)
     _check_names(config_name, split)
 
     from huggingface_hub import HfApi
 
+    from etokit.hub import retry
+
+    retry.install()
     api = HfApi()
     branch = revision or "main"
     dataset = to_dataset(records.records)
+    entry = _split_entry(records, card, ties)
     message = commit_message or f"etokit push-{card}: {config_name}/{split} ({len(dataset)} rows)"
+
+    def attempt() -> tuple[str, str | None]:
+        # Re-run from here after any transient failure. Each step converges: the repo and branch
+        # are created only if missing, and push_to_hub / the card commit leave out files the Hub
+        # already has, so a step whose response was lost adds no second commit when re-run.
+        _ensure_repo(api, repo_id, branch, private)
+        data_commit = _already_pushed(api, repo_id, branch, config_name, split, dataset)
+        if data_commit is None:
+            data_commit = dataset.push_to_hub(
+                repo_id,
+                config_name=config_name,
+                split=split,
+                revision=revision,
+                private=private,
+                commit_message=message,
+            ).oid
+        faultpoint("hub.dataset.before-card")  # crash tests (etokit/faults.py): data committed, card not yet
+        card_commit = _refresh_card(api, repo_id, branch, data_commit, card, template, license, config_name,
+                                    split, entry)
+        return data_commit, card_commit
+
     with _hub_errors(repo_id):
-        data_commit = dataset.push_to_hub(
-            repo_id,
-            config_name=config_name,
-            split=split,
-            revision=revision,
-            private=private,
-            commit_message=message,
-        )
-        entry = _split_entry(records, card, ties)
-        card_commit = _refresh_card(api, repo_id, branch, data_commit.oid, card, template, license, config_name, split, entry)
-    return PushResult(repo_id, config_name, split, branch, len(dataset), data_commit.oid, card_commit)
+        data_oid, card_oid = retry.run(attempt, what=f"push of {config_name}/{split} to dataset '{repo_id}' ({branch})")
+    return PushResult(repo_id, config_name, split, branch, len(dataset), data_oid, card_oid)
+
+
+def _ensure_repo(api, repo_id: str, branch: str, private: bool) -> None:
+    from etokit.hub import retry
+
+    # Creating what exists is a 409 that exist_ok accepts: safe to retry after a lost response.
+    retry.run(lambda: api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True),
+              what=f"creating dataset '{repo_id}'")
+    if branch != "main":
+        retry.run(lambda: api.create_branch(repo_id, branch=branch, repo_type="dataset", exist_ok=True),
+                  what=f"creating branch '{branch}' of dataset '{repo_id}'")
+
+
+def _already_pushed(api, repo_id: str, branch: str, config_name: str, split: str, dataset) -> str | None:
+    """The head of ``branch`` if it already holds exactly this split: the same rows in its Parquet
+    shards, and the split in the card's ``configs`` and ``dataset_info``. push_to_hub is then
+    skipped: run again for an existing split it is not a no-op (datasets moves the split to the end
+    of ``dataset_info``, a commit that only reorders YAML), which would make a re-run after a lost
+    response, or a re-push, add a second commit."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from huggingface_hub import DatasetCard
+
+    head = api.dataset_info(repo_id, revision=branch).sha
+    shard = re.compile(rf"^{re.escape(config_name)}/{re.escape(split)}-(\d{{5}})-of-(\d{{5}})\.parquet$")
+    shards = sorted(p for p in api.list_repo_files(repo_id, repo_type="dataset", revision=head) if shard.match(p))
+    if not shards or [shard.match(p).groups() for p in shards] != [(f"{i:05d}", f"{len(shards):05d}")
+                                                                     for i in range(len(shards))]:
+        return None
+    meta = DatasetCard(_read(api, repo_id, "README.md", head) or "").data.to_dict()
+    files = next((c.get("data_files") for c in meta.get("configs") or [] if c.get("config_name") == config_name), None)
+    if not isinstance(files, list) or {"split": split, "path": f"{config_name}/{split}-*"} not in files:
+        return None
+    infos = meta.get("dataset_info")
+    infos = [infos] if isinstance(infos, dict) else infos or []
+    info = next((i for i in infos if i.get("config_name", "default") == config_name), {})
+    if not any(s.get("name") == split and s.get("num_examples") == len(dataset) for s in info.get("splits") or []):
+        return None
+    remote = pa.concat_tables(
+        [pq.read_table(api.hf_hub_download(repo_id, p, repo_type="dataset", revision=head)) for p in shards]
+    )
+    local = dataset.data.table
+    if remote.schema.remove_metadata() != local.schema.remove_metadata():
+        return None
+    return head if remote.equals(local, check_metadata=False) else None
 
 
 def _split_entry(records: Records, card: str, ties: int | None) -> dict[str, Any]:
@@ -102,7 +167,9 @@ def _split_entry(records: Records, card: str, ties: int | None) -> dict[str, Any
 
 def _refresh_card(api, repo_id, branch, parent, card, template, license, config_name, split, entry) -> str | None:
     """Commit README.md + etokit_stats.json on top of `parent`. A concurrent push that moved the
-    branch in between makes the commit fail with 412; re-read and retry on the new head."""
+    branch in between makes the commit fail with 412; re-read and retry on the new head (past
+    _CARD_RETRIES, the 412 goes up and the whole push is re-run). Files whose content the Hub
+    already has are left out of the commit, so a card that is up to date makes no commit."""
     from huggingface_hub import CommitOperationAdd, DatasetCard
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -144,11 +211,14 @@ def _refresh_card(api, repo_id, branch, parent, card, template, license, config_
 
 def _read(api, repo_id: str, filename: str, revision: str) -> str | None:
     """A text file of the dataset repo at `revision` (a commit sha), or None if it has none."""
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     try:
         path = api.hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision)
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:
+        # Only the Hub saying "no such file" means there is none. Its sibling LocalEntryNotFoundError
+        # ("cannot reach the Hub") must not read as "no stats yet": the card would be re-rendered
+        # without every earlier split.
         return None
     with open(path, encoding="utf-8") as f:
         return f.read()
@@ -206,7 +276,7 @@ class _hub_errors:
     def __exit__(self, exc_type, exc, tb):
         from huggingface_hub.errors import HfHubHTTPError
 
-        if exc is not None and isinstance(exc, HfHubHTTPError):
+        if isinstance(exc, HfHubHTTPError):
             status = exc.response.status_code if exc.response is not None else "?"
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise EtokitError(f"Hub refused the push to '{self.repo_id}' (HTTP {status}): {first}") from None
