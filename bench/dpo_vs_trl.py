@@ -1,24 +1,40 @@
 """etokit's DPO loop vs TRL's DPOTrainer: tokens/s and peak memory on the same model, pairs, machine.
 
-    python bench/dpo_vs_trl.py --quick      # ~2 min on 2 CPU cores
-    python bench/dpo_vs_trl.py              # ETO-like lengths (200-3000 tokens), longer
+    python bench/dpo_vs_trl.py --quick              # ~2-3 min on 2 CPU cores
+    python bench/dpo_vs_trl.py                      # ETO-like lengths, 64 pairs (~6 min)
+    python bench/dpo_vs_trl.py --quick --trl-sweep  # time TRL's configurations, name the fastest
 
 Model: a random Llama (hidden 256, 4 layers, 4k SentencePiece vocab; etokit.models "small").
-Pairs: multi-turn ETO-shaped conversations (instruction, "OK", task, then Thought/Action turns
-and observations), rejected ~ chosen + a few turns, lengths log-normal with a long tail.
+Pairs (:func:`make_pairs`): ETO's layout -- the real instruction etokit ships for each of the four
+environments (288-570 tokens with this tokenizer), "OK", a task turn, then Thought/Action turns and
+observations; rejected runs a few rounds longer, and half the pairs share their first agent round
+(``--shared-opening``, see make_pairs). Sequence lengths log-normal with a long tail: about
+600-1800 tokens with ``--quick`` (16 pairs), 450-3000 otherwise (64 pairs); the instruction alone
+is 290-570 tokens, so no ETO sequence is much shorter. The header line prints the share of tokens
+that lie in a pair's common prefix (~50% quick, ~40% full).
 
-Both sides: fp32 on CPU, the same global batch, one epoch, reference log-probs precomputed
-before training (TRL: ``precompute_ref_log_probs=True``; its ``padding_free`` is disabled in
-TRL 1.16 and falls back to padding), gradient checkpointing on (TRL's default;
-``--no-gradient-checkpointing`` turns it off on both sides). Timed: reference pass + training
-(tokenization and model loading excluded on both sides). The two workers alternate
-``--repeats`` times and each side's fastest run counts (the machine is shared; the minimum is the
-run least disturbed by other load); memory is each side's largest peak over its runs. On a busy
-shared machine ``--threads 1`` (both sides) keeps OpenMP barriers from stalling on a descheduled
-thread, which otherwise penalises whichever side runs more, smaller kernels. tokens/s counts real (non-pad) input tokens: the tokens of every
+Each side in its configuration of choice, fp32 on CPU, the same global batch of ``--batch-size``
+pairs, one epoch, reference log-probs precomputed before training:
+
+- etokit: its defaults (scripts/train_dpo.py): the ``shared`` backend (each pair's common prefix
+  computed once), 2048 tokens per forward, no gradient checkpointing.
+- TRL: ``precompute_ref_log_probs=True`` and its fastest configuration on this machine, found with
+  ``--trl-sweep`` (gradient checkpointing on/off x micro-batch 1/2/4 pairs, gradient accumulation
+  making up the batch): no gradient checkpointing, 1 pair per micro-batch (bench/RESULTS.md has the
+  sweep; TRL's default, checkpointing on, was about 1.7x slower). ``padding_free`` cannot be tried:
+  TRL 1.16 disables it and falls back to padding. TRL already computes log-probs through a chunked
+  fused LM head (no full logits tensor).
+
+Timed: reference pass + training (tokenization and model loading excluded on both sides; TRL 1.16
+runs its reference pass inside ``DPOTrainer.__init__``, so its timer starts there). The two
+workers alternate ``--repeats`` times and each side's fastest run counts (the machine is shared;
+the minimum is the run least disturbed by other load); memory is each side's largest peak over its
+runs. On a busy shared machine ``--threads 1`` (both sides) keeps OpenMP barriers from stalling on
+a descheduled thread. tokens/s counts real (non-pad) input tokens: the tokens of every
 prompt+chosen and prompt+rejected sequence, identical for both since both render the same chat
-template. Peak memory: the process's peak RSS (VmHWM, reset via /proc/self/clear_refs just
-before the timed section) minus its RSS at that point; each side runs in its own subprocess.
+template (a shared prefix counts once per sequence, as it does for TRL). Peak memory: the
+process's peak RSS (VmHWM, reset via /proc/self/clear_refs just before the timed section) minus
+its RSS at that point; each side runs in its own subprocess.
 The last line is ``dpo tokens/s: <ratio>x trl DPOTrainer``.
 """
 
@@ -41,31 +57,51 @@ WORDS = ("go north south east west take apple egg open close fridge drawer cabin
          "the a to from with you see nothing happens are facing kitchen room").split()
 
 
-def make_pairs(n: int, lo: int, hi: int, seed: int):
-    """ETO-shaped pairs whose token lengths spread log-normally between about lo and hi."""
+ENVS = ("alfworld", "scienceworld", "textworld-express", "webshop")
+
+
+def make_pairs(n: int, lo: int, hi: int, seed: int, shared_opening: float = 0.5):
+    """ETO-shaped pairs whose chosen sequences' token lengths spread log-normally between about lo
+    and hi (rejected ones are a few rounds longer).
+
+    Prompt = the real instruction etokit ships for one of the four environments (in turn), "OK",
+    and a task turn with an initial observation, as in ETO (no 1-shot example in training data).
+    Chosen = an expert-like trajectory of Thought/Action turns and observations; rejected = the
+    agent's, a few rounds longer (failed episodes run on; ETO cuts them at the expert's length + 5).
+    With probability ``shared_opening`` the rejected trajectory starts with the chosen one's first
+    round (its first agent turn and observation): the BC policy explores the very training tasks
+    it imitated, and often repeats the expert's opening move. Conservative: never more than one
+    round, and half the pairs share nothing after the prompt."""
+    from etokit.agent.protocol import load_instruction
     from etokit.data.schema import Pair
 
     rng = random.Random(seed)
     mu, sigma = math.log(math.sqrt(lo * hi)), math.log(hi / lo) / 4
+    words = lambda k: " ".join(rng.choices(WORDS, k=k))  # noqa: E731
     pairs = []
     for i in range(n):
+        env = ENVS[i % len(ENVS)]
+        prompt = [{"role": "user", "content": load_instruction(env)},
+                  {"role": "assistant", "content": "OK"},
+                  {"role": "user", "content": f"You are in the middle of a room. Looking quickly around you, you see "
+                                              f"{words(30)}.\nYour task is to: {words(10)}."}]
+        prompt_tokens = 1.9 * sum(len(m["content"].split()) for m in prompt)  # measured with the bench tokenizer
         target = min(hi, max(lo, rng.lognormvariate(mu, sigma)))
-        turns = max(1, int(target / 45))  # ~45 tokens per action+observation round
+        turns = max(1, int((target - prompt_tokens) / 45))  # ~45 tokens per action+observation round
 
         def traj(k):
             msgs = []
             for t in range(k):
-                msgs.append({"role": "assistant", "content": f"Thought: {' '.join(rng.choices(WORDS, k=12))}.\n"
-                                                             f"Action: {' '.join(rng.choices(WORDS, k=3))}"})
+                msgs.append({"role": "assistant", "content": f"Thought: {words(12)}.\nAction: {words(3)}"})
                 if t < k - 1:
-                    msgs.append({"role": "user", "content": "Observation: " + " ".join(rng.choices(WORDS, k=18))})
+                    msgs.append({"role": "user", "content": "Observation: " + words(18)})
             return msgs
 
-        prompt = [{"role": "user", "content": "Interact with a household to solve a task. " + " ".join(rng.choices(WORDS, k=40))},
-                  {"role": "assistant", "content": "OK"},
-                  {"role": "user", "content": "Your task is to: " + " ".join(rng.choices(WORDS, k=10))}]
-        pairs.append(Pair(task_id=str(i), env="bench", prompt=prompt, chosen=traj(turns),
-                          rejected=traj(turns + rng.randint(1, 5)), chosen_reward=1.0, rejected_reward=0.0))
+        chosen, rejected = traj(turns), traj(turns + rng.randint(1, 5))
+        if turns > 1 and rng.random() < shared_opening:
+            rejected[:2] = chosen[:2]
+        pairs.append(Pair(task_id=str(i), env=env, prompt=prompt, chosen=chosen, rejected=rejected,
+                          chosen_reward=1.0, rejected_reward=0.0))
     return pairs
 
 
@@ -99,9 +135,11 @@ def worker_etokit(a) -> dict:
     tokens = tokenize_pairs(tok, pairs, max_length=None)
     max_tokens = a.max_tokens or default_max_tokens("cpu")
     cfg = DPOConfig(model=a.model, data=a.pairs, output_dir=a.tmp, batch_size=a.batch_size, learning_rate=1e-6,
-                    max_tokens_per_micro_batch=max_tokens, gradient_checkpointing=a.gradient_checkpointing)
+                    max_tokens_per_micro_batch=max_tokens)
+    if a.etokit_gradient_checkpointing is not None:
+        cfg.gradient_checkpointing = a.etokit_gradient_checkpointing
     accelerator = Accelerator(cpu=True)
-    backend = a.backend or default_backend("cpu")
+    backend = a.backend or default_backend("cpu", model.config)
     schedule = step_batches(len(tokens), cfg.batch_size, 1, 0)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -109,7 +147,7 @@ def worker_etokit(a) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     base = _rss_reset()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.eval()
     ref = sequence_logps(model, tokens.flat(), backend, max_tokens=max_tokens, pad_token_id=tok.pad_token_id).view(-1, 2)
     model.train()
@@ -119,9 +157,11 @@ def worker_etokit(a) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         n_tokens += int(sums["num_tokens"])
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "train_tokens": n_tokens, "peak_rss_delta": _status("VmHWM") - base,
-            "backend": f"{backend}, {max_tokens} tokens/forward", "steps": len(schedule)}
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    config = (f"backend {backend}, {max_tokens} tokens/forward, gradient checkpointing "
+              f"{'on' if cfg.gradient_checkpointing else 'off'}")
+    return {"seconds": seconds, "cpu_seconds": cpu, "train_tokens": n_tokens, "peak_rss_delta": _status("VmHWM") - base,
+            "config": config, "steps": len(schedule)}
 
 
 def worker_trl(a) -> dict:
@@ -136,34 +176,81 @@ def worker_trl(a) -> dict:
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model)
     rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in read_jsonl(a.pairs, "pair")]
+    micro = a.trl_micro_batch
     args = DPOConfig(
-        output_dir=a.tmp, per_device_train_batch_size=a.trl_micro_batch,
-        gradient_accumulation_steps=a.batch_size // a.trl_micro_batch, num_train_epochs=1, learning_rate=1e-6,
-        beta=0.1, max_length=None, precompute_ref_log_probs=True, precompute_ref_batch_size=a.trl_micro_batch,
-        gradient_checkpointing=a.gradient_checkpointing, use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=10_000,
-        dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        output_dir=a.tmp, per_device_train_batch_size=micro, gradient_accumulation_steps=a.batch_size // micro,
+        num_train_epochs=1, learning_rate=1e-6, beta=0.1, max_length=None, precompute_ref_log_probs=True,
+        precompute_ref_batch_size=micro, gradient_checkpointing=a.trl_gradient_checkpointing, use_cpu=True,
+        bf16=False, report_to="none", save_strategy="no", logging_steps=10_000, dataloader_num_workers=0, seed=0,
+        disable_tqdm=True,
     )
+    # TRL 1.16 runs its reference pass inside DPOTrainer.__init__, after tokenizing the dataset: the
+    # timed section (and the memory baseline) starts with that pass, so that both sides are timed
+    # over the same work (reference pass + training, no tokenization).
+    timed: dict[str, float] = {}
+    precompute = DPOTrainer._precompute_ref_logps
+
+    def timed_precompute(self, *args, **kwargs):
+        timed.update(base=_rss_reset(), t0=time.perf_counter(), c0=time.process_time())
+        return precompute(self, *args, **kwargs)
+
+    DPOTrainer._precompute_ref_logps = timed_precompute
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
-    base = _rss_reset()
-    t0 = time.perf_counter()
-    trainer.train()  # the reference pass runs inside, when the train dataloader is built
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_rss_delta": _status("VmHWM") - base, "steps": trainer.state.global_step}
+    trainer.train()
+    seconds, cpu = time.perf_counter() - timed["t0"], time.process_time() - timed["c0"]
+    base = timed["base"]
+    config = (f"micro-batch {micro} pair(s) x {a.batch_size // micro} accumulation, gradient checkpointing "
+              f"{'on' if a.trl_gradient_checkpointing else 'off'}, precomputed reference")
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_delta": _status("VmHWM") - base,
+            "steps": trainer.state.global_step, "config": config}
+
+
+def run_worker(name: str, a, tmp: Path, data_tokens: int, **overrides) -> dict:
+    """One timed run of a side in a fresh process -> its result with tokens/s."""
+    opts = {**vars(a), **overrides}
+    cmd = [sys.executable, __file__, "--worker", name, "--model", str(tmp / "model"), "--pairs",
+           str(tmp / "pairs.jsonl"), "--tmp", str(tmp / name), "--batch-size", str(opts["batch_size"]),
+           "--trl-micro-batch", str(opts["trl_micro_batch"]),
+           "--trl-gradient-checkpointing" if opts["trl_gradient_checkpointing"] else "--no-trl-gradient-checkpointing"]
+    if opts["etokit_gradient_checkpointing"] is not None:
+        cmd.append("--etokit-gradient-checkpointing" if opts["etokit_gradient_checkpointing"]
+                   else "--no-etokit-gradient-checkpointing")
+    if opts["max_tokens"]:
+        cmd += ["--max-tokens", str(opts["max_tokens"])]
+    if opts["backend"]:
+        cmd += ["--backend", opts["backend"]]
+    env = {**os.environ, "TQDM_DISABLE": "1", **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    if res.returncode or not line:
+        sys.exit(f"{name} worker failed:\n{res.stderr[-4000:]}")
+    r = json.loads(line[0][7:])
+    # both sides process every sequence twice (reference pass + training step)
+    r["tokens_per_s"] = 2 * data_tokens / r["seconds"]
+    print(f"{name:7s} {r['tokens_per_s']:9.0f} tokens/s  {r['seconds']:7.1f} s ({r['cpu_seconds']:.1f} s CPU)  "
+          f"peak RSS delta {r['peak_rss_delta'] / 2**20:7.1f} MiB  steps {r['steps']}  {r['config']}", flush=True)
+    return r
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small run (~2 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="small run (~2-3 min on 2 cores)")
     p.add_argument("--pairs-count", type=int)
     p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step (both sides)")
-    p.add_argument("--trl-micro-batch", type=int, default=2, help="TRL per-device batch (grad accumulation makes up the rest)")
-    p.add_argument("--max-tokens", type=int, help="etokit token budget per forward (default: etokit's CPU default)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="on both sides (TRL's default: on)")
+    p.add_argument("--shared-opening", type=float, default=0.5,
+                   help="fraction of pairs whose rejected trajectory repeats the chosen one's first round")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the fastest counts")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both sides (default: torch's own choice); "
                                                  "1 gives load-robust ratios on a busy shared machine")
-    p.add_argument("--backend", choices=["padded", "bucketed", "packed"], help="etokit log-prob backend (default: CPU default)")
+    p.add_argument("--backend", choices=["padded", "bucketed", "packed", "shared"],
+                   help="etokit log-prob backend (default: etokit's CPU default)")
+    p.add_argument("--max-tokens", type=int, help="etokit token budget per forward (default: etokit's CPU default)")
+    p.add_argument("--etokit-gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: etokit's default (off)")
+    p.add_argument("--trl-micro-batch", type=int, default=1, help="TRL pairs per forward (accumulation makes up the rest)")
+    p.add_argument("--trl-gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="TRL's own default is on; off measured faster here")
+    p.add_argument("--trl-sweep", action="store_true", help="time TRL alone in each configuration and name the fastest")
     p.add_argument("--worker", choices=["etokit", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--pairs", help=argparse.SUPPRESS)
@@ -176,14 +263,15 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from etokit.agent.protocol import load_instruction
     from etokit.data import write_jsonl
     from etokit.models.init_model import build_tiny_model
     from etokit.train.dpo import tokenize_pairs
 
-    n, lo, hi = (16, 150, 900) if a.quick else (64, 200, 3000)
+    n, lo, hi = (16, 500, 2000) if a.quick else (64, 500, 3000)
     n = a.pairs_count or n
     tmp = Path(tempfile.mkdtemp(prefix="etokit-bench-"))
-    pairs = make_pairs(n, lo, hi, seed=0)
+    pairs = make_pairs(n, lo, hi, seed=0, shared_opening=a.shared_opening)
     write_jsonl(tmp / "pairs.jsonl", pairs)
     corpus = [m["content"] for q in pairs[:64] for m in q.prompt + q.chosen + q.rejected]
     build_tiny_model(corpus, tmp / "model", size="small", seed=0, max_position_embeddings=8192)
@@ -191,37 +279,36 @@ def main() -> None:
     t = tokenize_pairs(tok, pairs, max_length=None)
     lengths = sorted(len(s.input_ids) for s in t.flat())
     data_tokens = sum(lengths)
+    instruction = {env: len(tok(load_instruction(env), add_special_tokens=False).input_ids) for env in ENVS}
     print(f"{n} pairs, {len(lengths)} sequences, {data_tokens} tokens; length min/median/max "
-          f"{lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}; batch {a.batch_size} pairs; {os.cpu_count()} cores, "
-          f"threads {a.threads or 'default'}; gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}", flush=True)
+          f"{lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}; instruction tokens "
+          f"{', '.join(f'{k} {v}' for k, v in instruction.items())}; common prefix "
+          f"{2 * sum(t.shared_prefix) / data_tokens:.0%} of tokens; batch {a.batch_size} pairs; {os.cpu_count()} cores, "
+          f"threads {a.threads or 'default'}", flush=True)
+
+    if a.trl_sweep:
+        runs = []
+        for gc in (True, False):
+            for micro in (1, 2, 4):
+                if a.batch_size % micro == 0:
+                    r = run_worker("trl", a, tmp, data_tokens, trl_gradient_checkpointing=gc, trl_micro_batch=micro)
+                    runs.append(r)
+        best = max(runs, key=lambda r: r["tokens_per_s"])
+        print(f"fastest TRL configuration: {best['config']} ({best['tokens_per_s']:.0f} tokens/s)")
+        return
 
     results: dict[str, dict] = {}
     for _ in range(a.repeats):
         for name in ("etokit", "trl"):
-            cmd = [sys.executable, __file__, "--worker", name, "--model", str(tmp / "model"), "--pairs",
-                   str(tmp / "pairs.jsonl"), "--tmp", str(tmp / name), "--batch-size", str(a.batch_size),
-                   "--trl-micro-batch", str(a.trl_micro_batch),
-                   "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing"]
-            if a.max_tokens:
-                cmd += ["--max-tokens", str(a.max_tokens)]
-            if a.backend:
-                cmd += ["--backend", a.backend]
-            env = {**os.environ, "TQDM_DISABLE": "1", **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
-            if res.returncode or not line:
-                sys.exit(f"{name} worker failed:\n{res.stderr[-4000:]}")
-            r = json.loads(line[0][7:])
-            # both sides process every sequence twice (reference pass + training step)
-            r["tokens_per_s"] = 2 * data_tokens / r["seconds"]
-            print(f"{name:7s} {r['tokens_per_s']:9.0f} tokens/s  {r['seconds']:7.1f} s  "
-                  f"peak RSS delta {r['peak_rss_delta'] / 2**20:7.1f} MiB  steps {r['steps']}"
-                  + (f"  backend {r['backend']}" if "backend" in r else ""), flush=True)
+            r = run_worker(name, a, tmp, data_tokens)
             best = results.setdefault(name, r)
             best["peak_rss_delta"] = max(best["peak_rss_delta"], r["peak_rss_delta"])
+            best["cpu_seconds"] = min(best["cpu_seconds"], r["cpu_seconds"])
             if r["seconds"] < best["seconds"]:
                 best.update(seconds=r["seconds"], tokens_per_s=r["tokens_per_s"])
     e, t_ = results["etokit"], results["trl"]
+    # Process CPU time is much less sensitive to other load than wall time: a cross-check.
+    print(f"CPU time: {t_['cpu_seconds'] / e['cpu_seconds']:.2f}x less than trl DPOTrainer (best runs)")
     print(f"peak memory (RSS delta): {e['peak_rss_delta'] / max(t_['peak_rss_delta'], 1):.2f}x trl DPOTrainer")
     print(f"dpo tokens/s: {e['tokens_per_s'] / t_['tokens_per_s']:.2f}x trl DPOTrainer")
 

@@ -1,5 +1,5 @@
-"""padded == bucketed == packed, per sequence and through DPO training (TRL's invariance tests
-are the model). A tiny Llama in fp32 on random tokens with random assistant masks."""
+"""padded == bucketed == packed == shared, per sequence and through DPO training (TRL's invariance
+tests are the model). A tiny Llama in fp32 on random tokens with random assistant masks."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from etokit.train import prefix_attention
+from etokit.train.common import enable_gradient_checkpointing
 from etokit.train.dpo_loss import dpo_loss
-from etokit.train.logprobs import BACKENDS, batch_logps, collate, plan, sequence_logps
-from etokit.train.packing import collate_packed
+from etokit.train.logprobs import BACKENDS, attention_for, batch_logps, collate, plan, sequence_logps
+from etokit.train.packing import collate_packed, collate_shared
 
 RTOL, ATOL = 1e-5, 1e-5
 
@@ -132,13 +134,143 @@ def test_isolation_traps_are_real(model, seqs):
                               rtol=1e-3, atol=1e-3)
 
 
+def shared_pairs(seed):
+    """(chosen, rejected) pairs whose common token prefix takes every shape the shared layout must
+    get right, in a fixed order (see the assertion in test_shared_rows_equal_direct_formula)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(n, first=None):
+        s = random_seqs(1, int(torch.randint(0, 10**6, (1,), generator=g)), lengths=[n])[0]
+        if first is not None:  # a suffix starting with a token the other side does not have there
+            s.input_ids[0] = first
+        return s
+
+    def join(*parts):
+        return Seq([t for q in parts for t in q.input_ids], [m for q in parts for m in q.loss_mask])
+
+    def masks_differ(s):  # same tokens, its own loss mask (the prefix's scored tokens differ by side)
+        return Seq(list(s.input_ids), (torch.rand(len(s.input_ids), generator=g) < 0.5).tolist())
+
+    pairs = []
+    pre = rand(30)
+    pairs.append((join(pre, rand(20, 5)), join(pre, rand(35, 6))))  # prefix ending mid-turn (random masks)
+    pre = rand(15)
+    pairs.append((join(pre, rand(9, 5)), join(masks_differ(pre), rand(12, 6))))
+    pairs.append((rand(25, 5), rand(18, 6)))  # nothing in common
+    pre = rand(22)
+    pairs.append((join(pre, rand(1, 5)), join(pre, rand(1, 6))))  # single-token suffixes
+    whole = rand(28)
+    pairs.append((whole, join(whole, rand(10))))  # chosen = a prefix of rejected: empty chosen suffix
+    pairs.append((join(whole, rand(4)), whole))  # and the other way round
+    pairs.append((whole, whole))  # identical
+    pairs.append((rand(1, 5), rand(1, 6)))  # single tokens
+    pre = rand(1)
+    pairs.append((join(pre, rand(8, 5)), join(pre, rand(3, 6))))  # one common token
+    return pairs
+
+
+def flatten(pairs):
+    return [s for pair in pairs for s in pair]
+
+
+@pytest.mark.parametrize("kernel", ["cpu-flash-blocks", "sdpa-masks"])
+def test_shared_rows_equal_direct_formula(model, kernel, monkeypatch):
+    pairs = shared_pairs(seed=4)
+    trees = collate_shared(pairs).prefix_tree
+    assert [(p, c, r) for _, p, c, r in trees] == [(30, 20, 35), (15, 9, 12), (0, 25, 18), (22, 1, 1), (28, 0, 10),
+                                                  (28, 4, 0), (28, 0, 0), (0, 1, 1), (1, 8, 3)]
+    if kernel == "sdpa-masks":  # the portable path (CUDA, or a torch without the CPU kernel)
+        monkeypatch.setattr(prefix_attention, "_CPU_FWD", None)
+    flat = flatten(pairs)
+    expected = direct_logps(model, flat)
+    # a budget that puts several pairs in one row and a long pair alone
+    got = sequence_logps(model, flat, "shared", max_tokens=90)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got, sequence_logps(model, flat, "bucketed", max_tokens=300), rtol=RTOL, atol=ATOL)
+    assert got[12] == got[13]  # identical sequences: one computation, the same sum on both sides
+
+
+def test_tree_attention_kernel_matches_masked_sdpa():
+    """The blockwise CPU kernel (merged log-sum-exps, per-block backward) against plain masked SDPA,
+    output and all three gradients, with grouped-query heads and several trees in one row."""
+    g = torch.Generator().manual_seed(0)
+    trees = ((0, 37, 50, 23), (110, 0, 5, 7), (122, 10, 0, 9), (141, 12, 1, 1), (155, 3, 0, 0), (158, 1, 1, 0))
+    q, k, v = (torch.randn(1, 160, h, 16, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+               for h in (8, 4, 4))
+    a = prefix_attention._TreeFlashCPU.apply(q, k, v, trees, None)
+    b = prefix_attention.tree_attention_sdpa(q, k, v, trees)
+    w = torch.randn(a.shape, generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad((a * w).sum(), (q, k, v))
+    gb = torch.autograd.grad((b * w).sum(), (q, k, v))
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+
+
+def test_shared_rows_isolate_suffixes_and_pairs(model):
+    """Editing a rejected suffix changes that sequence only (not its own chosen side, which shares
+    the row); editing a prefix token changes both sides of that pair and nothing else."""
+    pairs = shared_pairs(seed=5)
+    flat = flatten(pairs)
+
+    def logps(seqs):
+        with torch.no_grad(), attention_for(model, "shared", "cpu"):
+            return batch_logps(model, collate(seqs, "shared"))
+
+    base = logps(flat)
+    edited = copy.deepcopy(flat)
+    edited[1].input_ids[40] = edited[1].input_ids[40] % 96 + 1  # pair 0's rejected suffix (prefix 30)
+    changed = ~torch.isclose(logps(edited), base, rtol=1e-6, atol=1e-6)
+    assert changed.nonzero().flatten().tolist() == [1]
+    edited = copy.deepcopy(flat)
+    for s in edited[2:4]:  # pair 1's prefix, on both sides
+        s.input_ids[3] = s.input_ids[3] % 96 + 1
+    changed = ~torch.isclose(logps(edited), base, rtol=1e-6, atol=1e-6)
+    assert changed.nonzero().flatten().tolist() == [2, 3]
+
+
+def _dpo_grads(model, pairs, backend, ref):
+    model.zero_grad()
+    with attention_for(model, backend, "cpu"):
+        logps = batch_logps(model, collate(flatten(pairs), backend)).view(-1, 2)
+        loss = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=0.5).losses.sum()
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_shared_gradients_equal_unshared_with_checkpointing():
+    pairs = shared_pairs(seed=6)
+    ref = sequence_logps(tiny_llama(seed=8), flatten(pairs), "padded", micro_batch_size=4).view(-1, 2)
+    plain = tiny_llama(seed=7).train()
+    loss_b, grads_b = _dpo_grads(plain, pairs, "bucketed", ref)
+    checkpointed = tiny_llama(seed=7).train()
+    enable_gradient_checkpointing(checkpointed)
+    loss_s, grads_s = _dpo_grads(checkpointed, pairs, "shared", ref)
+    torch.testing.assert_close(loss_s, loss_b, rtol=RTOL, atol=ATOL)
+    assert any(g.abs().sum() > 0 for g in grads_b.values())
+    for name, grad in grads_b.items():
+        torch.testing.assert_close(grads_s[name], grad, rtol=1e-4, atol=1e-6)
+
+    # A checkpointed layer recomputed outside the attention switch would attend across the tree;
+    # the shared batch's guard mask makes that an error, never a silently wrong gradient.
+    with attention_for(checkpointed, "shared", "cpu"):
+        logps = batch_logps(checkpointed, collate(flatten(pairs), "shared"))
+    with pytest.raises(RuntimeError):
+        logps.sum().backward()
+
+
 def _train(backend, pairs, steps=3, beta=0.5):
-    """A few AdamW steps of DPO with one backend; returns losses and final weights."""
+    """A few SGD steps of DPO with one backend; returns losses, first-step gradients, final weights.
+
+    SGD, not AdamW: Adam divides by the gradient's own magnitude, so a coordinate whose true
+    gradient is ~0 takes a full +-lr step whose sign is fp32 summation noise, and two layouts (any
+    two, shared or not) then differ by a whole step there. SGD keeps weight differences at lr times
+    the gradient differences, so the final weights can be compared tightly."""
     model = tiny_llama(seed=5).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
     flat = [s for c, r in pairs for s in (c, r)]
     ref = sequence_logps(tiny_llama(seed=6), flat, "padded", micro_batch_size=8).view(-1, 2)
-    losses = []
+    losses, first_grads = [], None
     for _ in range(steps):
         opt.zero_grad()
         total = 0.0
@@ -147,24 +279,68 @@ def _train(backend, pairs, steps=3, beta=0.5):
         assert len(groups) > 1  # gradient accumulation over several micro-batches is exercised
         for g in groups:
             batch = collate([s for i in g for s in pairs[i]], backend)
-            logps = batch_logps(model, batch).view(-1, 2)
-            out = dpo_loss(logps[:, 0], logps[:, 1], ref[g, 0], ref[g, 1], beta=beta)
-            loss = out.losses.sum() / len(pairs)
-            loss.backward()
+            with attention_for(model, backend, "cpu"):
+                logps = batch_logps(model, batch).view(-1, 2)
+                out = dpo_loss(logps[:, 0], logps[:, 1], ref[g, 0], ref[g, 1], beta=beta)
+                loss = out.losses.sum() / len(pairs)
+                loss.backward()
             total += loss.item()
+        first_grads = first_grads or {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
         losses.append(total)
-    return losses, model.state_dict()
+    return losses, first_grads, model.state_dict()
 
 
 def test_dpo_training_identical_across_backends():
     seqs = random_seqs(20, seed=11)
-    pairs = [(seqs[2 * i], seqs[2 * i + 1]) for i in range(10)]
+    # half the pairs share a prefix (what the shared backend computes once), half share nothing
+    pairs = [(seqs[2 * i], seqs[2 * i + 1] if i % 2 else Seq(seqs[2 * i].input_ids[:12] + seqs[2 * i + 1].input_ids,
+                                                           seqs[2 * i].loss_mask[:12] + seqs[2 * i + 1].loss_mask))
+             for i in range(10)]
     results = {b: _train(b, pairs) for b in BACKENDS}
-    base_losses, base_state = results["padded"]
+    base_losses, base_grads, base_state = results["padded"]
     assert base_losses[-1] < base_losses[0]  # it actually trains
-    for b in ("bucketed", "packed"):
-        losses, state = results[b]
+    for b in ("bucketed", "packed", "shared"):
+        losses, grads, state = results[b]
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(base_losses), rtol=RTOL, atol=ATOL)
+        # fp32 sums of the same terms in another order differ by a few ulps of the LARGEST
+        # coordinate (the shared prefix's gradient is one sum, not two): atol scales with it.
+        for k in base_grads:
+            scale = base_grads[k].abs().max().item()
+            torch.testing.assert_close(grads[k], base_grads[k], rtol=1e-4, atol=1e-5 * scale)
         for k in base_state:
             torch.testing.assert_close(state[k], base_state[k], rtol=1e-4, atol=1e-5)
+
+
+def test_attention_features_the_tree_kernels_lack():
+    from transformers import Gemma2Config, MistralConfig, Qwen2Config
+
+    from etokit.train.logprobs import default_backend
+
+    assert prefix_attention.unsupported(tiny_llama().config) is None
+    mistral = MistralConfig(sliding_window=64)
+    assert "sliding-window" in prefix_attention.unsupported(mistral)  # sequence lengths unknown
+    assert prefix_attention.unsupported(mistral, longest=64) is None  # every sequence fits in the window
+    assert "sliding-window" in prefix_attention.unsupported(mistral, longest=65)
+    assert prefix_attention.unsupported(Qwen2Config(use_sliding_window=False, sliding_window=16), longest=999) is None
+    assert "soft-capping" in prefix_attention.unsupported(Gemma2Config())
+    assert default_backend("cpu", mistral, longest=65) == "bucketed"
+    assert default_backend("cpu", mistral, longest=20) == "shared" == default_backend("cpu")
+    assert default_backend("cuda") == "packed"
+
+
+def test_sliding_window_model_runs_shared_only_within_its_window():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=512, sliding_window=40)
+    cfg._attn_implementation = "sdpa"
+    model = MistralForCausalLM(cfg).eval()
+    pairs = shared_pairs(seed=9)
+    fits = [(c, r) for c, r in pairs if max(len(c.input_ids), len(r.input_ids)) <= 40]
+    assert len(fits) >= 4
+    got = sequence_logps(model, flatten(fits), "shared", max_tokens=100)
+    torch.testing.assert_close(got, direct_logps(model, flatten(fits)), rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="sliding window"):
+        sequence_logps(model, flatten(pairs), "shared", max_tokens=100)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from etokit.train.packing import bucket, chunk, collate_packed, collate_padded, pack
+from etokit.train.packing import (bucket, chunk, collate_packed, collate_padded, collate_shared, common_prefix, pack,
+                                  shared_length)
 
 
 @dataclass
@@ -52,6 +53,36 @@ def test_padded():
     assert b.position_ids.tolist() == [[0, 1, 2]] * 4
     assert b.targets.tolist() == [[False, True, False], [False] * 3, [False] * 3, [False, True, False]]
     assert b.seq_index[:, 0].tolist() == [0, 1, 2, 3] and b.seq_index[1, 1].item() == -1
+
+
+def test_shared_row_tree_positions_and_scoring():
+    # pair 0: common prefix [1, 2, 3], chosen suffix [4, 5], rejected suffix [6]; the prefix's
+    # token 3 is scored by chosen only, token 2 by both. pair 1: nothing in common.
+    chosen0 = Seq([1, 2, 3, 4, 5], [False, True, True, True, False])
+    rejected0 = Seq([1, 2, 3, 6], [True, True, False, True])
+    chosen1, rejected1 = Seq([7, 8], [False, True]), Seq([9], [True])
+    b = collate_shared([(chosen0, rejected0), (chosen1, rejected1)])
+    assert b.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    # every token keeps the position it has in its own sequence
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 0]]
+    assert b.prefix_tree == ((0, 3, 2, 1), (6, 0, 2, 1))
+    assert b.num_seqs == 4 and b.num_tokens == 12 and b.padded_tokens == 9
+    assert b.attention_mask is None and b.targets is None
+    keep, rows, labels, owners = b.scoring()
+    # logits needed: row 0 (-> 2), 1 (-> 3), 2 (-> 4 and -> 6: the rejected suffix starts from the
+    # prefix's last position, not from its left neighbour 5), 6 (-> 8); row 4 predicts nothing
+    assert keep.tolist() == [[True, True, True, False, False, False, True, False, False]]
+    kept = keep[0].nonzero().flatten()
+    got = sorted((owners[n].item(), kept[rows[n]].item(), labels[n].item()) for n in range(len(labels)))
+    assert got == [(0, 0, 2), (0, 1, 3), (0, 2, 4), (1, 0, 2), (1, 2, 6), (2, 6, 8)]
+
+
+def test_shared_lengths():
+    a, b = Seq([1, 2, 3, 4], [True] * 4), Seq([1, 2, 9], [True] * 3)
+    assert common_prefix(a.input_ids, b.input_ids) == 2 and shared_length(a, b) == 5
+    assert common_prefix([1, 2], [1, 2, 3]) == 2 and common_prefix([1, 2], [1, 2]) == 2 and common_prefix([5], [6]) == 0
+    b = collate_shared([(a, a)])  # identical sides: a tree with two empty suffixes
+    assert b.prefix_tree == ((0, 4, 0, 0),) and b.input_ids.tolist() == [[1, 2, 3, 4]]
 
 
 def test_bad_sequences():

@@ -95,15 +95,40 @@ def test_truncation_counted_and_never_silent(assets, tmp_path, capsys):
         run(assets, tmp_path / "b", "--max-length", "20")
 
 
-def test_backends_give_the_same_training(assets, tmp_path):
-    logs = {b: run(assets, tmp_path / b, "--backend", b, "--micro-batch-size", "1",
-                   "--max-tokens-per-micro-batch", "500")
-            for b in ("padded", "bucketed", "packed")}
+def test_backends_give_the_same_training(assets, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    logs = {}
+    for b in ("padded", "bucketed", "packed", "shared"):
+        logs[b] = run(assets, tmp_path / b, "--backend", b, "--micro-batch-size", "1",
+                      "--max-tokens-per-micro-batch", "500", cache=cache)
+        # one reference pass (padded's), reused by every layout: the cache key holds no backend
+        assert ("cache hit" if b != "padded" else "computed") in capsys.readouterr().out
     losses = {b: torch.tensor([r["loss"] for r in log]) for b, log in logs.items()}
     assert len(losses["padded"]) == 2
+    # step 1: policy == reference whichever layout computed either, to fp32 rounding of the sums
+    # (a few hundred nats each; beta 0.1 and the sigmoid shrink their ~1e-7 relative difference)
+    assert losses["shared"][0] == pytest.approx(math.log(2), rel=1e-5)
     # fp32 summation order differs between layouts; lr 1e-3 amplifies it a little per step
-    torch.testing.assert_close(losses["packed"], losses["padded"], rtol=5e-5, atol=1e-6)
-    torch.testing.assert_close(losses["bucketed"], losses["padded"], rtol=5e-5, atol=1e-6)
+    for b in ("bucketed", "packed", "shared"):
+        torch.testing.assert_close(losses[b], losses["padded"], rtol=5e-5, atol=1e-6)
+
+
+def test_model_the_tree_kernels_cannot_run_goes_unshared(assets, tmp_path, capsys):
+    """A sliding window shorter than the pairs: auto picks the unshared layout, an explicit
+    --backend shared is a one-line error naming the alternative."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(assets / "tiny")
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16, tie_word_embeddings=True)
+    MistralForCausalLM(cfg).save_pretrained(tmp_path / "mistral")
+    tok.save_pretrained(tmp_path / "mistral")
+    args = ["--model", str(tmp_path / "mistral"), "--data", str(assets / "pairs.jsonl"), "--batch-size", "4",
+            "--max-steps", "1", "--ref-cache-dir", str(tmp_path / "cache"), "--report-to", "none"]
+    log = _load_script().main([*args, "--output-dir", str(tmp_path / "auto")]) or read_log(tmp_path / "auto")
+    assert "log-prob backend bucketed" in capsys.readouterr().out and len(log) == 1
+    with pytest.raises(EtokitError, match=r"--backend shared: .* sliding-window attention \(16 tokens\).*--backend bucketed"):
+        _load_script().main([*args, "--output-dir", str(tmp_path / "shared"), "--backend", "shared"])
 
 
 def test_lora_reference_is_the_base_model(assets, tmp_path):

@@ -19,7 +19,8 @@ import torch
 from etokit.errors import EtokitError
 from etokit.train.config import SCHEDULERS, TrainConfig
 from etokit.train.dpo_loss import dpo_loss, dpo_metrics
-from etokit.train.logprobs import BACKENDS, batch_logps, collate, plan
+from etokit.train.logprobs import BACKENDS, attention_for, batch_logps, collate, plan
+from etokit.train.packing import shared_length
 
 
 @dataclass(kw_only=True)
@@ -34,10 +35,12 @@ class DPOConfig(TrainConfig):
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps"})
     batch_size: int = field(default=32, metadata={"gt": 0, "help": "pairs per optimizer step, all processes together"})
     backend: str = field(default="auto", metadata={"choices": ["auto", *BACKENDS],
-                                                   "help": "log-prob layout (auto: packed on CUDA, bucketed on CPU)"})
+                                                   "help": "log-prob layout (auto: packed on CUDA, shared on CPU: each "
+                                                           "pair's common prefix computed once; bucketed = no sharing)"})
     max_tokens_per_micro_batch: int | None = field(default=None, metadata={"gt": 0,
-                                                   "help": "token budget of one forward (padded size for bucketed); "
-                                                           "default 2048 on CPU, 16384 on CUDA"})
+                                                   "help": "token budget of one forward (padded size for bucketed, "
+                                                           "prefix counted once for shared); default 2048 on CPU, "
+                                                           "16384 on CUDA"})
     micro_batch_size: int = field(default=2, metadata={"gt": 0, "help": "pairs per forward with --backend padded"})
     lora_dropout: float = 0.0
     ref_cache_dir: str | None = field(default=None, metadata={"help": "reference log-prob cache (default $HF_HOME/etokit/ref-logps)"})
@@ -117,6 +120,8 @@ def micro_batches(tokens: PairTokens, pair_ids: Sequence[int], backend: str, cfg
     """This process's pairs split into forward passes (both sides of a pair always together)."""
     if backend == "bucketed":
         lengths = [2 * max(len(tokens.chosen[i].input_ids), len(tokens.rejected[i].input_ids)) for i in pair_ids]
+    elif backend == "shared":
+        lengths = [shared_length(tokens.chosen[i], tokens.rejected[i]) for i in pair_ids]
     else:
         lengths = [len(tokens.chosen[i].input_ids) + len(tokens.rejected[i].input_ids) for i in pair_ids]
     groups = plan(lengths, backend, cfg.max_tokens_per_micro_batch, cfg.micro_batch_size)
@@ -137,9 +142,11 @@ def train_step(accelerator, model, tokens: PairTokens, ref_logps: torch.Tensor, 
     for k, g in enumerate(groups):
         seqs = [s for i in g for s in (tokens.chosen[i], tokens.rejected[i])]
         batch = collate(seqs, backend, pad_token_id).to(accelerator.device)
-        # DDP all-reduces once per step: on the last micro-batch of this process.
+        # DDP all-reduces once per step: on the last micro-batch of this process. Shared rows need
+        # their attention through backward too, where checkpointed layers recompute their forward.
         sync = accelerator.no_sync(model) if k < len(groups) - 1 else contextlib.nullcontext()
-        with sync:
+        tree = attention_for(model, backend, accelerator.device) if backend == "shared" else contextlib.nullcontext()
+        with sync, tree:
             logps = batch_logps(model, batch).view(-1, 2)
             ref = ref_logps[g].to(logps.device)
             out = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=cfg.beta)
