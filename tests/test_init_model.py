@@ -38,6 +38,38 @@ def test_vocabulary_is_the_configured_size(built):
     assert model.get_input_embeddings().weight.shape[0] == 400
 
 
+def test_tokenizer_equals_its_sentencepiece_model_and_keeps_words_whole(built):
+    import io
+
+    import sentencepiece as spm
+
+    from etokit.models.init_model import _train_spm
+
+    out, model, tokenizer = built
+    proto = io.BytesIO()
+    _train_spm([t for t in TEXTS if t.strip()], 400, proto)
+    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    unseen = ["Zebra quux 123 \u00c5\u00e4 \u4e2d\u6587!", "  two  spaces\nand a newline", ""]
+    for text in TEXTS[:50] + TEXTS[-20:] + unseen:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids == sp.encode(text), text  # the same segmentation as SentencePiece itself
+        assert tokenizer.decode(ids) == text  # and lossless, byte fallback included
+
+
+def test_words_of_a_small_game_corpus_are_single_tokens():
+    """BPE fills the vocabulary with the corpus's words; the unigram trainer stopped at ~540 pieces
+    on such a corpus and split frequent words ("take" -> "ta" "ke"), making sequences ~40% longer."""
+    from etokit.models.init_model import train_tokenizer
+
+    texts = [m["content"] for i in range(30) for m in trajectory(f"task-{i}", 1.0).messages]
+    tokenizer = train_tokenizer(texts, 512)
+    words = {w.strip(".,:") for t in texts for w in t.split()}
+    frequent = sorted(words, key=lambda w: -sum(t.count(w) for t in texts))[:10]
+    for word in frequent:
+        # a word starting a line has no leading space: either spelling is one token
+        assert 1 in (len(tokenizer.tokenize(word)), len(tokenizer.tokenize(" " + word))), word
+
+
 def test_reloads_with_auto_classes(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
