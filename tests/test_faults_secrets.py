@@ -228,3 +228,21 @@ def test_every_from_pretrained_states_the_loading_policy():
         if is_model and "gguf_file" not in keywords:
             assert isinstance(keywords.get("use_safetensors"), ast.Constant) and \
                 keywords["use_safetensors"].value is True, f"{where}: weights must load with use_safetensors=True"
+
+
+def test_eval_runs_custom_code_only_with_the_flag(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from etokit.cli import app
+
+    marker = tmp_path / "RAN"
+    model_dir = _remote_code_model(tiny, tmp_path / "remote", marker)
+    argv = ["eval", "--model", str(model_dir), "--env", "textworld-express", "--split", "test-seen", "--limit", "1",
+            "--max-steps", "1", "--max-new-tokens", "4", "--no-icl", "--out", str(tmp_path / "eval.json")]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2 and "--trust-remote-code" in result.output, result.output
+    assert not marker.exists() and not (tmp_path / "eval.json").exists()
+
+    result = CliRunner().invoke(app, argv + ["--trust-remote-code"])  # the user opted in
+    assert result.exit_code == 0, result.output
+    assert marker.exists() and json.loads((tmp_path / "eval.json").read_text())["episodes"] == 1

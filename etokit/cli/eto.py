@@ -38,6 +38,9 @@ MaxStepsOpt = Annotated[
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights dtype: auto (the checkpoint's), float32, bfloat16 or "
                                                        "float16.")]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Run Python code shipped with the model (auto_map). Off by default: only opt in for "
+                                "a repo you trust.")]
 NoIclOpt = Annotated[bool, typer.Option("--no-icl", help="Leave the 1-shot example out of the prompt (the paper keeps "
                                                          "it at exploration and evaluation).")]
 
@@ -69,7 +72,7 @@ _EVAL_EXAMPLES = """
 # ------------------------------------------------------------------------------------ shared
 
 
-def _load_policy(model: str, dtype: str):
+def _load_policy(model: str, dtype: str, trust_remote_code: bool = False):
     import torch
     from accelerate import PartialState
 
@@ -83,7 +86,7 @@ def _load_policy(model: str, dtype: str):
     sha = model_revision(name, revision)
     with console.status(f"Loading {model}..."):
         policy, tokenizer = load_model_and_tokenizer(name, revision=sha if not sha.startswith("local:") else revision,
-                                                     dtype=dtypes[dtype])
+                                                     dtype=dtypes[dtype], trust_remote_code=trust_remote_code)
     policy.to(PartialState().device).eval()
     return name, sha, policy, tokenizer
 
@@ -163,6 +166,7 @@ def explore(
     max_steps: MaxStepsOpt = None,
     no_icl: NoIclOpt = False,
     dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Let the policy play every task of a split and record each episode as a trajectory (ETO's
     exploration phase). Episodes are batched: one generate call per step for all live episodes.
@@ -185,7 +189,7 @@ def explore(
         _merge_parts(out, parts, None)  # left over by an interrupted multi-process run
     state.wait_for_everyone()
 
-    name, sha, policy, tokenizer = _load_policy(model, dtype)
+    name, sha, policy, tokenizer = _load_policy(model, dtype, trust_remote_code)
     config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            icl=not no_icl, seed=seed, max_steps=max_steps)
     envs = open_envs(env, batch_size)
@@ -328,6 +332,7 @@ def eval_(
     max_steps: MaxStepsOpt = None,
     no_icl: NoIclOpt = False,
     dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Evaluate a policy on a test split: greedy decoding with the 1-shot prompt (as the paper),
     reporting average reward x100, success rate, average steps and invalid-action rate."""
@@ -343,7 +348,7 @@ def eval_(
             raise EtokitError(f"{path}: expected a {suffix} file")
     _check_env_split(env, split)
     state = PartialState()
-    name, sha, policy, tokenizer = _load_policy(model, dtype)
+    name, sha, policy, tokenizer = _load_policy(model, dtype, trust_remote_code)
     config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, icl=not no_icl, max_steps=max_steps)
     envs = open_envs(env, batch_size)
     try:
