@@ -29,11 +29,13 @@ def summarize(trajectories: Iterable[Trajectory]) -> EvalResult:
     n = len(scored)
     steps = sum(t.num_steps for t in scored)
     invalid = sum(int(t.extra.get("invalid_actions", 0)) for t in scored)
+    # The agent's replies: a step-wise episode's replayed expert steps are not the agent's.
+    replies = steps - sum(int((t.extra.get("step_wise") or {}).get("prefix_steps", 0)) for t in scored)
     return EvalResult(
         episodes=n,
         avg_reward=100 * sum(t.reward for t in scored) / n if n else 0.0,
         success_rate=sum(bool(t.success) for t in scored) / n if n else 0.0,
         avg_steps=steps / n if n else 0.0,
-        invalid_action_rate=invalid / steps if steps else 0.0,
+        invalid_action_rate=invalid / replies if replies else 0.0,
         errors=len(trajectories) - n,
     )

@@ -11,6 +11,12 @@ Conversations follow the agent protocol: instruction, "OK", the 1-shot example (
 never recorded), the task turn, then Thought/Action replies and observations. A reply without an
 ``Action:`` line gets INVALID_FORMAT_OBS and still counts as a step; the environment's
 ``max_steps`` ends the episode. A recorded trajectory ends on the agent's last reply.
+
+Step-wise episodes (paper App. B) start from a teacher-forced expert prefix: the environment is
+reset, the expert's first t-1 actions are replayed in it, the conversation holds the expert's
+turns and observations of those steps, and the agent plays on from step t. The environment must
+say what the expert saw: a replayed step whose observation differs from the expert's, or that
+ends the episode, is recorded as an error (the prefix would not be the state the agent is in).
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from etokit.agent.protocol import INVALID_FORMAT_OBS, STOP_STRINGS, build_prompt, format_observation, parse_action
 from etokit.data.schema import Message, Trajectory
 from etokit.envs.base import Env
 from etokit.errors import EtokitError
 from etokit.faults import faultpoint
+from etokit.pairs import PROMPT_LEN
 
 # A model can reply with nothing at all (an end-of-turn token first). Trajectory files reject
 # empty turns, so such a reply is recorded as this text; ``extra["empty_replies"]`` lists the
@@ -57,10 +64,20 @@ class ExploreConfig:
 
 @dataclass(frozen=True)
 class Job:
-    """One episode to play: a task and which sample of it (Best-of-N / self-play)."""
+    """One episode to play: a task, which sample of it (Best-of-N / self-play) and, for a
+    step-wise episode, how many of the expert's steps are replayed before the agent plays."""
 
     task_id: str
     sample: int = 0
+    # None: an ordinary episode. t-1 >= 0: step-wise from step t (0 differs from None: a step-wise
+    # episode from step 1 plays like an ordinary one but belongs to the step-wise pairs).
+    prefix_steps: int | None = None
+
+
+class PrefixError(Exception):
+    """The expert prefix of a step-wise episode cannot be replayed (the expert's action has no
+    ``Action:`` line, the environment ends the episode or shows another observation). The same
+    replay fails the same way, so unlike an environment failure it is not retried."""
 
 
 @dataclass
@@ -80,6 +97,7 @@ class _Episode:
     error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     attempt: int = 0  # 0 = first try; n = n-th replay after an environment failure
+    prefix_steps: int = 0  # expert steps replayed before the agent's first reply (step-wise)
 
 
 def model_revision(model: str, revision: str | None) -> str:
@@ -205,9 +223,11 @@ def cut_at_stop(text: str) -> str:
 
 def run_episodes(generator: Generator, envs: Sequence[Env], jobs: Sequence[Job], *, split: str,
                  model_name: str | None = None, model_revision: str | None = None,
-                 on_step: Callable[[int], None] | None = None) -> Iterator[Trajectory]:
+                 on_step: Callable[[int], None] | None = None,
+                 experts: Mapping[str, Trajectory] | None = None) -> Iterator[Trajectory]:
     """Play ``jobs`` with up to ``len(envs)`` episodes in flight; yield each Trajectory as it ends
-    (completion order). ``on_step(n)`` is called after each batched step with the live count."""
+    (completion order). ``on_step(n)`` is called after each batched step with the live count.
+    Step-wise jobs replay the prefix of ``experts[task_id]`` (see index_experts)."""
     config = generator.config
     if config.temperature > 0:
         import torch
@@ -225,9 +245,11 @@ def run_episodes(generator: Generator, envs: Sequence[Env], jobs: Sequence[Job],
                 while slots[i] is None and queue:
                     job, attempt = queue.popleft()
                     try:
-                        slots[i] = _start(env, job, config, attempt)
+                        slots[i] = _start(env, job, config, attempt, experts)
                     except EtokitError:
                         raise
+                    except PrefixError as e:
+                        yield _failed_reset(env, job, split, model_name, model_revision, config, e, stop="prefix")
                     except Exception as e:  # the env failed at reset: the same as failing at a step
                         if attempt < config.env_retries:
                             queue.appendleft((job, attempt + 1))
@@ -245,6 +267,10 @@ def run_episodes(generator: Generator, envs: Sequence[Env], jobs: Sequence[Job],
                             f"{generator.config.max_new_tokens} it exceeds the model's context of "
                             f"{generator.max_context} tokens")
                     ep.done, ep.stop = True, "context"
+                    if ep.steps == ep.prefix_steps:  # a step-wise episode whose prefix leaves no room to act
+                        ep.stop, ep.error = "prefix", (f"the prompt and the {ep.prefix_steps}-step expert prefix "
+                                                       f"are {len(ids)} tokens: no room for a reply within the "
+                                                       f"model's context of {generator.max_context} tokens")
             active = [(ep, ids) for ep, ids in zip(live, encoded) if not ep.done]
             if active:
                 replies = generator.generate([ids for _, ids in active])
@@ -255,7 +281,7 @@ def run_episodes(generator: Generator, envs: Sequence[Env], jobs: Sequence[Job],
             for i, ep in enumerate(slots):
                 if ep is not None and ep.done:
                     slots[i] = None
-                    if ep.error is not None and ep.attempt < config.env_retries:
+                    if ep.stop == "error" and ep.attempt < config.env_retries:
                         queue.appendleft((ep.job, ep.attempt + 1))  # replayed next, from its reset
                         continue
                     yield _trajectory(ep, split, model_name, model_revision, config)
@@ -280,20 +306,68 @@ class _Inline:
         return map(fn, items)
 
 
-def _start(env: Env, job: Job, config: ExploreConfig, attempt: int = 0) -> _Episode:
+def _start(env: Env, job: Job, config: ExploreConfig, attempt: int = 0,
+           experts: Mapping[str, Trajectory] | None = None) -> _Episode:
+    expert = None
+    if job.prefix_steps is not None:
+        expert = (experts or {}).get(job.task_id)
+        if expert is None:
+            raise EtokitError(f"task {job.task_id!r}: a step-wise job needs the task's expert trajectory")
     reset = env.reset(job.task_id)
     messages = build_prompt(env.name, reset, icl=config.icl)
     icl_len = len(messages) - 3
     info = {k: v for k, v in reset.info.items() if k == "game_file"}
-    return _Episode(job=job, env=env, prompt_len=len(messages), icl_len=icl_len, messages=messages,
-                    max_steps=config.max_steps or env.max_steps, info=info, attempt=attempt)
+    ep = _Episode(job=job, env=env, prompt_len=len(messages), icl_len=icl_len, messages=messages,
+                  max_steps=config.max_steps or env.max_steps, info=info, attempt=attempt)
+    if expert is not None:
+        ep.info["step_wise"] = _step_wise(job, expert_steps(expert))  # recorded in the trajectory's extra
+        _replay_prefix(ep, expert, job.prefix_steps or 0)
+    return ep
+
+
+def _replay_prefix(ep: _Episode, expert: Trajectory, prefix_steps: int) -> None:
+    """Teacher-force the expert's first ``prefix_steps`` steps: step them in the environment and
+    append the expert's own turns, so the agent's step t sees what the expert saw."""
+    if prefix_steps >= ep.max_steps:
+        raise PrefixError(f"a prefix of {prefix_steps} expert steps leaves none of the {ep.max_steps} steps to "
+                          "the agent")
+    turns = expert.messages[PROMPT_LEN:]
+    if len(turns) < 2 * prefix_steps + 1:
+        raise PrefixError(f"the expert has {expert_steps(expert)} steps, fewer than the prefix of {prefix_steps} + 1")
+    for i in range(prefix_steps):
+        reply, observation = turns[2 * i], turns[2 * i + 1]
+        action = parse_action(reply["content"])
+        if reply["role"] != "assistant" or observation["role"] != "user" or action is None:
+            raise PrefixError(f"expert step {i + 1}: expected an agent turn with an Action: line and its observation")
+        result = ep.env.step(action)  # an exception here is an environment failure: retried from the reset
+        if result.done:
+            raise PrefixError(f"the environment ended the episode at expert step {i + 1} of the "
+                              f"{prefix_steps}-step prefix (reward {result.reward:g})")
+        seen = format_observation(result.observation)
+        if seen.split() != observation["content"].split():  # whitespace aside, the same text
+            raise PrefixError(f"after expert step {i + 1} ({action!r}) the environment shows {seen[:80]!r}, the "
+                              f"expert saw {observation['content'][:80]!r}")
+        ep.messages += [dict(reply), dict(observation)]
+        ep.reward = result.reward
+    ep.steps = ep.prefix_steps = prefix_steps
+
+
+def _step_wise(job: Job, expert_n: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"prefix_steps": job.prefix_steps}
+    if expert_n is not None:
+        out["expert_steps"] = expert_n
+    return out
 
 
 def _failed_reset(env: Env, job: Job, split: str, model_name: str | None, revision: str | None,
-                  config: ExploreConfig, e: Exception) -> Trajectory:
-    """The error record of an episode whose environment never started it (no turns)."""
-    extra: dict[str, Any] = {"sample": job.sample, "stopped": "error", "error": _last_line(e)}
-    if config.env_retries:
+                  config: ExploreConfig, e: Exception, stop: str = "error") -> Trajectory:
+    """The error record of an episode whose environment never started it (no turns), or whose
+    expert prefix could not be replayed (``stop="prefix"``)."""
+    extra: dict[str, Any] = {"sample": job.sample, "stopped": stop,
+                             "error": _last_line(e) if stop == "error" else str(e)}
+    if job.prefix_steps is not None:
+        extra["step_wise"] = _step_wise(job)
+    if config.env_retries and stop == "error":
         extra["env_retries"] = config.env_retries
     return Trajectory(task_id=job.task_id, env=env.name, split=split, messages=[], reward=0.0, num_steps=0,
                       source="explore", model=model_name, model_revision=revision, seed=config.seed + job.sample,
@@ -362,9 +436,60 @@ def merge_shards(jobs: Sequence[Job], shards: Sequence[Sequence[Trajectory]]) ->
 
 
 def job_of(t: Trajectory) -> Job:
-    return Job(t.task_id, int(t.extra.get("sample", 0)))
+    step_wise = t.extra.get("step_wise")
+    prefix = int(step_wise["prefix_steps"]) if isinstance(step_wise, dict) else None
+    return Job(t.task_id, int(t.extra.get("sample", 0)), prefix)
 
 
 def plan_jobs(task_ids: Sequence[str], samples_per_task: int, done: set[Job] | frozenset = frozenset()) -> list[Job]:
     """Every (task, sample) not already recorded in ``done``."""
     return [job for t in task_ids for s in range(samples_per_task) if (job := Job(t, s)) not in done]
+
+
+# ----------------------------------------------------------------------------------- step-wise
+
+
+def expert_steps(expert: Trajectory) -> int:
+    """N, the expert's agent steps: its assistant turns after the prompt."""
+    return sum(m["role"] == "assistant" for m in expert.messages[PROMPT_LEN:])
+
+
+def index_experts(experts: Sequence[Trajectory], *, path: str | Path | None = None) -> dict[str, Trajectory]:
+    """The expert of each task id (the first row of a task wins, as in the pairs), checked for
+    step-wise replay: the protocol's prompt, then agent turns that each carry an ``Action:`` line.
+    Errors name the file, row and message."""
+    from etokit.data.validate import DataError
+
+    by_task: dict[str, Trajectory] = {}
+    for row, t in enumerate(experts):
+        def error(problem: str, field: str = "messages") -> DataError:
+            return DataError(problem, path=path, row=row, record_id=t.task_id, field=field,
+                             where=None if path is not None else f"expert of task {t.task_id!r}")
+
+        if [m["role"] for m in t.messages[:PROMPT_LEN]] != ["user", "assistant", "user"]:
+            raise error("expected the instruction (user), \"OK\" (assistant) and the task (user) first")
+        if not expert_steps(t):
+            raise error("no agent turn after the task: nothing to replay")
+        for j, m in enumerate(t.messages[PROMPT_LEN:], PROMPT_LEN):
+            if m["role"] == "assistant" and parse_action(m["content"]) is None:
+                raise error("an expert turn without an Action: line cannot be replayed", f"messages[{j}].content")
+        by_task.setdefault(t.task_id, t)
+    return by_task
+
+
+def plan_step_jobs(experts: Mapping[str, Trajectory], steps_per_task: int | None, *, seed: int,
+                   samples_per_task: int = 1, done: set[Job] | frozenset = frozenset()) -> list[Job]:
+    """Step-wise jobs: per task, ``steps_per_task`` distinct steps t in [1, N] (all of them when
+    None or >= N), each played from the expert's first t-1 steps; minus those in ``done``. Each
+    task's steps are the first K of a shuffle seeded by (seed, task id): they do not depend on
+    which other tasks are played (--limit, sharding), and a larger K extends a smaller one (a
+    re-run with more steps per task adds to what is recorded)."""
+    jobs = []
+    for task_id, expert in experts.items():
+        steps = list(range(1, expert_steps(expert) + 1))
+        if steps_per_task is not None and steps_per_task < len(steps):
+            random.Random(f"{seed}/{task_id}").shuffle(steps)
+            steps = sorted(steps[:steps_per_task])
+        jobs += [job for t in steps for s in range(samples_per_task)
+                 if (job := Job(task_id, s, t - 1)) not in done]
+    return jobs

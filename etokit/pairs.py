@@ -11,13 +11,20 @@ chosen and rejected are the turns after it, each ending on an agent turn. On Web
 ScienceWorld a losing agent trajectory is cut to the expert's length + 5 rounds, so DPO does not
 push down a long tail of turns the expert never had to take.
 
+Step mode (paper App. B) uses step-wise episodes (``etokit explore --step-wise-expert``): the
+expert's first t-1 steps were teacher-forced, the agent played from step t. Each episode's final
+reward is compared with the expert's by the same rule; the prompt also holds the shared prefix
+(the expert's steps 1..t-1 and their observations) and chosen/rejected are the two continuations
+from step t. Mixture mode is the union of trajectory and step pairs. Each mode only reads its own
+kind of episode (ordinary or step-wise: ``extra["step_wise"]``), so one file can hold both.
+
 Self-play mode needs no expert: for each task, the agent's best sample is chosen and its worst
 rejected (the same cut applies); tasks whose samples all score the same are ties.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import PurePosixPath
 from typing import Iterable
 
@@ -30,6 +37,9 @@ EXTRA_ROUNDS = 5  # a round = one agent turn + its observation
 PROMPT_LEN = 3  # instruction, "OK", task turn
 
 
+PAIR_MODES = ("trajectory", "step", "mixture", "self-play")
+
+
 @dataclass
 class PairStats:
     win: int = 0
@@ -39,9 +49,24 @@ class PairStats:
     # Pairs that cannot train DPO: a side with no agent turn, or chosen == rejected.
     unusable: int = 0
     pairs: int = 0
+    # Mixture mode: the counts of each mode ("trajectory", "step"); the fields above are their sums.
+    by_mode: dict[str, "PairStats"] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def to_dict(self) -> dict:
+        out: dict = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "by_mode"}
+        if self.by_mode:
+            out["by_mode"] = {mode: stats.to_dict() for mode, stats in self.by_mode.items()}
+        return out
+
+    @classmethod
+    def total(cls, by_mode: dict[str, "PairStats"]) -> "PairStats":
+        counts = {f.name: sum(getattr(s, f.name) for s in by_mode.values()) for f in fields(cls) if f.name != "by_mode"}
+        return cls(**counts, by_mode=dict(by_mode))
+
+
+def is_step_wise(t: Trajectory) -> bool:
+    """An episode played from a teacher-forced expert prefix (``etokit explore --step-wise-expert``)."""
+    return isinstance(t.extra.get("step_wise"), dict)
 
 
 def task_key(t: Trajectory) -> str:
@@ -55,14 +80,19 @@ def task_key(t: Trajectory) -> str:
     return trials[-1] if trials else str(game_file)
 
 
-def _split(t: Trajectory, what: str) -> tuple[list[Message], list[Message]]:
-    """(prompt, turns after it) with any trailing observation dropped."""
+def _split(t: Trajectory, what: str, prefix_steps: int = 0) -> tuple[list[Message], list[Message]]:
+    """(prompt, turns after it) with any trailing observation dropped. A step-wise prompt also
+    holds the ``prefix_steps`` teacher-forced steps (agent turn + observation each)."""
     msgs = t.messages
     if len(msgs) < PROMPT_LEN or [m["role"] for m in msgs[:PROMPT_LEN]] != ["user", "assistant", "user"]:
         raise DataError(f"{what} trajectory does not start with instruction (user), \"OK\" (assistant) and the task "
                         "(user), the layout of the agent protocol", where=f"task {t.task_id!r}", field="messages")
-    turns = _drop_trailing_observations(msgs[PROMPT_LEN:])
-    return [dict(m) for m in msgs[:PROMPT_LEN]], [dict(m) for m in turns]
+    end = PROMPT_LEN + 2 * prefix_steps
+    if [m["role"] for m in msgs[PROMPT_LEN:end]] != ["assistant", "user"] * prefix_steps:
+        raise DataError(f"{what} trajectory has no {prefix_steps}-step prefix of agent turns and observations after "
+                        "the task", where=f"task {t.task_id!r}", field="messages")
+    turns = _drop_trailing_observations(msgs[end:])
+    return [dict(m) for m in msgs[:end]], [dict(m) for m in turns]
 
 
 def _drop_trailing_observations(turns: list[Message]) -> list[Message]:
@@ -79,15 +109,17 @@ def _cut(env: str, rejected: list[Message], chosen: list[Message]) -> list[Messa
 
 
 def _pair(chosen_t: Trajectory, rejected_t: Trajectory, *, outcome: str | None, mode: str, iteration: int | None,
-          stats: PairStats, cut_rejected: bool) -> Pair | None:
-    prompt, chosen = _split(chosen_t, "chosen")
-    _, rejected = _split(rejected_t, "rejected")
+          stats: PairStats, cut_rejected: bool, prefix_steps: int | None = None) -> Pair | None:
+    prompt, chosen = _split(chosen_t, "chosen", prefix_steps or 0)
+    _, rejected = _split(rejected_t, "rejected", prefix_steps or 0)
     if cut_rejected:
         rejected = _cut(chosen_t.env, rejected, chosen)
     if not chosen or not rejected or chosen == rejected:
         stats.unusable += 1
         return None
-    extra = {"chosen_source": chosen_t.source, "rejected_source": rejected_t.source}
+    extra: dict = {"chosen_source": chosen_t.source, "rejected_source": rejected_t.source}
+    if prefix_steps is not None:
+        extra["prefix_steps"] = prefix_steps
     for side, t in (("chosen", chosen_t), ("rejected", rejected_t)):
         if t.seed is not None:
             extra[f"{side}_seed"] = t.seed
@@ -104,42 +136,100 @@ def trajectory_pairs(experts: Iterable[Trajectory], explored: Iterable[Trajector
     """ETO's trajectory-wise pairs: each explored trajectory against the expert of its task.
 
     Several explored samples of one task each give their own comparison (the official code has
-    one sample per task, where this is the same rule).
+    one sample per task, where this is the same rule). Step-wise episodes are left to step_pairs.
     """
+    by_key = _by_key(experts)
+    stats, pairs = PairStats(), []
+    for agent in explored:
+        if is_step_wise(agent):
+            continue
+        expert = _expert_of(agent, by_key, stats)
+        if expert is not None:
+            _compare(expert, agent, mode="trajectory", iteration=iteration, stats=stats, pairs=pairs)
+    return pairs, stats
+
+
+def step_pairs(experts: Iterable[Trajectory], explored: Iterable[Trajectory], *,
+               iteration: int | None = None) -> tuple[list[Pair], PairStats]:
+    """Step-wise pairs (paper App. B): each step-wise episode's final reward against the expert's on
+    its task, by the trajectory rule. The prompt is the usual prompt plus the teacher-forced expert
+    prefix (steps 1..t-1), chosen/rejected the expert's and the agent's turns from step t on.
+    Ordinary episodes are left to trajectory_pairs."""
+    by_key = _by_key(experts)
+    stats, pairs = PairStats(), []
+    for agent in explored:
+        if not is_step_wise(agent):
+            continue
+        expert = _expert_of(agent, by_key, stats)
+        if expert is None:
+            continue
+        prefix_steps = agent.extra["step_wise"].get("prefix_steps")
+        where = f"task {agent.task_id!r}, step-wise episode"
+        if not isinstance(prefix_steps, int) or isinstance(prefix_steps, bool) or prefix_steps < 0:
+            raise DataError(f"expected a non-negative integer, got {prefix_steps!r}", where=where,
+                            field="extra.step_wise.prefix_steps")
+        end = PROMPT_LEN + 2 * prefix_steps
+        # Both sides must continue the same state: the agent's prefix is the expert's own turns.
+        if len(expert.messages) <= end or agent.messages[PROMPT_LEN:end] != expert.messages[PROMPT_LEN:end]:
+            raise DataError(f"its {prefix_steps}-step prefix is not the first {prefix_steps} steps of this expert "
+                            "(explored with another expert file?)", where=where, field="messages")
+        _compare(expert, agent, mode="step", iteration=iteration, stats=stats, pairs=pairs, prefix_steps=prefix_steps)
+    return pairs, stats
+
+
+def mixture_pairs(experts: Iterable[Trajectory], explored: Iterable[Trajectory], *,
+                  iteration: int | None = None) -> tuple[list[Pair], PairStats]:
+    """The union of trajectory pairs (ordinary episodes) and step pairs (step-wise episodes); the
+    stats hold each mode's counts under ``by_mode`` and their sums."""
+    experts, explored = list(experts), list(explored)
+    trajectory, trajectory_stats = trajectory_pairs(experts, explored, iteration=iteration)
+    step, step_stats = step_pairs(experts, explored, iteration=iteration)
+    return trajectory + step, PairStats.total({"trajectory": trajectory_stats, "step": step_stats})
+
+
+def _by_key(experts: Iterable[Trajectory]) -> dict[str, Trajectory]:
     by_key: dict[str, Trajectory] = {}
     for t in experts:
         by_key.setdefault(task_key(t), t)
-    stats, pairs = PairStats(), []
-    for agent in explored:
-        expert = by_key.get(task_key(agent))
-        if expert is None:
-            stats.missing_expert += 1
-            continue
-        if expert.env != agent.env:
-            raise DataError(f"the expert is from env {expert.env!r} but the explored trajectory from {agent.env!r}",
-                            where=f"task {agent.task_id!r}", field="env")
-        if agent.reward < expert.reward:
-            stats.lose += 1
-            pair = _pair(expert, agent, outcome="lose", mode="trajectory", iteration=iteration, stats=stats,
-                         cut_rejected=True)
-        elif agent.reward > expert.reward:
-            stats.win += 1
-            pair = _pair(agent, expert, outcome="win", mode="trajectory", iteration=iteration, stats=stats,
-                         cut_rejected=False)
-        else:
-            stats.tie += 1
-            continue
-        if pair is not None:
-            pairs.append(pair)
-    return pairs, stats
+    return by_key
+
+
+def _expert_of(agent: Trajectory, by_key: dict[str, Trajectory], stats: PairStats) -> Trajectory | None:
+    expert = by_key.get(task_key(agent))
+    if expert is None:
+        stats.missing_expert += 1
+    elif expert.env != agent.env:
+        raise DataError(f"the expert is from env {expert.env!r} but the explored trajectory from {agent.env!r}",
+                        where=f"task {agent.task_id!r}", field="env")
+    return expert
+
+
+def _compare(expert: Trajectory, agent: Trajectory, *, mode: str, iteration: int | None, stats: PairStats,
+             pairs: list[Pair], prefix_steps: int | None = None) -> None:
+    """The official rule: agent < expert -> lose (expert chosen, agent cut), > -> win, = -> tie."""
+    if agent.reward < expert.reward:
+        stats.lose += 1
+        pair = _pair(expert, agent, outcome="lose", mode=mode, iteration=iteration, stats=stats, cut_rejected=True,
+                     prefix_steps=prefix_steps)
+    elif agent.reward > expert.reward:
+        stats.win += 1
+        pair = _pair(agent, expert, outcome="win", mode=mode, iteration=iteration, stats=stats, cut_rejected=False,
+                     prefix_steps=prefix_steps)
+    else:
+        stats.tie += 1
+        return
+    if pair is not None:
+        pairs.append(pair)
 
 
 def self_play_pairs(explored: Iterable[Trajectory], *, iteration: int | None = None) -> tuple[list[Pair], PairStats]:
     """Pairs from the agent's own samples: per task, best reward chosen, worst rejected. The first
-    sample wins among equals, so the result does not depend on anything but the file's order."""
+    sample wins among equals, so the result does not depend on anything but the file's order.
+    Step-wise episodes are skipped: episodes from different prefixes are not samples of one state."""
     groups: dict[str, list[Trajectory]] = {}
     for t in explored:
-        groups.setdefault(task_key(t), []).append(t)
+        if not is_step_wise(t):
+            groups.setdefault(task_key(t), []).append(t)
     stats, pairs = PairStats(), []
     for samples in groups.values():
         best = max(samples, key=lambda t: t.reward)
@@ -155,11 +245,12 @@ def self_play_pairs(explored: Iterable[Trajectory], *, iteration: int | None = N
 
 def build_pairs(explored: Iterable[Trajectory], experts: Iterable[Trajectory] | None = None, *,
                 mode: str = "trajectory", iteration: int | None = None) -> tuple[list[Pair], PairStats]:
-    """Pairs for DPO from explored trajectories (and, in trajectory mode, the experts)."""
-    if mode == "trajectory":
+    """Pairs for DPO from explored trajectories (and, in trajectory, step and mixture modes, the experts)."""
+    by_expert = {"trajectory": trajectory_pairs, "step": step_pairs, "mixture": mixture_pairs}
+    if mode in by_expert:
         if experts is None:
-            raise DataError("trajectory mode compares against expert trajectories: pass the experts")
-        return trajectory_pairs(experts, explored, iteration=iteration)
+            raise DataError(f"{mode} mode compares against expert trajectories: pass the experts")
+        return by_expert[mode](experts, explored, iteration=iteration)
     if mode == "self-play":
         return self_play_pairs(explored, iteration=iteration)
-    raise DataError(f"unknown pair mode {mode!r}, expected trajectory or self-play")
+    raise DataError(f"unknown pair mode {mode!r}, expected one of {', '.join(PAIR_MODES)}")

@@ -194,7 +194,7 @@ def test_build_pairs_cli_user_errors(tmp_path):
     for args, message in [
         (["--expert", str(tmp_path / "nope.jsonl"), "--explore", str(expert_file)], "nope.jsonl"),
         (["--explore", str(expert_file)], "--expert"),
-        (["--expert", str(expert_file), "--explore", str(expert_file), "--mode", "step"], "--mode"),
+        (["--expert", str(expert_file), "--explore", str(expert_file), "--mode", "best"], "--mode 'best'"),
     ]:
         result = runner.invoke(app, ["build-pairs", *args, "--out", str(tmp_path / "p.jsonl")])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output

@@ -34,7 +34,8 @@ BatchSizeOpt = Annotated[
 ]
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Cap on the tokens of one reply.")]
 MaxStepsOpt = Annotated[
-    Optional[int], typer.Option("--max-steps", min=1, help="Agent turns per episode. Default: the environment's limit.")
+    Optional[int], typer.Option("--max-steps", min=1, help="Agent turns per episode (a step-wise episode's replayed "
+                                                           "expert steps count too). Default: the environment's limit.")
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights dtype: auto (the checkpoint's), float32, bfloat16 or "
                                                        "float16.")]
@@ -50,6 +51,7 @@ _EXPLORE_EXAMPLES = """
   $ etokit explore --model ./sft --env textworld-express --split train --out explore_iter1.jsonl
   $ etokit explore --model me/eto-agent@iter-1 --env webshop --limit 500 --batch-size 32 --out explore.jsonl
   $ etokit explore --model ./sft --env webshop --temperature 0.7 --samples-per-task 4 --out samples.jsonl
+  $ etokit explore --model ./sft --env webshop --step-wise-expert expert.jsonl --steps-per-task 2 --out step.jsonl
   $ accelerate launch --num_processes 2 -m etokit explore --model ./sft --env webshop --out explore.jsonl
 """
 
@@ -58,6 +60,8 @@ _PAIRS_EXAMPLES = """
 
   $ etokit build-pairs --expert expert.jsonl --explore explore_iter1.jsonl --out pairs_iter1.jsonl --iteration 1
   $ etokit build-pairs --expert webshop_sft.json --env webshop --explore explore.jsonl --out webshop_pm.json
+  $ etokit build-pairs --mode step --expert expert.jsonl --explore step.jsonl --out step_pairs.jsonl
+  $ etokit build-pairs --mode mixture --expert expert.jsonl --explore both.jsonl --out mixture_pairs.jsonl
   $ etokit build-pairs --mode self-play --explore samples.jsonl --out pairs.jsonl
 """
 
@@ -160,7 +164,17 @@ def explore(
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, callback=finite_float,
                                          help="Nucleus sampling when --temperature > 0.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed (recorded per trajectory as seed + sample "
-                                                     "index; samples also depend on --batch-size).")] = 0,
+                                                     "index; samples also depend on --batch-size); also picks the "
+                                                     "steps of --steps-per-task.")] = 0,
+    step_wise_expert: Annotated[Optional[Path], typer.Option(
+        "--step-wise-expert", help="Step-wise exploration (paper App. B): expert trajectories of this env. Each "
+                                   "episode replays a task's expert steps 1..t-1 in the environment and the "
+                                   "conversation, then the policy plays from step t. Tasks without an expert are "
+                                   "skipped.", show_default=False)] = None,
+    steps_per_task: Annotated[Optional[int], typer.Option(
+        "--steps-per-task", min=1, help="With --step-wise-expert: how many distinct steps t of each task's N expert "
+                                        "steps to play from (drawn with --seed). Default: all N.",
+        show_default=False)] = None,
     batch_size: BatchSizeOpt = 16,
     max_new_tokens: MaxNewTokensOpt = 256,
     max_steps: MaxStepsOpt = None,
@@ -170,19 +184,26 @@ def explore(
 ) -> None:
     """Let the policy play every task of a split and record each episode as a trajectory (ETO's
     exploration phase). Episodes are batched: one generate call per step for all live episodes.
-    Re-running skips the (task, sample) episodes already in --out. Under `accelerate launch` the
-    tasks are sharded across processes and merged into --out by the main process."""
+    Re-running skips the (task, sample, step) episodes already in --out. Under `accelerate launch`
+    the tasks are sharded across processes and merged into --out by the main process."""
     from accelerate import PartialState
 
-    from etokit.data import JsonlAppender, read_jsonl
-    from etokit.explore import ExploreConfig, Generator, close_envs, job_of, open_envs, plan_jobs, run_episodes, shard
+    from etokit.data import JsonlAppender, load_records, read_jsonl
+    from etokit.explore import (ExploreConfig, Generator, close_envs, index_experts, job_of, open_envs, plan_jobs,
+                                plan_step_jobs, run_episodes, shard)
 
     if samples_per_task > 1 and temperature == 0:
         raise EtokitError("--samples-per-task > 1 needs --temperature > 0: greedy samples of a task are identical")
+    if steps_per_task is not None and step_wise_expert is None:
+        raise EtokitError("--steps-per-task needs --step-wise-expert (the expert whose steps are replayed)")
     _check_env_split(env, split)
-    check_output(out, suffixes=(".jsonl",))
+    check_output(out, inputs=(step_wise_expert,), suffixes=(".jsonl",))
     if out.exists():
         read_jsonl(out, "trajectory")  # a wrong --out is reported before the model loads, and left as it is
+    experts = None
+    if step_wise_expert is not None:  # checked before the model loads
+        records = load_records(step_wise_expert, "trajectory", env=env, split=split).records
+        experts = index_experts(records, path=step_wise_expert)
     state = PartialState()
     parts = [_part_file(out, r) for r in range(state.num_processes)] if state.num_processes > 1 else []
     if state.is_main_process:
@@ -194,9 +215,15 @@ def explore(
                            icl=not no_icl, seed=seed, max_steps=max_steps)
     envs = open_envs(env, batch_size)
     try:
-        tasks = _task_ids(envs, env, split, limit, task_ids)
         done = {job_of(t) for t in read_jsonl(out, "trajectory")} if out.exists() else set()
-        todo = plan_jobs(tasks, samples_per_task, done)
+        if experts is None:
+            tasks = _task_ids(envs, env, split, limit, task_ids)
+            planned = plan_jobs(tasks, samples_per_task)
+        else:
+            tasks = _step_wise_tasks(envs, env, split, limit, task_ids, experts, step_wise_expert)
+            planned = plan_step_jobs({t: experts[t] for t in tasks}, steps_per_task, seed=seed,
+                                     samples_per_task=samples_per_task)
+        todo = [job for job in planned if job not in done]
         mine = shard(todo, state)
         target = parts[state.process_index] if parts else out
         generator = Generator(policy, tokenizer, config)
@@ -206,9 +233,11 @@ def explore(
             if not state.is_main_process:
                 progress.stop()
             for t in run_episodes(generator, envs, mine, split=split, model_name=name, model_revision=sha,
-                                  on_step=lambda n: progress.update(bar, live=n)):
+                                  on_step=lambda n: progress.update(bar, live=n), experts=experts):
                 if "error" in t.extra:
-                    errors.append((t.task_id, t.extra["error"]))
+                    step = job_of(t).prefix_steps
+                    errors.append((t.task_id if step is None else f"{t.task_id} (from step {step + 1})",
+                                   t.extra["error"]))
                 else:
                     appender.append(t)
                     rewards.append(t.reward)
@@ -227,10 +256,26 @@ def explore(
     written = [t for t in read_jsonl(out, "trajectory") if job_of(t) in set(todo)]
     result = summarize(written)
     console.print(
-        f"[green]✓[/] {env}/{split}: {len(written)} episodes written, {len(tasks) * samples_per_task - len(todo)} "
+        f"[green]✓[/] {env}/{split}: {len(written)} {'step-wise ' if experts else ''}episodes written, "
+        f"{len(planned) - len(todo)} "
         f"already in {out}, {len(todo) - len(written)} errors; avg reward {result.avg_reward / 100:.3f}, success rate "
         f"{result.success_rate:.1%}, invalid actions {result.invalid_action_rate:.1%} (model revision {sha})"
     )
+
+
+def _step_wise_tasks(envs, env: str, split: str, limit: int | None, task_ids: str | None,
+                     experts: dict, path: Path) -> list[str]:
+    """The tasks of the split (or --task-ids) that have an expert, in split order; --limit counts
+    those (an expert file is often a subset of the split)."""
+    tasks = _task_ids(envs, env, split, None, task_ids)
+    if task_ids is not None:
+        missing = [t for t in tasks if t not in experts]
+        if missing:
+            raise EtokitError(f"--task-ids: {', '.join(missing[:5])} has no expert trajectory in {path}")
+    tasks = [t for t in tasks if t in experts]
+    if not tasks:
+        raise EtokitError(f"--step-wise-expert {path}: none of its tasks is in {env}/{split}")
+    return tasks[:limit] if limit else tasks
 
 
 def _part_file(out: Path, rank: int) -> Path:
@@ -267,10 +312,13 @@ def build_pairs(
     explore: Annotated[Path, typer.Option("--explore", help="Explored trajectories (etokit or official format).",
                                           show_default=False)],
     expert: Annotated[Optional[Path], typer.Option("--expert", help="Expert trajectories, the reference of "
-                                                                    "trajectory mode (etokit or official ETO file).",
+                                                                    "trajectory, step and mixture modes (etokit or "
+                                                                    "official ETO file).",
                                                    show_default=False)] = None,
-    mode: Annotated[str, typer.Option("--mode", help="trajectory (agent vs expert, the paper) or self-play (the "
-                                                     "agent's best vs worst sample of a task).")] = "trajectory",
+    mode: Annotated[str, typer.Option("--mode", help="trajectory (agent vs expert, the paper), step (step-wise "
+                                                     "episodes vs the expert from step t, paper App. B), mixture "
+                                                     "(both, from one file) or self-play (the agent's best vs worst "
+                                                     "sample of a task).")] = "trajectory",
     iteration: Annotated[Optional[int], typer.Option("--iteration", min=0, help="ETO iteration K, stored on every "
                                                                                 "pair.")] = None,
     env: Annotated[Optional[str], typer.Option("--env", callback=env_name,
@@ -278,17 +326,30 @@ def build_pairs(
 ) -> None:
     """Build contrastive trajectory pairs for DPO with the official ETO rule: an explored trajectory
     worse than the expert's gives (chosen = expert, rejected = agent), a better one the reverse,
-    equal rewards are dropped as ties. Prints and stores the win/tie/lose counts."""
+    equal rewards are dropped as ties. Step mode compares step-wise episodes (explore
+    --step-wise-expert) the same way, from the teacher-forced step on. Prints and stores the
+    win/tie/lose counts (per mode and in total for mixture)."""
     from etokit.data import atomic_write, load_records, to_eto_rows, write_json, write_jsonl
+    from etokit.pairs import PAIR_MODES, is_step_wise
     from etokit.pairs import build_pairs as make_pairs
 
-    if mode not in ("trajectory", "self-play"):
-        raise EtokitError(f"--mode {mode!r}: expected trajectory or self-play")
-    if mode == "trajectory" and expert is None:
-        raise EtokitError("--expert is required in trajectory mode (or use --mode self-play)")
+    if mode not in PAIR_MODES:
+        raise EtokitError(f"--mode {mode!r}: expected one of {', '.join(PAIR_MODES)}")
+    if mode != "self-play" and expert is None:
+        raise EtokitError(f"--expert is required in {mode} mode (or use --mode self-play)")
     check_output(out, inputs=(explore, expert), suffixes=(".jsonl", ".json"))
     explored = load_records(explore, "trajectory", env=env).records
     experts = load_records(expert, "trajectory", env=env).records if expert is not None else None
+    step_wise = sum(map(is_step_wise, explored))
+    used = {"step": step_wise, "mixture": len(explored)}.get(mode, len(explored) - step_wise)
+    if not used:
+        raise EtokitError(f"--explore {explore}: no step-wise episodes for --mode step (explore with "
+                          "--step-wise-expert)" if mode == "step" else
+                          f"--explore {explore}: all {len(explored)} episodes are step-wise; use --mode step or "
+                          "mixture")
+    if used < len(explored):
+        kind = "ordinary" if mode == "step" else "step-wise"
+        console.print(f"[dim]{len(explored) - used} {kind} episodes in {explore} are not used in {mode} mode[/]")
     pairs, stats = make_pairs(explored, experts, mode=mode, iteration=iteration)
     if not pairs:
         raise EtokitError(f"no pairs: {stats.to_dict()} (nothing differs in reward from its reference)")
@@ -302,13 +363,16 @@ def build_pairs(
 
     table = Table(title=f"{mode} pairs" + (f", iteration {iteration}" if iteration is not None else ""))
     table.add_column("outcome", style="bold")
-    table.add_column("tasks", justify="right")
-    rows = [("win", stats.win), ("tie (dropped)", stats.tie), ("lose", stats.lose)] if mode == "trajectory" \
-        else [("tie (dropped)", stats.tie)]
-    rows += [("missing expert (skipped)", stats.missing_expert)] if mode == "trajectory" else []
-    rows += [("unusable (dropped)", stats.unusable)] if stats.unusable else []
-    for label, count in rows:
-        table.add_row(label, str(count))
+    columns = {**stats.by_mode, "total": stats} if stats.by_mode else {"tasks" if mode != "step" else "episodes": stats}
+    for name in columns:
+        table.add_column(name, justify="right")
+    expert_based = mode != "self-play"
+    rows = [("win", "win"), ("tie (dropped)", "tie"), ("lose", "lose")] if expert_based else [("tie (dropped)", "tie")]
+    rows += [("missing expert (skipped)", "missing_expert")] if expert_based else []
+    rows += [("unusable (dropped)", "unusable")] if stats.unusable else []
+    rows += [("pairs", "pairs")] if stats.by_mode else []
+    for label, name in rows:
+        table.add_row(label, *(str(getattr(s, name)) for s in columns.values()))
     console.print(table)
     console.print(f"[green]✓[/] {stats.pairs} pairs written to {out}; counts in {stats_file}. "
                   f"Publish with: etokit push-pairs {out} --repo-id ... --ties {stats.tie}")
