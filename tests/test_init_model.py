@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from etokit.errors import EtokitError
-from etokit.models.init_model import END_OF_TURN, ROLE_TOKENS, build_tiny_model
+from etokit.models.init_model import END_OF_TURN, ROLE_TOKENS, SIZES, build_tiny_model
 
 from factories import trajectory, write_jsonl
 
@@ -128,7 +128,7 @@ def test_cli_builds_from_text_and_trajectory_jsonl(tmp_path):
     text.write_text("\n".join(random_corpus(800, seed=1)))
     result = CliRunner().invoke(app, ["init-model", "--corpus", str(text), "--out", str(tmp_path / "m"), "--seed", "2"])
     assert result.exit_code == 0, result.output
-    assert len(AutoTokenizer.from_pretrained(tmp_path / "m")) == 512  # the "tiny" size's vocabulary
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "m")) == SIZES["tiny"]["vocab_size"]  # the "tiny" size's vocabulary
 
     # A trajectory file trains on its messages: multi-character pieces learned from them.
     data = tmp_path / "expert.jsonl"
