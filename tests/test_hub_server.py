@@ -448,20 +448,26 @@ def test_request_bodies_are_capped_and_lfs_uploads_verified(tmp_path):
         assert server.storage.has_blob(oid, len(small))
 
 
+def _startup_lines(proc) -> list[str]:
+    """What `etokit hub serve` prints up to its last export line (killed if that takes 60 s)."""
+    lines = []
+    timer = threading.Timer(60, proc.kill)
+    timer.start()
+    while not lines or "HF_HUB_DISABLE_XET" not in lines[-1]:
+        line = proc.stdout.readline()
+        assert line, f"server exited early: {proc.stderr.read()}"
+        lines.append(line.strip())
+    timer.cancel()
+    return lines
+
+
 def test_cli_hub_serve_prints_exports_and_stops_on_ctrl_c(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "etokit", "hub", "serve", "--port", "0", "--data-dir", str(tmp_path / "d")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        lines = []
-        timer = threading.Timer(60, proc.kill)
-        timer.start()
-        while not lines or "HF_HUB_DISABLE_XET" not in lines[-1]:
-            line = proc.stdout.readline()
-            assert line, f"server exited early: {proc.stderr.read()}"
-            lines.append(line.strip())
-        timer.cancel()
+        lines = _startup_lines(proc)
         endpoint = next(ln.split("=", 1)[1] for ln in lines if ln.startswith("export HF_ENDPOINT="))
         assert endpoint.startswith("http://127.0.0.1:")  # loopback unless --host says otherwise
         assert "export HF_HUB_DISABLE_XET=1" in lines
@@ -494,14 +500,7 @@ def test_cli_hub_serve_token_and_fault_proxy(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        lines = []
-        timer = threading.Timer(60, proc.kill)
-        timer.start()
-        while not lines or "HF_HUB_DISABLE_XET" not in lines[-1]:
-            line = proc.stdout.readline()
-            assert line, f"server exited early: {proc.stderr.read()}"
-            lines.append(line.strip())
-        timer.cancel()
+        lines = _startup_lines(proc)
         proxied = next(ln.split("=", 1)[1] for ln in lines if ln.startswith("export HF_ENDPOINT="))
         direct = next(ln for ln in lines if ln.startswith("fault injection:")).rsplit(" ", 1)[1]
         assert "tok-123" not in "\n".join(lines)
