@@ -21,7 +21,7 @@ pairs, one epoch, reference log-probs precomputed before training:
 - TRL: ``precompute_ref_log_probs=True`` and its fastest configuration on this machine, found with
   ``--trl-sweep`` (gradient checkpointing on/off x micro-batch 1/2/4 pairs, gradient accumulation
   making up the batch): no gradient checkpointing, 1 pair per micro-batch (found when the bench was written;
-  sweep; TRL's default, checkpointing on, was about 1.7x slower). ``padding_free`` cannot be tried:
+  TRL's default, checkpointing on, was about 1.7x slower). ``padding_free`` cannot be tried:
   TRL 1.16 disables it and falls back to padding. TRL already computes log-probs through a chunked
   fused LM head (no full logits tensor).
 
