@@ -20,7 +20,7 @@ from etokit.envs import Reset, Step
 from etokit.explore import (ExploreConfig, Generator, Job, expert_steps, index_experts, job_of, plan_step_jobs,
                             run_episodes)
 from tests.factories import write_jsonl
-from tests.test_explore import ScriptedGenerator, build_policy
+from tests.test_explore import ScriptedGenerator, policy  # noqa: F401  (policy: the tiny-model fixture)
 
 runner = CliRunner()
 ICL_LEN = len(load_icl("textworld-express"))
@@ -193,13 +193,6 @@ def test_index_experts_names_the_row_that_cannot_be_replayed(tmp_path):
 
 
 # ------------------------------------------------------------------- TextWorldExpress, tiny model
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    path = tmp_path_factory.mktemp("policy") / "tiny"
-    model, tokenizer = build_policy(path)
-    return SimpleNamespace(path=path, model=model, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
