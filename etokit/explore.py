@@ -34,6 +34,7 @@ from etokit.data.schema import Message, Trajectory
 from etokit.envs.base import Env
 from etokit.errors import EtokitError
 from etokit.faults import faultpoint
+from etokit.kv_reuse import KVReuseDecoder, kv_reuse_unsupported
 from etokit.pairs import PROMPT_LEN
 
 # A model can reply with nothing at all (an end-of-turn token first). Trajectory files reject
@@ -60,6 +61,9 @@ class ExploreConfig:
     # An episode whose environment fails (a worker or JVM that died, a step past the timeout) is
     # played again from its reset this many times before it is recorded as an error.
     env_retries: int = 1
+    # Keep each episode's KV cache between steps and prefill only what is new (etokit/kv_reuse.py);
+    # False re-encodes the whole conversation with model.generate at every step.
+    kv_reuse: bool = True
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,17 @@ class Generator:
         self.max_context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         self.device = next(model.parameters()).device
         self._torch = torch
+        self.decoder = None
+        if config.kv_reuse and kv_reuse_unsupported(model) is None:
+            eos = self.generation_config.eos_token_id
+            self.decoder = KVReuseDecoder(
+                model, pad_id=self.pad_id, eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
+                max_new_tokens=config.max_new_tokens, stopped=self._stopped, temperature=config.temperature,
+                top_p=config.top_p, seed=config.seed)
+
+    def _stopped(self, ids: list[int]) -> bool:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return any(s in text for s in STOP_STRINGS)
 
     def encode(self, messages: list[Message]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -195,7 +210,12 @@ class Generator:
     def fits(self, ids: list[int]) -> bool:
         return len(ids) + self.config.max_new_tokens <= self.max_context
 
-    def generate(self, batch: list[list[int]]) -> list[str]:
+    def generate(self, batch: list[list[int]], keys: Sequence[Any] | None = None) -> list[str]:
+        """One reply per prompt. ``keys`` name each row's episode, so that its KV cache is kept for
+        its next step (see KVReuseDecoder); without keys every prompt is encoded from scratch."""
+        if self.decoder is not None and keys is not None:
+            out = self.decoder.generate(batch, keys)
+            return [cut_at_stop(t) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         torch = self._torch
         width = max(map(len, batch))
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
@@ -273,7 +293,7 @@ def run_episodes(generator: Generator, envs: Sequence[Env], jobs: Sequence[Job],
                                                        f"model's context of {generator.max_context} tokens")
             active = [(ep, ids) for ep, ids in zip(live, encoded) if not ep.done]
             if active:
-                replies = generator.generate([ids for _, ids in active])
+                replies = generator.generate([ids for _, ids in active], keys=[id(ep) for ep, _ in active])
                 faultpoint("explore.mid-batch")  # crash tests: replies generated, not yet sent to the envs
                 list(pool.map(lambda a: _act(a[0], a[1]), [(ep, r) for (ep, _), r in zip(active, replies)]))
             if on_step is not None:

@@ -91,7 +91,7 @@ class ScriptedGenerator:
     def fits(self, ids):
         return True
 
-    def generate(self, batch):
+    def generate(self, batch, keys=None):
         self.calls.append(len(batch))
         return [self.script(messages) for messages in batch]
 
@@ -186,6 +186,51 @@ def test_batched_exploration_equals_one_episode_at_a_time(policy, shops):
         assert t.num_steps == 3 and t.messages[-1]["role"] == "assistant"
         assert t.extra["invalid_actions"] == sum(m["content"] == f"Observation: {INVALID_FORMAT_OBS}"
                                                  for m in t.messages) + 1
+
+
+@pytest.mark.parametrize("icl, attention", [(False, "sdpa"), (True, "sdpa"), (False, "eager")])
+def test_kv_reuse_equals_reencoding_every_step(policy, shops, icl, attention):
+    """Keeping each episode's KV cache between steps (and borrowing the shared instruction / 1-shot
+    prefix for a new episode) gives the greedy trajectories of re-encoding the whole conversation
+    with model.generate at every step. Three slots for seven tasks: episodes start mid-run. SDPA
+    takes a boolean mask, eager attention an additive one."""
+    tasks = shops[0].task_ids("train")[20:27]
+    config = dict(icl=icl, max_new_tokens=12, max_steps=4)
+    policy.model.set_attn_implementation(attention)
+    try:
+        gen = Generator(policy.model, policy.tokenizer, ExploreConfig(**config))
+        assert gen.decoder.bool_mask == (attention == "sdpa")
+        kept = sorted(run_episodes(gen, shops[:3], [Job(t) for t in tasks], split="train"), key=lambda t: t.task_id)
+        full = _play(policy, shops[:3], tasks, kv_reuse=False, **config)
+    finally:
+        policy.model.set_attn_implementation("sdpa")
+    assert [t.to_row() for t in kept] == [t.to_row() for t in full]
+    # The comparison has teeth: most prompt tokens came from the kept cache, not a prefill.
+    assert gen.decoder.reused > 2 * gen.decoder.prefilled
+    assert len({m["content"] for t in kept for m in t.messages[3::2]}) > 8
+
+
+def test_kv_reuse_sampling_is_seeded(policy, shops):
+    tasks = shops[0].task_ids("train")[:3]
+    config = dict(icl=False, max_new_tokens=8, max_steps=2, temperature=1.0, top_p=0.9)
+    a, b = (_play(policy, shops[:3], tasks, seed=3, **config) for _ in range(2))
+    c = _play(policy, shops[:3], tasks, seed=4, **config)
+    assert [t.to_row() for t in a] == [t.to_row() for t in b]
+    assert [t.messages for t in a] != [t.messages for t in c]
+
+
+def test_kv_reuse_falls_back_where_the_cache_is_not_one_tensor_per_layer(policy):
+    from types import SimpleNamespace as NS
+
+    from etokit.kv_reuse import kv_reuse_unsupported
+
+    assert kv_reuse_unsupported(policy.model) is None
+    assert "sliding" in kv_reuse_unsupported(NS(config=NS(sliding_window=4096)))
+    assert kv_reuse_unsupported(NS(config=NS(sliding_window=4096, use_sliding_window=False))) is None
+    assert "layers" in kv_reuse_unsupported(NS(config=NS(layer_types=["full_attention", "sliding_attention"])))
+    assert "flash" in kv_reuse_unsupported(NS(config=NS(_attn_implementation="flash_attention_2")))
+    gen = Generator(policy.model, policy.tokenizer, ExploreConfig(kv_reuse=False))
+    assert gen.decoder is None
 
 
 def test_sharded_across_two_ranks_equals_one_process(policy, shops):

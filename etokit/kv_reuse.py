@@ -1,0 +1,183 @@
+"""Batched decoding that keeps each episode's KV cache from one step to the next.
+
+An agent's conversation only grows: the prompt of step t is the prompt of step t-1 followed by the
+reply, the observation and the next generation prompt. Re-encoding it at every step costs the sum of
+all its lengths (quadratic in the number of steps); on a CPU with a 135M model this prefill was most
+of an evaluation's time. Here every row's prompt K/V is kept after its prefill, keyed by its episode,
+and the next step prefills only the tokens past the longest common prefix with what is kept. A new
+episode borrows the longest prefix any kept row shares with it: the instruction and the 1-shot
+example are the same for every task.
+
+Why it is exact: a token's K/V depend only on the tokens before it and its position, so a kept prefix
+is what a full prefill would compute. The reply is kept as the chat template renders it (it is
+prefilled again next step), not as it was sampled, because re-tokenizing a text need not give the
+sampled tokens back. Rows are laid out with left padding in both the kept and the new part; a 4D mask
+and explicit position ids give every row exactly its own tokens at its own positions (pad queries see
+themselves only, so no row of the softmax is empty).
+
+Models whose cache is not one growing tensor per layer (sliding-window layers, encoder-decoders) or
+whose attention takes no 4D mask (flash-attn) use ``model.generate`` instead: see ``kv_reuse_unsupported``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence
+
+
+@dataclass
+class _Kept:
+    ids: list[int]
+    keys: list  # per layer, [heads, len(ids), head_dim]
+    values: list
+
+
+def kv_reuse_unsupported(model) -> str | None:
+    """Why this model cannot keep its cache across steps here, or None when it can."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder"
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
+        return "layers other than full attention"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return f"attention {config._attn_implementation!r} (4D masks need sdpa or eager)"
+    return None
+
+
+class KVReuseDecoder:
+    """``generate(prompts, keys)`` -> generated token ids per row (EOS excluded), stopping a row at
+    EOS, at ``max_new_tokens`` or when ``stopped(ids)`` says its text holds a stop string."""
+
+    def __init__(self, model, *, pad_id: int, eos_ids: Sequence[int], max_new_tokens: int,
+                 stopped: Callable[[list[int]], bool], temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0):
+        import torch
+
+        self.model, self.pad_id, self.eos = model, pad_id, set(eos_ids)
+        self.max_new_tokens, self.stopped = max_new_tokens, stopped
+        self.temperature, self.top_p = temperature, top_p
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.rng = torch.Generator(device=self.device).manual_seed(seed)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+        # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40).
+        self.cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        self.bool_mask = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
+        self.kept: dict[Hashable, _Kept] = {}
+        self.prefilled = 0  # tokens run through prefill, for the benchmark and tests
+        self.reused = 0  # prompt tokens whose K/V came from the kept cache
+
+    def generate(self, prompts: Sequence[list[int]], keys: Sequence[Hashable]) -> list[list[int]]:
+        import torch
+        from transformers import DynamicCache
+
+        starts = [self._donor(ids, key) for ids, key in zip(prompts, keys)]
+        # At least one token of each prompt is prefilled: its logits give the first new token.
+        reuse = [min(n, len(ids) - 1) for ids, (_, n) in zip(prompts, starts)]
+        new = [ids[r:] for ids, r in zip(prompts, reuse)]
+        batch, past, width = len(prompts), max(reuse), max(map(len, new))
+        self.prefilled += sum(map(len, new))
+        self.reused += sum(reuse)
+        dev = self.device
+
+        cache = DynamicCache()
+        if past:
+            donor = next(d for d, _ in starts if d is not None)
+            for layer, (k0, v0) in enumerate(zip(donor.keys, donor.values)):
+                k = k0.new_zeros(batch, k0.shape[0], past, k0.shape[-1])
+                v = v0.new_zeros(batch, v0.shape[0], past, v0.shape[-1])
+                for i, ((d, _), r) in enumerate(zip(starts, reuse)):
+                    if r:
+                        k[i, :, past - r:] = d.keys[layer][:, :r]
+                        v[i, :, past - r:] = d.values[layer][:, :r]
+                cache.update(k, v, layer)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((batch, width), dtype=torch.long)
+        valid = torch.zeros((batch, past + width), dtype=torch.bool)
+        for i, (r, n) in enumerate(zip(reuse, new)):
+            input_ids[i, width - len(n):] = torch.tensor(n)
+            positions[i, width - len(n):] = torch.arange(r, r + len(n))
+            valid[i, past - r:past] = True
+            valid[i, past + width - len(n):] = True
+        query = torch.arange(width)[:, None] + past
+        allowed = valid[:, None, :] & (torch.arange(past + width)[None, :] <= query)[None]
+        allowed[:, torch.arange(width), query[:, 0]] = True  # a pad query sees itself: no empty softmax row
+        with torch.inference_mode():
+            logits = self._forward(input_ids, positions, allowed, cache)
+            self.kept = {}
+            for i, (key, ids, r, n) in enumerate(zip(keys, prompts, reuse, new)):
+                self.kept[key] = _Kept(
+                    ids=list(ids),
+                    keys=[torch.cat([lay.keys[i, :, past - r:past], lay.keys[i, :, past + width - len(n):]], 1)
+                          for lay in cache.layers],
+                    values=[torch.cat([lay.values[i, :, past - r:past], lay.values[i, :, past + width - len(n):]], 1)
+                            for lay in cache.layers])
+            return self._decode(logits, cache, valid, torch.tensor([len(ids) for ids in prompts]))
+
+    def _donor(self, ids: list[int], key: Hashable) -> tuple[_Kept | None, int]:
+        """The kept row sharing the longest prefix with ``ids`` (its own first) and that length."""
+        best, best_n = None, 0
+        own = self.kept.get(key)
+        for kept in ([own] if own is not None else []) + [k for k in self.kept.values() if k is not own]:
+            n = len(os.path.commonprefix([kept.ids, ids]))
+            if n > best_n:
+                best, best_n = kept, n
+            if kept is own and n >= len(own.ids):  # the episode's whole kept prompt: nothing is longer
+                break
+        return best, best_n
+
+    def _forward(self, input_ids, positions, allowed, cache):
+        import torch
+
+        if self.bool_mask:  # SDPA takes the boolean mask itself: a quarter of a float32 mask's memory
+            mask = allowed
+        else:  # eager attention adds the mask to the scores
+            mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        out = self.model(input_ids=input_ids.to(self.device), position_ids=positions.to(self.device),
+                         attention_mask=mask[:, None].to(self.device), use_cache=True, logits_to_keep=1,
+                         **{self.cache_arg: cache})
+        return out.logits[:, -1].float()
+
+    def _pick(self, logits):
+        import torch
+
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / self.temperature, -1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(-1, descending=True)
+            # Keep the smallest set whose mass reaches top_p (the top token always).
+            drop = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        return torch.multinomial(probs, 1, generator=self.rng)[:, 0]
+
+    def _decode(self, logits, cache, valid, lengths) -> list[list[int]]:
+        import torch
+
+        batch = logits.shape[0]
+        out: list[list[int]] = [[] for _ in range(batch)]
+        rows = list(range(batch))  # the batch rows still generating, in cache order
+        for step in range(self.max_new_tokens):
+            tokens = self._pick(logits).tolist()
+            keep = []
+            for j, (row, token) in enumerate(zip(rows, tokens)):
+                if token in self.eos:
+                    continue
+                out[row].append(token)
+                if not self.stopped(out[row]):
+                    keep.append(j)
+            if not keep or step == self.max_new_tokens - 1:
+                break
+            if len(keep) < len(rows):  # finished rows leave the batch
+                index = torch.tensor(keep)
+                cache.batch_select_indices(index.to(self.device))
+                valid, lengths = valid[index], lengths[index]
+                rows, tokens = [rows[j] for j in keep], [tokens[j] for j in keep]
+            valid = torch.cat([valid, torch.ones((len(rows), 1), dtype=torch.bool)], 1)
+            positions = (lengths + step)[:, None]
+            logits = self._forward(torch.tensor(tokens)[:, None], positions, valid[:, None, :], cache)
+        return out
