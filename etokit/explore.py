@@ -498,9 +498,11 @@ def index_experts(experts: Sequence[Trajectory], *, path: str | Path | None = No
 
 
 def plan_step_jobs(experts: Mapping[str, Trajectory], steps_per_task: int | None, *, seed: int,
-                   samples_per_task: int = 1, done: set[Job] | frozenset = frozenset()) -> list[Job]:
+                   samples_per_task: int = 1, done: set[Job] | frozenset = frozenset(),
+                   max_steps: int | None = None) -> list[Job]:
     """Step-wise jobs: per task, ``steps_per_task`` distinct steps t in [1, N] (all of them when
-    None or >= N), each played from the expert's first t-1 steps; minus those in ``done``. Each
+    None or >= N), each played from the expert's first t-1 steps; minus those in ``done``. With an
+    episode limit of ``max_steps`` only t <= max_steps leave the agent a step to play. Each
     task's steps are the first K of a shuffle seeded by (seed, task id): they do not depend on
     which other tasks are played (--limit, sharding), and a larger K extends a smaller one (a
     re-run with more steps per task adds to what is recorded)."""
@@ -509,7 +511,8 @@ def plan_step_jobs(experts: Mapping[str, Trajectory], steps_per_task: int | None
         steps = list(range(1, expert_steps(expert) + 1))
         if steps_per_task is not None and steps_per_task < len(steps):
             random.Random(f"{seed}/{task_id}").shuffle(steps)
-            steps = sorted(steps[:steps_per_task])
+        # The limit filters the shuffled order, so it changes no draw that fits within it.
+        steps = sorted([t for t in steps if max_steps is None or t <= max_steps][:steps_per_task])
         jobs += [job for t in steps for s in range(samples_per_task)
                  if (job := Job(task_id, s, t - 1)) not in done]
     return jobs

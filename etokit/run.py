@@ -103,6 +103,11 @@ class RunConfig:
     dpo_warmup_ratio: float = 0.1
     dpo_max_steps: int | None = field(default=None, metadata={"gt": 0})
     dpo_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for scripts/train_dpo.py"})
+    # contrastive pairs (paper App. B): "step" plays step-wise episodes from the expert's first t-1 steps
+    # instead of whole episodes, "mixture" plays both and pairs both
+    pairs_mode: str = field(default="trajectory", metadata={"choices": ["trajectory", "step", "mixture"]})
+    steps_per_task: int | None = field(default=None, metadata={"gt": 0, "help": "step-wise episodes per task and "
+                                                                                "iteration (None: every step t)"})
     max_length: int = field(default=4096, metadata={"gt": 0, "help": "training tokens per sequence"})
     accelerate_config: str | None = field(default=None, metadata={"help": "accelerate config file for training"})
     private: bool = False
@@ -351,12 +356,24 @@ class Run:
         return {"model": _rel(out, self.dir), "weights_sha256": _weights_digest(out)}
 
     def explore(self, k: int, policy: str) -> dict[str, Any]:
-        out = self.dir / "data" / f"explore_iter{k}.jsonl"
-        self._play(policy, "train", out, self.cfg.train_tasks, f"explore-{k}")
-        from etokit.evaluate import summarize
         from etokit.data import read_jsonl
+        from etokit.evaluate import summarize
+        from etokit.pairs import is_step_wise
 
-        return {"file": _rel(out, self.dir), "policy": policy, **_metrics(summarize(read_jsonl(out, "trajectory")))}
+        out = self.dir / "data" / f"explore_iter{k}.jsonl"
+        step_wise = None
+        if self.cfg.pairs_mode != "trajectory":
+            from etokit.explore import index_experts
+
+            file = self.dir / self.manifest.get("expert")["file"]
+            step_wise = (index_experts(read_jsonl(file, "trajectory"), path=file), k)
+        self._play(policy, "train", out, self.cfg.train_tasks, f"explore-{k}", step_wise=step_wise)
+        played = read_jsonl(out, "trajectory")
+        whole = [t for t in played if not is_step_wise(t)]
+        outputs = {"file": _rel(out, self.dir), "policy": policy, **_metrics(summarize(whole or played))}
+        if step_wise is not None:
+            outputs["step_wise_episodes"] = len(played) - len(whole)
+        return outputs
 
     def pairs(self, k: int, explore_file: Path) -> dict[str, Any]:
         from etokit.data import read_jsonl, write_jsonl
@@ -364,7 +381,7 @@ class Run:
 
         experts = read_jsonl(self.dir / self.manifest.get("expert")["file"], "trajectory")
         explored = read_jsonl(explore_file, "trajectory")
-        pairs, stats = build_pairs(explored, experts, mode="trajectory", iteration=k)
+        pairs, stats = build_pairs(explored, experts, mode=self.cfg.pairs_mode, iteration=k)
         faultpoint("pairs.built")
         out = self.dir / "data" / f"pairs_iter{k}.jsonl"
         write_jsonl(out, pairs)  # atomic: a crash mid-write leaves no pairs file, never part of one
@@ -485,11 +502,15 @@ class Run:
                         row["pairs"] = stage["outputs"]["stats"]
         return rows
 
-    def _play(self, policy: str, split: str, out: Path, limit: int | None, what: str) -> None:
+    def _play(self, policy: str, split: str, out: Path, limit: int | None, what: str,
+              step_wise: tuple[dict, int] | None = None) -> None:
         """Greedy episodes of ``policy`` on ``split``, appended to ``out`` (episodes already there
-        are skipped: a crashed stage resumes where it stopped)."""
+        are skipped: a crashed stage resumes where it stopped). ``step_wise`` = (experts by task,
+        iteration): also (pairs_mode "mixture") or only ("step") step-wise episodes, steps_per_task
+        per task, the steps drawn anew each iteration."""
         from etokit.data import JsonlAppender
-        from etokit.explore import ExploreConfig, Generator, close_envs, job_of, open_envs, plan_jobs, run_episodes
+        from etokit.explore import (ExploreConfig, Generator, close_envs, job_of, open_envs, plan_jobs, plan_step_jobs,
+                                    run_episodes)
         from etokit.train.common import load_model_and_tokenizer
 
         cfg = self.cfg
@@ -503,9 +524,16 @@ class Run:
         try:
             tasks = envs[0].task_ids(split)[:limit]
             with JsonlAppender(out, "trajectory") as appender:
-                todo = plan_jobs(tasks, 1, {job_of(t) for t in appender.existing})
+                done = {job_of(t) for t in appender.existing}
+                todo = plan_jobs(tasks, 1, done) if cfg.pairs_mode != "step" or step_wise is None else []
+                experts = None
+                if step_wise is not None:
+                    experts, k = step_wise
+                    todo += plan_step_jobs({t: experts[t] for t in tasks if t in experts}, cfg.steps_per_task,
+                                           seed=cfg.seed * 1000 + k, done=done, max_steps=config.max_steps or
+                                           envs[0].max_steps)
                 episodes = run_episodes(Generator(model, tokenizer, config), envs, todo, split=split,
-                                        model_name=f"{cfg.push_to}@{policy}", model_revision=None)
+                                        model_name=f"{cfg.push_to}@{policy}", model_revision=None, experts=experts)
                 for t in _track(episodes, f"{what} {split}", total=len(todo)):
                     if "error" in t.extra:
                         raise EtokitError(f"{cfg.env} task {t.task_id}: the environment failed ({t.extra['error']})")
@@ -634,9 +662,16 @@ def _sort_by_task(path: Path, tasks: list[str]) -> None:
     where a crash split the stage."""
     from etokit.data import read_jsonl, write_jsonl
 
+    from etokit.explore import job_of
+
     order = {t: i for i, t in enumerate(tasks)}
     records = read_jsonl(path, "trajectory")
-    write_jsonl(path, sorted(records, key=lambda t: order.get(t.task_id, len(order))))
+
+    def key(t):  # whole episodes of a task first, then its step-wise ones by step
+        job = job_of(t)
+        return order.get(t.task_id, len(order)), job.prefix_steps is not None, job.prefix_steps or 0, job.sample
+
+    write_jsonl(path, sorted(records, key=key))
 
 
 def _track(items, what: str, *, total: int | None = None, skip=frozenset()):

@@ -179,6 +179,13 @@ def test_plan_step_jobs_draws_reproducible_distinct_steps_per_task():
     # Samples per step, and a step-wise episode from step 1 is not the ordinary episode of its task.
     assert plan_step_jobs({"s1": experts["s1"]}, 1, seed=0, samples_per_task=2) == [Job("s1", 0, 0), Job("s1", 1, 0)]
     assert Job("s1", 0, 0) != Job("s1")
+    # An episode limit of 3 steps: only t <= 3 (prefix <= 2) is drawn, still K per task where K fit,
+    # and a draw within the limit is the unlimited draw.
+    limited = plan_step_jobs(experts, 2, seed=0, max_steps=3)
+    assert all(j.prefix_steps <= 2 for j in limited) and len([j for j in limited if j.task_id == "s5"]) == 2
+    assert [j for j in limited if j.task_id != "s5"] == [j for j in jobs if j.task_id != "s5"]
+    assert plan_step_jobs(experts, None, seed=0, max_steps=2) == [Job(t, 0, p) for t in ("s5", "s3") for p in (0, 1)] + [
+        Job("s1", 0, 0)]
 
 
 def test_index_experts_names_the_row_that_cannot_be_replayed(tmp_path):

@@ -184,6 +184,41 @@ def test_crash_then_resume_equals_uninterrupted_run(uninterrupted, hub, tmp_path
     assert commits(cfg) == commits_after
 
 
+def test_mixture_pairs_in_the_loop(hub, tmp_path):
+    """pairs_mode mixture: exploration plays each task whole and step-wise from steps_per_task of
+    the expert's steps; the pairs stage pairs both kinds, with per-mode counts. Stopped after the
+    pairs stage (the rest of the loop is the trajectory-mode loop's)."""
+    from etokit.data import read_jsonl
+    from etokit.explore import expert_steps, job_of
+
+    cfg = make_config(tmp_path / "m", new_repo("m"), "--pairs-mode", "mixture", "--steps-per-task", "2")
+
+    def stop(name):
+        if name == "pairs-1":
+            raise Crash
+
+    run = Run(cfg, after_stage=stop)
+    with pytest.raises(Crash):
+        run.run()
+    explore = run.manifest.get("explore-1")
+    played = read_jsonl(tmp_path / "m" / explore["file"], "trajectory")
+    experts = {t.task_id: t for t in read_jsonl(tmp_path / "m" / run.manifest.get("expert")["file"], "trajectory")}
+    jobs = [job_of(t) for t in played]
+    assert [j.prefix_steps for j in jobs if j.task_id == jobs[0].task_id][0] is None  # whole episode first
+    assert sum(j.prefix_steps is None for j in jobs) == 3 and explore["step_wise_episodes"] == 6
+    for task in experts:
+        steps = [j.prefix_steps for j in jobs if j.task_id == task and j.prefix_steps is not None]
+        assert len(steps) == 2 and steps == sorted(steps) and max(steps) < expert_steps(experts[task])
+    stats = run.manifest.get("pairs-1")["stats"]
+    assert set(stats["by_mode"]) == {"trajectory", "step"}
+    assert stats["by_mode"]["step"]["win"] + stats["by_mode"]["step"]["tie"] + stats["by_mode"]["step"]["lose"] == 6
+    for key in ("win", "tie", "lose", "pairs"):
+        assert stats[key] == stats["by_mode"]["trajectory"][key] + stats["by_mode"]["step"][key]
+    pairs = [json.loads(line) for line in (tmp_path / "m" / run.manifest.get("pairs-1")["file"]).read_text().splitlines()]
+    assert len(pairs) == stats["pairs"]
+    assert {p["mode"] for p in pairs} <= {"trajectory", "step"}
+
+
 def test_resume_refuses_a_changed_config(tmp_path):
     run_dir = tmp_path / "c"
     run_dir.mkdir()
