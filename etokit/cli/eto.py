@@ -42,6 +42,12 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights dtype: auto (the
 TrustRemoteCodeOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Run Python code shipped with the model (auto_map). Off by default: only opt in for "
                                 "a repo you trust.")]
+EngineOpt = Annotated[str, typer.Option(
+    "--engine", help="transformers (batched, each episode's KV cache kept across steps) or vllm (GPU hosts, extra "
+                     "`vllm`; one process).")]
+NoKvReuseOpt = Annotated[bool, typer.Option(
+    "--no-kv-reuse", help="transformers engine: encode the whole conversation again at every step (same replies, "
+                          "slower; for models whose cache cannot be kept).")]
 NoIclOpt = Annotated[bool, typer.Option("--no-icl", help="Leave the 1-shot example out of the prompt (the paper keeps "
                                                          "it at exploration and evaluation).")]
 
@@ -78,7 +84,7 @@ _EVAL_EXAMPLES = """
 
 def _load_policy(model: str, dtype: str, trust_remote_code: bool = False):
     import torch
-    from accelerate import PartialState
+    from etokit.train.common import process_state
 
     from etokit.explore import model_revision, split_model_ref
     from etokit.train.common import load_model_and_tokenizer
@@ -91,8 +97,39 @@ def _load_policy(model: str, dtype: str, trust_remote_code: bool = False):
     with console.status(f"Loading {model}..."):
         policy, tokenizer = load_model_and_tokenizer(name, revision=sha if not sha.startswith("local:") else revision,
                                                      dtype=dtypes[dtype], trust_remote_code=trust_remote_code)
-    policy.to(PartialState().device).eval()
+    policy.to(process_state().device).eval()
     return name, sha, policy, tokenizer
+
+
+def _load_engine(model: str, dtype: str, trust_remote_code: bool, engine: str):
+    """(name, revision sha, ExploreConfig -> generator) for ``--engine``; checked before loading."""
+    from etokit.explore import Generator
+
+    if engine == "transformers":
+        name, sha, policy, tokenizer = _load_policy(model, dtype, trust_remote_code)
+        return name, sha, lambda config: Generator(policy, tokenizer, config)
+    if engine != "vllm":
+        raise EtokitError(f"--engine {engine!r}: expected transformers or vllm")
+    import importlib.util
+
+    from etokit.train.common import process_state
+
+    if importlib.util.find_spec("vllm") is None:
+        raise EtokitError("--engine vllm needs vLLM (a CUDA host): pip install 'etokit[vllm]'")
+    if process_state().num_processes > 1:
+        raise EtokitError("--engine vllm runs in one process (vLLM spreads a model over GPUs itself); "
+                          "run it without accelerate launch")
+    from transformers import AutoTokenizer
+
+    from etokit.explore import model_revision, split_model_ref
+    from etokit.vllm_engine import VLLMGenerator
+
+    name, revision = split_model_ref(model)
+    sha = model_revision(name, revision)
+    revision = None if sha.startswith("local:") else sha
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    return name, sha, lambda config: VLLMGenerator(name, tokenizer, config, revision=revision, dtype=dtype,
+                                                   trust_remote_code=trust_remote_code)
 
 
 def _check_env_split(env: str, split: str) -> None:
@@ -173,7 +210,8 @@ def explore(
                                    "skipped.", show_default=False)] = None,
     steps_per_task: Annotated[Optional[int], typer.Option(
         "--steps-per-task", min=1, help="With --step-wise-expert: how many distinct steps t of each task's N expert "
-                                        "steps to play from (drawn with --seed). Default: all N.",
+                                        "steps to play from (drawn with --seed; steps past --max-steps are not "
+                                        "drawn). Default: all N.",
         show_default=False)] = None,
     batch_size: BatchSizeOpt = 16,
     max_new_tokens: MaxNewTokensOpt = 256,
@@ -181,15 +219,17 @@ def explore(
     no_icl: NoIclOpt = False,
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
+    engine: EngineOpt = "transformers",
+    no_kv_reuse: NoKvReuseOpt = False,
 ) -> None:
     """Let the policy play every task of a split and record each episode as a trajectory (ETO's
     exploration phase). Episodes are batched: one generate call per step for all live episodes.
     Re-running skips the (task, sample, step) episodes already in --out. Under `accelerate launch`
     the tasks are sharded across processes and merged into --out by the main process."""
-    from accelerate import PartialState
+    from etokit.train.common import process_state
 
     from etokit.data import JsonlAppender, load_records, read_jsonl
-    from etokit.explore import (ExploreConfig, Generator, close_envs, index_experts, job_of, open_envs, plan_jobs,
+    from etokit.explore import (ExploreConfig, close_envs, index_experts, job_of, open_envs, plan_jobs,
                                 plan_step_jobs, run_episodes, shard)
 
     if samples_per_task > 1 and temperature == 0:
@@ -204,15 +244,15 @@ def explore(
     if step_wise_expert is not None:  # checked before the model loads
         records = load_records(step_wise_expert, "trajectory", env=env, split=split).records
         experts = index_experts(records, path=step_wise_expert)
-    state = PartialState()
+    state = process_state()
     parts = [_part_file(out, r) for r in range(state.num_processes)] if state.num_processes > 1 else []
     if state.is_main_process:
         _merge_parts(out, parts, None)  # left over by an interrupted multi-process run
     state.wait_for_everyone()
 
-    name, sha, policy, tokenizer = _load_policy(model, dtype, trust_remote_code)
+    name, sha, make_generator = _load_engine(model, dtype, trust_remote_code, engine)
     config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           icl=not no_icl, seed=seed, max_steps=max_steps)
+                           icl=not no_icl, seed=seed, max_steps=max_steps, kv_reuse=not no_kv_reuse)
     envs = open_envs(env, batch_size)
     try:
         done = {job_of(t) for t in read_jsonl(out, "trajectory")} if out.exists() else set()
@@ -222,11 +262,11 @@ def explore(
         else:
             tasks = _step_wise_tasks(envs, env, split, limit, task_ids, experts, step_wise_expert)
             planned = plan_step_jobs({t: experts[t] for t in tasks}, steps_per_task, seed=seed,
-                                     samples_per_task=samples_per_task)
+                                     samples_per_task=samples_per_task, max_steps=max_steps or envs[0].max_steps)
         todo = [job for job in planned if job not in done]
         mine = shard(todo, state)
         target = parts[state.process_index] if parts else out
-        generator = Generator(policy, tokenizer, config)
+        generator = make_generator(config)
         rewards, errors = [], []
         with JsonlAppender(target, "trajectory") as appender, _progress("explore", len(mine)) as progress:
             bar = progress.add_task(f"{env}/{split}", total=len(mine), live=0, avg=0.0)
@@ -397,23 +437,26 @@ def eval_(
     no_icl: NoIclOpt = False,
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
+    engine: EngineOpt = "transformers",
+    no_kv_reuse: NoKvReuseOpt = False,
 ) -> None:
     """Evaluate a policy on a test split: greedy decoding with the 1-shot prompt (as the paper),
     reporting average reward x100, success rate, average steps and invalid-action rate."""
-    from accelerate import PartialState
+    from etokit.train.common import process_state
     from accelerate.utils import gather_object
 
     from etokit.data import atomic_write, write_jsonl
     from etokit.evaluate import summarize
-    from etokit.explore import ExploreConfig, Generator, Job, close_envs, open_envs, run_episodes, shard
+    from etokit.explore import ExploreConfig, Job, close_envs, open_envs, run_episodes, shard
 
     for path, suffix in ((out, ".json"), (trajectories, ".jsonl")):
         if path is not None and path.suffix != suffix:
             raise EtokitError(f"{path}: expected a {suffix} file")
     _check_env_split(env, split)
-    state = PartialState()
-    name, sha, policy, tokenizer = _load_policy(model, dtype, trust_remote_code)
-    config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, icl=not no_icl, max_steps=max_steps)
+    state = process_state()
+    name, sha, make_generator = _load_engine(model, dtype, trust_remote_code, engine)
+    config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, icl=not no_icl, max_steps=max_steps,
+                           kv_reuse=not no_kv_reuse)
     envs = open_envs(env, batch_size)
     try:
         tasks = _task_ids(envs, env, split, limit, task_ids)
@@ -423,7 +466,7 @@ def eval_(
             bar = progress.add_task(f"{env}/{split}", total=len(mine), live=0, avg=0.0)
             if not state.is_main_process:
                 progress.stop()
-            for t in run_episodes(Generator(policy, tokenizer, config), envs, mine, split=split, model_name=name,
+            for t in run_episodes(make_generator(config), envs, mine, split=split, model_name=name,
                                   model_revision=sha, on_step=lambda n: progress.update(bar, live=n)):
                 played.append(t)
                 progress.update(bar, advance=1, avg=sum(p.reward for p in played) / len(played))

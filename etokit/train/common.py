@@ -52,17 +52,28 @@ def resolve_mixed_precision(mode: str) -> str:
     return "no"
 
 
+def multi_cpu() -> bool:
+    """Launched as several processes on a host without GPUs (`accelerate launch --multi_gpu` or
+    torchrun), accelerate silently makes each process a single-process run unless asked for CPU
+    (gloo): every rank would then do all the work, and write the same files."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_state():
+    """accelerate's PartialState, with real ranks on a multi-process CPU launch (see multi_cpu)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=multi_cpu())
+
+
 def make_accelerator(output_dir, *, mixed_precision="auto", report_to="tensorboard", seed=0):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
     stop_with_driver()
     report_to = None if report_to in (None, "none") else report_to
-    # Launched as several processes on a host without GPUs (`accelerate launch --multi_gpu` or
-    # torchrun), accelerate would silently make each process a single-process run: ask for gloo.
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
-        cpu=multi_cpu,
+        cpu=multi_cpu(),
         mixed_precision=resolve_mixed_precision(mixed_precision),
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "runs")),
