@@ -305,3 +305,28 @@ def test_smollm2_one_dpo_step_with_lora(smollm2, tmp_path):
     assert [row["step"] for row in log] == [1] and np.isfinite(log[0]["loss"])
     # LoRA merged back: a plain SmolLM2-shaped checkpoint.
     assert (tmp_path / "dpo" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_one_short_eto_iteration(smollm2, hub, repo_name, tmp_path):
+    """The loop of `make demo MODEL=smollm2`, shrunk to minutes: LoRA BC on 2 expert games, eval,
+    exploration, pairs, one LoRA DPO step, eval, every checkpoint on the (embedded) Hub, and
+    iter-1 loaded back by revision."""
+    from transformers import AutoModelForCausalLM
+
+    from etokit.run import Run, RunConfig
+    from etokit.train.config import parse_config
+
+    cfg = parse_config(RunConfig, [
+        "--config", str(ROOT / "configs" / "demo-smollm2.yaml"), "--base-model", str(smollm2),
+        "--run-dir", str(tmp_path / "run"), "--push-to", repo_name, "--train-tasks", "2", "--eval-tasks", "1",
+        "--iterations", "1", "--max-steps", "3", "--max-new-tokens", "24", "--explore-batch-size", "2",
+        "--bc-num-epochs", "1", "--dpo-batch-size", "2", "--max-length", "1536"])
+    start = time.monotonic()
+    rows = Run(cfg).run()
+    print(f"one ETO iteration on SmolLM2-135M (LoRA): {time.monotonic() - start:.0f}s")
+    assert [r["model"] for r in rows] == ["bc", "iter-1"]
+    assert all(r[split]["episodes"] == 1 for r in rows for split in ("test-seen", "test-unseen"))
+    model = AutoModelForCausalLM.from_pretrained(repo_name, revision="iter-1", use_safetensors=True)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008  # LoRA merged: a plain SmolLM2
