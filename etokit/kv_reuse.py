@@ -82,7 +82,6 @@ class KVReuseDecoder:
         batch, past, width = len(prompts), max(reuse), max(map(len, new))
         self.prefilled += sum(map(len, new))
         self.reused += sum(reuse)
-        dev = self.device
 
         cache = DynamicCache()
         if past:

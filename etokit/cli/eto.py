@@ -82,18 +82,23 @@ _EVAL_EXAMPLES = """
 # ------------------------------------------------------------------------------------ shared
 
 
+def _resolve_model(model: str) -> tuple[str, str | None, str]:
+    """``PATH_OR_REPO[@REV]`` -> (name, revision asked for, what it resolves to: commit sha or local fingerprint)."""
+    from etokit.explore import model_revision, split_model_ref
+
+    name, revision = split_model_ref(model)
+    return name, revision, model_revision(name, revision)
+
+
 def _load_policy(model: str, dtype: str, trust_remote_code: bool = False):
     import torch
-    from etokit.train.common import process_state
 
-    from etokit.explore import model_revision, split_model_ref
-    from etokit.train.common import load_model_and_tokenizer
+    from etokit.train.common import load_model_and_tokenizer, process_state
 
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise EtokitError(f"--dtype {dtype!r}: expected one of {', '.join(dtypes)}")
-    name, revision = split_model_ref(model)
-    sha = model_revision(name, revision)
+    name, revision, sha = _resolve_model(model)
     with console.status(f"Loading {model}..."):
         policy, tokenizer = load_model_and_tokenizer(name, revision=sha if not sha.startswith("local:") else revision,
                                                      dtype=dtypes[dtype], trust_remote_code=trust_remote_code)
@@ -121,11 +126,9 @@ def _load_engine(model: str, dtype: str, trust_remote_code: bool, engine: str):
                           "run it without accelerate launch")
     from transformers import AutoTokenizer
 
-    from etokit.explore import model_revision, split_model_ref
     from etokit.vllm_engine import VLLMGenerator
 
-    name, revision = split_model_ref(model)
-    sha = model_revision(name, revision)
+    name, _, sha = _resolve_model(model)
     revision = None if sha.startswith("local:") else sha
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     return name, sha, lambda config: VLLMGenerator(name, tokenizer, config, revision=revision, dtype=dtype,
