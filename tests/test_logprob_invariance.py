@@ -4,6 +4,8 @@ tests are the model). A tiny Llama in fp32 on random tokens with random assistan
 from __future__ import annotations
 
 import copy
+import math
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -103,6 +105,28 @@ def test_editing_one_sequence_changes_no_other(model, seqs):
     assert not torch.isclose(a[i], b[i])
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="FlexAttention on CPU compiles its kernel with a C++ compiler")
+def test_packed_rows_through_flex_attention(monkeypatch):
+    """The route a CUDA host without flash-attn takes (``packed`` -> FlexAttention, block mask
+    built by transformers from the restarting positions), forward only: FlexAttention has no CPU
+    backward. No GPU is lent to CI, so this is what checks that route isolates the sequences."""
+    from etokit.train import logprobs
+
+    model = tiny_llama(seed=2)
+    # adjacent single-token sequences: position 0 right after position 0
+    seqs = random_seqs(8, seed=6, lengths=[17, 1, 1, 40, 5, 1, 33, 12])
+    expected = direct_logps(model, seqs)
+    monkeypatch.setattr(logprobs, "packed_attn_implementation", lambda device: "flex_attention")
+    got = sequence_logps(model, seqs, "packed", max_tokens=1000)  # one row
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    assert model.config._attn_implementation == "sdpa"  # switched back afterwards
+    edited = copy.deepcopy(seqs)
+    edited[3].input_ids[20] = edited[3].input_ids[20] % 96 + 1
+    changed = ~torch.isclose(sequence_logps(model, edited, "packed", max_tokens=1000), got, rtol=1e-6, atol=1e-6)
+    assert changed.nonzero().flatten().tolist() == [3]
+
+
 def test_first_label_of_each_packed_sequence_is_ignored(model):
     base = random_seqs(6, seed=3, lengths=[5, 8, 1, 6, 4, 9])
     flipped = [Seq(s.input_ids, [not s.loss_mask[0]] + s.loss_mask[1:]) for s in base]
@@ -188,6 +212,29 @@ def test_shared_rows_equal_direct_formula(model, kernel, monkeypatch):
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(got, sequence_logps(model, flat, "bucketed", max_tokens=300), rtol=RTOL, atol=ATOL)
     assert got[12] == got[13]  # identical sequences: one computation, the same sum on both sides
+
+
+def test_shared_rows_under_bf16_autocast():
+    """``--mixed-precision bf16`` on CPU: autocast hands the attention function a float32 query/key
+    (rotary) and a bf16 value; the tree kernel gets them cast as SDPA would. Log-probs and
+    gradients match the unshared layout to bf16 precision."""
+    model = tiny_llama(seed=3).train()
+    flat = flatten(shared_pairs(seed=4))
+    w = torch.linspace(-1, 1, len(flat))
+
+    def run(backend):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), attention_for(model, backend, "cpu"):
+            logps = torch.cat([batch_logps(model, collate(flat[i:i + 6], backend)) for i in range(0, len(flat), 6)])
+            (logps * w).sum().backward()
+        return logps.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    (a, ga), (b, gb) = run("shared"), run("bucketed")
+    expected = direct_logps(model, flat)
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(a, expected, rtol=2e-2, atol=1e-2)
+    assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999
+    torch.testing.assert_close(ga, gb, rtol=0.1, atol=0.02 * gb.abs().max().item())
 
 
 def test_tree_attention_kernel_matches_masked_sdpa():
@@ -310,6 +357,31 @@ def test_dpo_training_identical_across_backends():
             torch.testing.assert_close(grads[k], base_grads[k], rtol=1e-4, atol=1e-5 * scale)
         for k in base_state:
             torch.testing.assert_close(state[k], base_state[k], rtol=1e-4, atol=1e-5)
+
+
+def test_training_step_runs_under_the_backends_attention(monkeypatch):
+    """train_step switches the model to the kernel its backend needs for the forward AND backward
+    (on CUDA, packed rows go to flash-attn varlen / FlexAttention, not SDPA over a dense mask).
+    Here a stand-in: packed asks for eager attention, whose CPU backward exists."""
+    from accelerate import Accelerator
+
+    from etokit.train import logprobs
+    from etokit.train.dpo import DPOConfig, PairTokens, train_step
+
+    model = tiny_llama(seed=7).train()
+    seqs = random_seqs(6, seed=12, lengths=[20, 31, 9, 14, 25, 25])
+    tokens = PairTokens(seqs[0::2], seqs[1::2], [0, 0, 0], 0)
+    ref = sequence_logps(model, tokens.flat(), "padded").view(-1, 2)
+    seen = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args: seen.append(module.config._attn_implementation))
+    monkeypatch.setattr(logprobs, "packed_attn_implementation", lambda device: "eager")
+    cfg = DPOConfig(model="m", data="d", output_dir="o", batch_size=3, max_tokens_per_micro_batch=60)
+    sums = train_step(Accelerator(cpu=True), model, tokens, ref, [0, 1, 2], 3, "packed", cfg, 0)
+    assert seen and set(seen) == {"eager"}
+    assert model.config._attn_implementation == "sdpa"
+    assert all(p.grad is not None for p in model.parameters())
+    torch.testing.assert_close(sums["loss"] / 3, torch.tensor(math.log(2)), rtol=1e-5, atol=1e-5)  # policy == ref
 
 
 def test_attention_features_the_tree_kernels_lack():

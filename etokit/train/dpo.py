@@ -142,11 +142,11 @@ def train_step(accelerator, model, tokens: PairTokens, ref_logps: torch.Tensor, 
     for k, g in enumerate(groups):
         seqs = [s for i in g for s in (tokens.chosen[i], tokens.rejected[i])]
         batch = collate(seqs, backend, pad_token_id).to(accelerator.device)
-        # DDP all-reduces once per step: on the last micro-batch of this process. Shared rows need
-        # their attention through backward too, where checkpointed layers recompute their forward.
+        # DDP all-reduces once per step: on the last micro-batch of this process. The backend's
+        # kernel (tree attention for shared rows; flash-attn varlen or FlexAttention for packed
+        # rows on CUDA) stays on through backward, where checkpointed layers recompute their forward.
         sync = accelerator.no_sync(model) if k < len(groups) - 1 else contextlib.nullcontext()
-        tree = attention_for(model, backend, accelerator.device) if backend == "shared" else contextlib.nullcontext()
-        with sync, tree:
+        with sync, attention_for(model, backend, accelerator.device):
             logps = batch_logps(model, batch).view(-1, 2)
             ref = ref_logps[g].to(logps.device)
             out = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=cfg.beta)

@@ -84,7 +84,7 @@ def attention_for(model, backend: str, device: torch.device | str) -> Iterator[N
     else:
         wanted = packed_attn_implementation(device) if backend == "packed" else None
     base = _unwrap(model)
-    current = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    current = _attn_implementation(base)
     if wanted is None or current == wanted:
         yield
         return
@@ -93,6 +93,10 @@ def attention_for(model, backend: str, device: torch.device | str) -> Iterator[N
         yield
     finally:
         base.set_attn_implementation(current)
+
+
+def _attn_implementation(model) -> str | None:
+    return getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
 
 
 def _unwrap(model):
@@ -114,8 +118,9 @@ def batch_logps(model, batch: Batch) -> torch.Tensor:
     if batch.prefix_tree is not None:
         kwargs = dict(prefix_tree=batch.prefix_tree)
         attention_mask = prefix_attention.guard_mask(batch.input_ids.device)
-    elif batch.packed and batch.input_ids.is_cuda:
-        # The varlen kernels take the boundaries directly instead of re-deriving them per layer.
+    elif batch.packed and "flash" in (_attn_implementation(model) or ""):
+        # The varlen kernels take the boundaries directly instead of re-deriving them per layer;
+        # FlexAttention (and SDPA) build their block mask from the restarting position ids.
         cu = batch.cu_seqlens.to(torch.int32)
         kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
     out = model(

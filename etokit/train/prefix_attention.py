@@ -96,7 +96,13 @@ def prefix_tree_attention(module, query, key, value, attention_mask, dropout: fl
                          "the sequences; use an unshared backend (--backend bucketed) for this model")
     if sum(p + c + r for _, p, c, r in trees) != query.shape[2]:
         raise ValueError(f"prefix_tree covers {sum(p + c + r for _, p, c, r in trees)} tokens, row has {query.shape[2]}")
-    if query.device.type == "cpu" and _CPU_FWD is not None and _CPU_BWD is not None:
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        # What autocast does for SDPA, which a custom autograd Function does not get: under mixed
+        # precision the rotary-embedded query/key arrive in float32 and the value in bf16.
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if device == "cpu" and _CPU_FWD is not None and _CPU_BWD is not None:
         out = _TreeFlashCPU.apply(query, key, value, trees, scaling)
     else:
         out = tree_attention_sdpa(query, key, value, trees, scaling)
