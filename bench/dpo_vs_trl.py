@@ -3,6 +3,7 @@
     python bench/dpo_vs_trl.py --quick              # ~2-3 min on 2 CPU cores
     python bench/dpo_vs_trl.py                      # ETO-like lengths, 64 pairs (~6 min)
     python bench/dpo_vs_trl.py --quick --trl-sweep  # time TRL's configurations, name the fastest
+    python bench/dpo_vs_trl.py --device cuda --bf16 # on a GPU (not run here: no GPU was lent)
 
 Model: a random Llama (hidden 256, 4 layers, 4k SentencePiece vocab; etokit.models "small").
 Pairs (:func:`make_pairs`): ETO's layout -- the real instruction etokit ships for each of the four
@@ -11,13 +12,15 @@ observations; rejected runs a few rounds longer, and half the pairs share their 
 (``--shared-opening``, see make_pairs). Sequence lengths log-normal with a long tail: about
 600-1800 tokens with ``--quick`` (16 pairs), 450-3000 otherwise (64 pairs); the instruction alone
 is 290-570 tokens, so no ETO sequence is much shorter. The header line prints the share of tokens
-that lie in a pair's common prefix (~50% quick, ~40% full).
+that lie in a pair's common prefix (~43% quick, ~34% full).
 
-Each side in its configuration of choice, fp32 on CPU, the same global batch of ``--batch-size``
-pairs, one epoch, reference log-probs precomputed before training:
+Each side in its configuration of choice, fp32 on CPU (``--bf16``: bf16 autocast on both sides),
+the same global batch of ``--batch-size`` pairs, one epoch, reference log-probs precomputed before
+training:
 
-- etokit: its defaults (scripts/train_dpo.py): the ``shared`` backend (each pair's common prefix
-  computed once), 2048 tokens per forward, no gradient checkpointing.
+- etokit: its defaults (scripts/train_dpo.py): on CPU the ``shared`` backend (each pair's common
+  prefix computed once), 2048 tokens per forward, no gradient checkpointing; on CUDA packed rows
+  through flash-attn varlen if installed, else FlexAttention, 16384 tokens per forward.
 - TRL: ``precompute_ref_log_probs=True`` and its fastest configuration on this machine, found with
   ``--trl-sweep`` (gradient checkpointing on/off x micro-batch 1/2/4 pairs, gradient accumulation
   making up the batch): no gradient checkpointing, 1 pair per micro-batch (found when the bench was written;
@@ -34,7 +37,8 @@ a descheduled thread. tokens/s counts real (non-pad) input tokens: the tokens of
 prompt+chosen and prompt+rejected sequence, identical for both since both render the same chat
 template (a shared prefix counts once per sequence, as it does for TRL). Peak memory: the
 process's peak RSS (VmHWM, reset via /proc/self/clear_refs just before the timed section) minus
-its RSS at that point; each side runs in its own subprocess.
+its RSS at that point; on CUDA, the peak of ``torch.cuda.max_memory_allocated`` over the timed
+section minus the allocation at its start. Each side runs in its own subprocess.
 The last line is ``dpo tokens/s: <ratio>x trl DPOTrainer``.
 """
 
@@ -118,6 +122,25 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def _memory_reset(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return _rss_reset()
+
+
+def _memory_peak(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _status("VmHWM")
+
+
 def worker_etokit(a) -> dict:
     import torch
     from accelerate import Accelerator
@@ -133,23 +156,25 @@ def worker_etokit(a) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a.model)
     pairs = read_jsonl(a.pairs, "pair")
     tokens = tokenize_pairs(tok, pairs, max_length=None)
-    max_tokens = a.max_tokens or default_max_tokens("cpu")
+    max_tokens = a.max_tokens or default_max_tokens(a.device)
     cfg = DPOConfig(model=a.model, data=a.pairs, output_dir=a.tmp, batch_size=a.batch_size, learning_rate=1e-6,
                     max_tokens_per_micro_batch=max_tokens)
     if a.etokit_gradient_checkpointing is not None:
         cfg.gradient_checkpointing = a.etokit_gradient_checkpointing
-    accelerator = Accelerator(cpu=True)
-    backend = a.backend or default_backend("cpu", model.config)
+    accelerator = Accelerator(cpu=a.device == "cpu", mixed_precision="bf16" if a.bf16 else "no")
+    backend = a.backend or default_backend(a.device, model.config)
     schedule = step_batches(len(tokens), cfg.batch_size, 1, 0)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    base = _rss_reset()
+    base = _memory_reset(a.device)
     t0, c0 = time.perf_counter(), time.process_time()
     model.eval()
-    ref = sequence_logps(model, tokens.flat(), backend, max_tokens=max_tokens, pad_token_id=tok.pad_token_id).view(-1, 2)
+    with accelerator.autocast():
+        ref = sequence_logps(model, tokens.flat(), backend, max_tokens=max_tokens, pad_token_id=tok.pad_token_id,
+                             device=accelerator.device).view(-1, 2)
     model.train()
     n_tokens = 0
     for step in schedule:
@@ -157,10 +182,11 @@ def worker_etokit(a) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         n_tokens += int(sums["num_tokens"])
+    peak = _memory_peak(a.device)  # synchronizes a GPU before the clock stops
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     config = (f"backend {backend}, {max_tokens} tokens/forward, gradient checkpointing "
               f"{'on' if cfg.gradient_checkpointing else 'off'}")
-    return {"seconds": seconds, "cpu_seconds": cpu, "train_tokens": n_tokens, "peak_rss_delta": _status("VmHWM") - base,
+    return {"seconds": seconds, "cpu_seconds": cpu, "train_tokens": n_tokens, "peak_rss_delta": peak - base,
             "config": config, "steps": len(schedule)}
 
 
@@ -180,9 +206,9 @@ def worker_trl(a) -> dict:
     args = DPOConfig(
         output_dir=a.tmp, per_device_train_batch_size=micro, gradient_accumulation_steps=a.batch_size // micro,
         num_train_epochs=1, learning_rate=1e-6, beta=0.1, max_length=None, precompute_ref_log_probs=True,
-        precompute_ref_batch_size=micro, gradient_checkpointing=a.trl_gradient_checkpointing, use_cpu=True,
-        bf16=False, report_to="none", save_strategy="no", logging_steps=10_000, dataloader_num_workers=0, seed=0,
-        disable_tqdm=True,
+        precompute_ref_batch_size=micro, gradient_checkpointing=a.trl_gradient_checkpointing,
+        use_cpu=a.device == "cpu", bf16=a.bf16, report_to="none", save_strategy="no", logging_steps=10_000,
+        dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
     # TRL 1.16 runs its reference pass inside DPOTrainer.__init__, after tokenizing the dataset: the
     # timed section (and the memory baseline) starts with that pass, so that both sides are timed
@@ -191,17 +217,18 @@ def worker_trl(a) -> dict:
     precompute = DPOTrainer._precompute_ref_logps
 
     def timed_precompute(self, *args, **kwargs):
-        timed.update(base=_rss_reset(), t0=time.perf_counter(), c0=time.process_time())
+        timed.update(base=_memory_reset(a.device), t0=time.perf_counter(), c0=time.process_time())
         return precompute(self, *args, **kwargs)
 
     DPOTrainer._precompute_ref_logps = timed_precompute
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     trainer.train()
+    peak = _memory_peak(a.device)
     seconds, cpu = time.perf_counter() - timed["t0"], time.process_time() - timed["c0"]
     base = timed["base"]
     config = (f"micro-batch {micro} pair(s) x {a.batch_size // micro} accumulation, gradient checkpointing "
               f"{'on' if a.trl_gradient_checkpointing else 'off'}, precomputed reference")
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_delta": _status("VmHWM") - base,
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_delta": peak - base,
             "steps": trainer.state.global_step, "config": config}
 
 
@@ -210,7 +237,7 @@ def run_worker(name: str, a, tmp: Path, data_tokens: int, **overrides) -> dict:
     opts = {**vars(a), **overrides}
     cmd = [sys.executable, __file__, "--worker", name, "--model", str(tmp / "model"), "--pairs",
            str(tmp / "pairs.jsonl"), "--tmp", str(tmp / name), "--batch-size", str(opts["batch_size"]),
-           "--trl-micro-batch", str(opts["trl_micro_batch"]),
+           "--trl-micro-batch", str(opts["trl_micro_batch"]), "--device", opts["device"],
            "--trl-gradient-checkpointing" if opts["trl_gradient_checkpointing"] else "--no-trl-gradient-checkpointing"]
     if opts["etokit_gradient_checkpointing"] is not None:
         cmd.append("--etokit-gradient-checkpointing" if opts["etokit_gradient_checkpointing"]
@@ -219,6 +246,8 @@ def run_worker(name: str, a, tmp: Path, data_tokens: int, **overrides) -> dict:
         cmd += ["--max-tokens", str(opts["max_tokens"])]
     if opts["backend"]:
         cmd += ["--backend", opts["backend"]]
+    if opts["bf16"]:
+        cmd.append("--bf16")
     env = {**os.environ, "TQDM_DISABLE": "1", **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
@@ -228,7 +257,7 @@ def run_worker(name: str, a, tmp: Path, data_tokens: int, **overrides) -> dict:
     # both sides process every sequence twice (reference pass + training step)
     r["tokens_per_s"] = 2 * data_tokens / r["seconds"]
     print(f"{name:7s} {r['tokens_per_s']:9.0f} tokens/s  {r['seconds']:7.1f} s ({r['cpu_seconds']:.1f} s CPU)  "
-          f"peak RSS delta {r['peak_rss_delta'] / 2**20:7.1f} MiB  steps {r['steps']}  {r['config']}", flush=True)
+          f"peak {'GPU memory' if a.device == 'cuda' else 'RSS'} delta {r['peak_rss_delta'] / 2**20:7.1f} MiB  steps {r['steps']}  {r['config']}", flush=True)
     return r
 
 
@@ -242,6 +271,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the fastest counts")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both sides (default: torch's own choice); "
                                                  "1 gives load-robust ratios on a busy shared machine")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: both sides on the GPU (memory = peak allocated GPU memory)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (the setting for a GPU run)")
     p.add_argument("--backend", choices=["padded", "bucketed", "packed", "shared"],
                    help="etokit log-prob backend (default: etokit's CPU default)")
     p.add_argument("--max-tokens", type=int, help="etokit token budget per forward (default: etokit's CPU default)")
@@ -309,7 +341,7 @@ def main() -> None:
     e, t_ = results["etokit"], results["trl"]
     # Process CPU time is much less sensitive to other load than wall time: a cross-check.
     print(f"CPU time: {t_['cpu_seconds'] / e['cpu_seconds']:.2f}x less than trl DPOTrainer (best runs)")
-    print(f"peak memory (RSS delta): {e['peak_rss_delta'] / max(t_['peak_rss_delta'], 1):.2f}x trl DPOTrainer")
+    print(f"peak memory ({'GPU allocated' if a.device == 'cuda' else 'RSS'} delta): {e['peak_rss_delta'] / max(t_['peak_rss_delta'], 1):.2f}x trl DPOTrainer")
     print(f"dpo tokens/s: {e['tokens_per_s'] / t_['tokens_per_s']:.2f}x trl DPOTrainer")
 
 
