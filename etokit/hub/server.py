@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import secrets
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
@@ -115,6 +117,23 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # parallel uploads (threads, datasets' workers) must not hit a full backlog
     hub: HubServer
+    linger_s = 2.0
+
+    def shutdown_request(self, request):
+        # Lingering close (RFC 9112 section 9.6): a connection answered early (413 to a body still
+        # being sent) and then closed with unread input is reset by the kernel, and the client gets
+        # a broken pipe or a reset instead of the answer. Send FIN, read what is still coming for a
+        # moment, then close.
+        try:
+            request.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self.linger_s
+            while (left := deadline - time.monotonic()) > 0:
+                request.settimeout(left)
+                if not request.recv(1 << 16):
+                    break
+        except OSError:
+            pass
+        self.close_request(request)
 
 
 class _Handler(BaseHTTPRequestHandler):
