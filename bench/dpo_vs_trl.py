@@ -122,6 +122,10 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def _memory_kind(device: str) -> str:
+    return "GPU allocated" if device == "cuda" else "RSS"
+
+
 def _memory_reset(device: str) -> int:
     if device == "cuda":
         import torch
@@ -186,7 +190,7 @@ def worker_etokit(a) -> dict:
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     config = (f"backend {backend}, {max_tokens} tokens/forward, gradient checkpointing "
               f"{'on' if cfg.gradient_checkpointing else 'off'}")
-    return {"seconds": seconds, "cpu_seconds": cpu, "train_tokens": n_tokens, "peak_rss_delta": peak - base,
+    return {"seconds": seconds, "cpu_seconds": cpu, "train_tokens": n_tokens, "peak_memory_delta": peak - base,
             "config": config, "steps": len(schedule)}
 
 
@@ -228,7 +232,7 @@ def worker_trl(a) -> dict:
     base = timed["base"]
     config = (f"micro-batch {micro} pair(s) x {a.batch_size // micro} accumulation, gradient checkpointing "
               f"{'on' if a.trl_gradient_checkpointing else 'off'}, precomputed reference")
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_delta": peak - base,
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_memory_delta": peak - base,
             "steps": trainer.state.global_step, "config": config}
 
 
@@ -257,7 +261,8 @@ def run_worker(name: str, a, tmp: Path, data_tokens: int, **overrides) -> dict:
     # both sides process every sequence twice (reference pass + training step)
     r["tokens_per_s"] = 2 * data_tokens / r["seconds"]
     print(f"{name:7s} {r['tokens_per_s']:9.0f} tokens/s  {r['seconds']:7.1f} s ({r['cpu_seconds']:.1f} s CPU)  "
-          f"peak {'GPU memory' if a.device == 'cuda' else 'RSS'} delta {r['peak_rss_delta'] / 2**20:7.1f} MiB  steps {r['steps']}  {r['config']}", flush=True)
+          f"peak {_memory_kind(a.device)} delta {r['peak_memory_delta'] / 2**20:7.1f} MiB  steps {r['steps']}  "
+          f"{r['config']}", flush=True)
     return r
 
 
@@ -334,14 +339,15 @@ def main() -> None:
         for name in ("etokit", "trl"):
             r = run_worker(name, a, tmp, data_tokens)
             best = results.setdefault(name, r)
-            best["peak_rss_delta"] = max(best["peak_rss_delta"], r["peak_rss_delta"])
+            best["peak_memory_delta"] = max(best["peak_memory_delta"], r["peak_memory_delta"])
             best["cpu_seconds"] = min(best["cpu_seconds"], r["cpu_seconds"])
             if r["seconds"] < best["seconds"]:
                 best.update(seconds=r["seconds"], tokens_per_s=r["tokens_per_s"])
     e, t_ = results["etokit"], results["trl"]
     # Process CPU time is much less sensitive to other load than wall time: a cross-check.
     print(f"CPU time: {t_['cpu_seconds'] / e['cpu_seconds']:.2f}x less than trl DPOTrainer (best runs)")
-    print(f"peak memory ({'GPU allocated' if a.device == 'cuda' else 'RSS'} delta): {e['peak_rss_delta'] / max(t_['peak_rss_delta'], 1):.2f}x trl DPOTrainer")
+    ratio = e["peak_memory_delta"] / max(t_["peak_memory_delta"], 1)
+    print(f"peak memory ({_memory_kind(a.device)} delta): {ratio:.2f}x trl DPOTrainer")
     print(f"dpo tokens/s: {e['tokens_per_s'] / t_['tokens_per_s']:.2f}x trl DPOTrainer")
 
 
