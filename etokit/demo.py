@@ -1,10 +1,10 @@
 """`make demo`: the whole ETO loop on CPU against an embedded Hub, then the last checkpoint loaded
 back from the Hub by revision, as a user would.
 
-    python -m etokit.demo [--dir .demo] [--config configs/demo.yaml]
+    python -m etokit.demo [--dir .demo] [--config demo|demo-smollm2|FILE.yaml]
 
 Starts `etokit hub serve`'s server on a free loopback port (data under <dir>/hub, wiped first),
-points the HF clients at it, and runs `etokit run` with configs/demo.yaml: expert trajectories on
+points the HF clients at it, and runs `etokit run` with the shipped demo config (etokit/configs/demo.yaml): expert trajectories on
 TextWorldExpress train seeds, a tiny Llama + SentencePiece tokenizer built from them, BC and two
 ETO iterations, evaluation on test-seen / test-unseen, every dataset and checkpoint pushed.
 """
@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 REPO = "demo/eto-textworld-express"
 
 
@@ -31,9 +30,12 @@ def _free_port() -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, default=ROOT / ".demo", help="working folder (wiped first)")
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--dir", type=Path, default=Path(".demo"), help="working folder (wiped first)")
+    parser.add_argument("--config", default="demo", help="a shipped config name (demo, demo-smollm2) or a YAML file")
     args, overrides = parser.parse_known_args(argv)
+    from etokit.configs import resolve
+
+    args.config = resolve(args.config)
 
     if args.dir.exists():
         shutil.rmtree(args.dir)

@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,6 @@ console = Console(highlight=False)
 MANIFEST = "manifest.json"
 RESULTS = "results.json"
 LOCK = ".lock"
-SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
 EVAL_SPLITS = ("test-seen", "test-unseen")
 
 
@@ -94,7 +92,7 @@ class RunConfig:
     bc_lr_scheduler: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "constant",
                                                                          "constant_with_warmup"]})
     bc_max_steps: int | None = field(default=None, metadata={"gt": 0})
-    bc_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for scripts/train_bc.py"})
+    bc_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for the BC recipe (etokit.recipes.train_bc)"})
     # DPO: per-iteration beta / lr lists, the last value repeats (ETO: 0.1 / 1e-6, then 0.5 / 5e-7)
     dpo_beta: list[float] = field(default_factory=lambda: [0.1, 0.5], metadata={"gt": 0})
     dpo_learning_rate: list[float] = field(default_factory=lambda: [1e-6, 5e-7], metadata={"gt": 0})
@@ -102,7 +100,7 @@ class RunConfig:
     dpo_batch_size: int = field(default=32, metadata={"gt": 0})
     dpo_warmup_ratio: float = 0.1
     dpo_max_steps: int | None = field(default=None, metadata={"gt": 0})
-    dpo_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for scripts/train_dpo.py"})
+    dpo_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for the DPO recipe (etokit.recipes.train_dpo)"})
     # contrastive pairs (paper App. B): "step" plays step-wise episodes from the expert's first t-1 steps
     # instead of whole episodes, "mixture" plays both and pairs both
     pairs_mode: str = field(default="trajectory", metadata={"choices": ["trajectory", "step", "mixture"]})
@@ -121,8 +119,13 @@ class RunConfig:
         for name in ("dpo_beta", "dpo_learning_rate"):
             if not getattr(self, name):
                 raise EtokitError(f"--{name.replace('_', '-')} needs at least one value")
-        if self.accelerate_config and not Path(self.accelerate_config).is_file():
-            raise EtokitError(f"--accelerate-config {self.accelerate_config} does not exist")
+        if self.accelerate_config:
+            from etokit.configs import resolve
+
+            try:
+                resolve(self.accelerate_config, "accelerate")
+            except EtokitError as e:
+                raise EtokitError(f"--accelerate-config: {e}") from None
         from etokit.envs.registry import ENV_CLASSES
 
         if self.env not in ENV_CLASSES:
@@ -352,7 +355,7 @@ class Run:
             args += ["--model-revision", base["revision"]]
         if cfg.bc_max_steps:
             args += ["--max-steps", str(cfg.bc_max_steps)]
-        self._launch("train_bc.py", args + list(cfg.bc_args), out)
+        self._launch("bc", args + list(cfg.bc_args), out)
         return {"model": _rel(out, self.dir), "weights_sha256": _weights_digest(out)}
 
     def explore(self, k: int, policy: str) -> dict[str, Any]:
@@ -423,7 +426,7 @@ class Run:
                 "--ref-cache-dir", str(self.dir / "ref-cache"), "--report-to", "none", "--resume"]
         if cfg.dpo_max_steps:
             args += ["--max-steps", str(cfg.dpo_max_steps)]
-        self._launch("train_dpo.py", args + list(cfg.dpo_args), out)
+        self._launch("dpo", args + list(cfg.dpo_args), out)
         return {"model": _rel(out, self.dir), "reference": previous, "beta": beta, "learning_rate": lr,
                 "weights_sha256": _weights_digest(out)}
 
@@ -544,15 +547,11 @@ class Run:
         faultpoint("play.before-sort")
         _sort_by_task(out, tasks)
 
-    def _launch(self, script: str, args: list[str], out: Path) -> None:
-        cfg = self.cfg
-        if cfg.accelerate_config:
-            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg.accelerate_config]
-        else:
-            # One process needs no launcher: Accelerator() alone sets it up, and the launcher's
-            # own interpreter (another torch import) is saved.
-            launcher = [sys.executable]
-        cmd = [*launcher, str(SCRIPTS_DIR / script), *args]
+    def _launch(self, recipe: str, args: list[str], out: Path) -> None:
+        from etokit.recipes.launch import recipe_command
+
+        # One process needs no launcher (Accelerator() alone sets it up); an accelerate config gets it.
+        cmd = recipe_command(recipe, args, accelerate_config=self.cfg.accelerate_config, launcher=False)
         out.mkdir(parents=True, exist_ok=True)
         log = out / "launch.log"
         # The trainer must not outlive this process: an orphan still writing to `out` while a
@@ -565,7 +564,7 @@ class Run:
             done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         if done.returncode != 0:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
-            raise EtokitError(f"{script} failed (exit {done.returncode}): {tail[0]} (full log: {log})")
+            raise EtokitError(f"the {recipe.upper()} recipe failed (exit {done.returncode}): {tail[0]} (full log: {log})")
 
 
 # ------------------------------------------------------------------------------------ helpers

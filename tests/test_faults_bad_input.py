@@ -18,7 +18,6 @@ import importlib.util
 import io
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -277,7 +276,7 @@ CASES = [
      run_yaml("env_options: [1]\n"),
      ["'env_options'", "eto.yaml", "must be a mapping"]),
 
-    # --- scripts/train_bc.py --------------------------------------------------------------------
+    # --- etokit.recipes.train_bc -----------------------------------------------------------------
     ("bc-learning-rate-nan", "bc", [*BC, "--learning-rate", "nan"], EXPERTS, ["--learning-rate", "finite", "nan"]),
     ("bc-yaml-unknown-key", "bc", [*BC, "--config", "{w}/bc.yaml"], both(EXPERTS, raw_file("bc.yaml", b"lora_rank: 8\n")),
      ["unknown config key 'lora_rank'", "bc.yaml", "did you mean 'lora_r'"]),
@@ -297,7 +296,7 @@ CASES = [
     ("bc-data-revision-traversal", "bc", [*BC[:2], "--data", "etokit-tests/data", "--data-revision", "../main", *BC[4:]],
      None, ["--data-revision", "'../main'"]),
 
-    # --- scripts/train_dpo.py -------------------------------------------------------------------
+    # --- etokit.recipes.train_dpo ----------------------------------------------------------------
     ("dpo-identical-pair", "dpo", DPO, rows_file("pairs.jsonl", [PAIR, identical_pair("p2")]),
      ["pairs.jsonl", "row 1", "(id 'p2')", "field 'chosen'", "identical"]),
     ("dpo-beta-negative", "dpo", [*DPO, "--beta", "-0.1"], PAIRS_OK, ["--beta", "> 0", "-0.1"]),
@@ -372,12 +371,7 @@ def existing_repo(hub_server):
 
 
 def load_script(name):
-    if name not in sys.modules:  # test_train_*.py may have loaded it already
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return importlib.import_module(f"etokit.recipes.{name}")
 
 
 def invoke(runner: str, argv: list[str]) -> tuple[int, str, BaseException | None]:

@@ -319,7 +319,7 @@ def test_smollm2_one_short_eto_iteration(smollm2, hub, repo_name, tmp_path):
     from etokit.train.config import parse_config
 
     cfg = parse_config(RunConfig, [
-        "--config", str(ROOT / "configs" / "demo-smollm2.yaml"), "--base-model", str(smollm2),
+        "--config", str(ROOT / "etokit" / "configs" / "demo-smollm2.yaml"), "--base-model", str(smollm2),
         "--run-dir", str(tmp_path / "run"), "--push-to", repo_name, "--train-tasks", "2", "--eval-tasks", "1",
         "--iterations", "1", "--max-steps", "3", "--max-new-tokens", "24", "--explore-batch-size", "2",
         "--bc-num-epochs", "1", "--dpo-batch-size", "2", "--max-length", "1536"])

@@ -257,9 +257,11 @@ def test_dpo_hyperparameters_per_iteration():
 
 
 def test_paper_configs_parse():
-    root = Path(__file__).resolve().parents[1] / "configs"
+    from etokit.configs import shipped
+
+    assert {"textworld-express", "webshop", "scienceworld", "alfworld", "demo", "demo-smollm2"} <= set(shipped())
     for name in ("textworld-express", "webshop", "scienceworld", "alfworld", "demo"):
-        cfg = parse_config(RunConfig, ["--config", str(root / f"{name}.yaml"), "--push-to", "ns/a", "--run-dir", "r"])
+        cfg = parse_config(RunConfig, ["--config", str(shipped()[name]), "--push-to", "ns/a", "--run-dir", "r"])
         if name != "demo":
             assert cfg.dpo_hparams(1) == (0.1, 1e-6) and cfg.dpo_hparams(2) == (0.5, 5e-7)
             assert cfg.bc_per_device_batch_size * cfg.bc_gradient_accumulation_steps == 64

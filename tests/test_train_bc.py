@@ -22,11 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"etokit.recipes.{name}")
 
 
 train_bc = load_script("train_bc")
@@ -181,7 +177,7 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     train_bc.main(args(setup, one, "--num-epochs", "1", "--max-steps", "2"))
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           str(ROOT / "scripts" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port),
+           str(ROOT / "etokit" / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port),
            str(ROOT / "scripts" / "train_bc.py"),
            *args(setup, two, "--num-epochs", "1", "--max-steps", "2", "--per-device-batch-size", "2")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

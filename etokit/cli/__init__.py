@@ -28,6 +28,7 @@ _COMMAND_MODULES = [
     "etokit.cli.models",
     "etokit.cli.data",
     "etokit.cli.eto",
+    "etokit.cli.train",
     "etokit.cli.run",
 ]
 

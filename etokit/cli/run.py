@@ -13,10 +13,13 @@ from etokit.cli._errors import user_errors
 _EXAMPLES = """
 [bold]Examples[/bold]
 
-  $ etokit run --config configs/textworld-express.yaml --run-dir runs/twx --push-to me/twx-agent
-  $ etokit run --config configs/demo.yaml --iterations 1 --dpo-beta 0.1 --dpo-learning-rate 1e-6
-  $ etokit run --config configs/webshop.yaml --accelerate-config scripts/accelerate/ddp.yaml
-  $ etokit run --config configs/demo.yaml --resume   [dim]# after a crash: continues at the first unfinished stage[/dim]
+  $ etokit run --config textworld-express --run-dir runs/twx --push-to me/twx-agent   [dim]# a shipped config[/dim]
+  $ etokit run --config my-run.yaml --iterations 1 --dpo-beta 0.1 --dpo-learning-rate 1e-6
+  $ etokit run --config webshop --accelerate-config ddp
+  $ etokit run --config demo --resume   [dim]# after a crash: continues at the first unfinished stage[/dim]
+
+Shipped configs: alfworld, scienceworld, textworld-express, webshop (the paper's hyperparameters), demo,
+demo-smollm2; shipped accelerate configs: ddp, fsdp, deepspeed_zero3, cpu_2proc.
 """
 
 
@@ -35,7 +38,7 @@ def _options_help() -> str:
 @user_errors
 def run(
     ctx: typer.Context,
-    config: Annotated[typing.Optional[str], typer.Option("--config", "-c", help="YAML file of config keys (below).",
+    config: Annotated[typing.Optional[str], typer.Option("--config", "-c", help="YAML file of config keys (below), or the name of a config etokit ships.",
                                                          show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir from its first unfinished "
                                                           "stage (the config must be the same).")] = False,
@@ -48,7 +51,9 @@ def run(
     from etokit.run import Run, RunConfig, console, results_table
     from etokit.train.config import parse_config
 
-    argv = (["--config", config] if config else []) + list(ctx.args)
+    from etokit.configs import resolve
+
+    argv = (["--config", str(resolve(config))] if config else []) + list(ctx.args)
     cfg = parse_config(RunConfig, argv)
     rows = Run(cfg, resume=resume).run()
     console.print(results_table(rows))

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import sys
 from functools import lru_cache
 from pathlib import Path
 
 import jinja2
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+_PACKAGE_COPY = Path(__file__).resolve().parents[1] / "templates"
+_CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def template_dir(kind: str) -> Path:
-    """`data_cards` or `model_cards`: the checkout's folder (editable installs), else the copy a
-    wheel installs under `<prefix>/share/etokit/`."""
-    for base in (_REPO_ROOT, Path(sys.prefix) / "share" / "etokit"):
+    """`data_cards` or `model_cards`: the copy an installed wheel carries in the package (setup.py
+    puts it there), else the folder at the top of a source checkout (editable installs)."""
+    for base in (_PACKAGE_COPY, _CHECKOUT):
         if (base / kind).is_dir():
             return base / kind
-    raise FileNotFoundError(f"etokit card templates '{kind}/' not found next to the package or in {sys.prefix}/share/etokit")
+    raise FileNotFoundError(f"etokit card templates '{kind}/' found neither in {_PACKAGE_COPY} nor in {_CHECKOUT}")
 
 
 @lru_cache(maxsize=None)

@@ -21,7 +21,7 @@ from etokit.faults import faultpoint
 
 logger = logging.getLogger(__name__)
 
-CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "model.md.j2"
+CARD_TEMPLATE = "model.md.j2"  # in model_cards/ (etokit.hub.cards.template_dir)
 # Files the Hub creates itself and that a checkpoint folder never has.
 _HUB_OWNED = {".gitattributes"}
 # Training state (optimizer moments, RNG states) is for resuming a run, not part of a release.
@@ -193,8 +193,11 @@ def render_model_card(repo_id: str, revision: str, card: dict[str, Any]) -> str:
         "tags": ["etokit", "eto", "agent", *(card.get("tags") or [])],
     }
     metadata = {k: v for k, v in metadata.items() if v}
-    env = Environment(loader=FileSystemLoader(CARD_TEMPLATE.parent), undefined=StrictUndefined, keep_trailing_newline=True)
-    text = env.get_template(CARD_TEMPLATE.name).render(
+    from etokit.hub.cards import template_dir
+
+    env = Environment(loader=FileSystemLoader(template_dir("model_cards")), undefined=StrictUndefined,
+                      keep_trailing_newline=True)
+    text = env.get_template(CARD_TEMPLATE).render(
         metadata_yaml=yaml.safe_dump(metadata, sort_keys=False),
         repo_id=repo_id,
         revision=revision,

@@ -1,8 +1,8 @@
 """A Hugging Face Hub-compatible HTTP server on the standard library, for tests and offline use.
 
 It speaks the subset of the Hub protocol that huggingface_hub, datasets and transformers use to
-create repos, upload (regular and LFS), branch, tag, list and download; see
-``/work/shared/hub-protocol.md`` for the endpoint list. Xet is not implemented: clients run with
+create repos, upload (regular and LFS), branch, tag, list and download; ``PROTOCOL.md`` next to
+this file lists the routes and which client call uses which. Xet is not implemented: clients run with
 ``HF_HUB_DISABLE_XET=1``. A request no route matches is answered 404 and recorded in
 ``HubServer.unknown_routes`` so that tests notice when a client upgrade needs something new.
 
