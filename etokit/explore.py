@@ -26,7 +26,7 @@ import random
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from etokit.agent.protocol import INVALID_FORMAT_OBS, STOP_STRINGS, build_prompt, format_observation, parse_action
@@ -64,6 +64,10 @@ class ExploreConfig:
     # Keep each episode's KV cache between steps and prefill only what is new (etokit/kv_reuse.py);
     # False re-encodes the whole conversation with model.generate at every step.
     kv_reuse: bool = True
+    # The instruction turn (the prompt's first user message): None is etokit's own for the
+    # environment (etokit/agent/prompts/); a policy cloned on other expert data (the paper's
+    # published trajectories) is explored with that data's instruction, the one it was trained on.
+    instruction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -334,7 +338,7 @@ def _start(env: Env, job: Job, config: ExploreConfig, attempt: int = 0,
         if expert is None:
             raise EtokitError(f"task {job.task_id!r}: a step-wise job needs the task's expert trajectory")
     reset = env.reset(job.task_id)
-    messages = build_prompt(env.name, reset, icl=config.icl)
+    messages = build_prompt(env.name, reset, icl=config.icl, instruction=config.instruction)
     icl_len = len(messages) - 3
     info = {k: v for k, v in reset.info.items() if k == "game_file"}
     ep = _Episode(job=job, env=env, prompt_len=len(messages), icl_len=icl_len, messages=messages,
@@ -493,8 +497,27 @@ def index_experts(experts: Sequence[Trajectory], *, path: str | Path | None = No
         for j, m in enumerate(t.messages[PROMPT_LEN:], PROMPT_LEN):
             if m["role"] == "assistant" and parse_action(m["content"]) is None:
                 raise error("an expert turn without an Action: line cannot be replayed", f"messages[{j}].content")
+        if t.env == "alfworld" and not t.extra.get("game_file") and t.extra.get("eto_id") is not None:
+            raise error("an official ALFWorld expert row without game_file: the game its steps were played in is "
+                        "unknown (the Hub copy of the paper's data drops game_file; the official local "
+                        "alfworld_sft.json keeps it)", "game_file")
         by_task.setdefault(t.task_id, t)
     return by_task
+
+
+def experts_of_tasks(experts: Mapping[str, Trajectory], task_ids: Sequence[str]) -> dict[str, Trajectory]:
+    """The expert of each environment task that has one, keyed by the environment's task id. An
+    official ALFWorld row is keyed by its own id, not the game's: it is matched on the game's
+    ``trial_...`` folder, as the pairs are (etokit.pairs.task_key)."""
+    from etokit.pairs import task_key
+
+    by_game = {task_key(t): t for t in experts.values() if t.extra.get("game_file")}
+    found = {}
+    for task_id in task_ids:
+        expert = experts.get(task_id) or by_game.get(PurePosixPath(task_id).name)
+        if expert is not None:
+            found[task_id] = expert
+    return found
 
 
 def plan_step_jobs(experts: Mapping[str, Trajectory], steps_per_task: int | None, *, seed: int,

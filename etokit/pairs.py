@@ -187,15 +187,33 @@ def mixture_pairs(experts: Iterable[Trajectory], explored: Iterable[Trajectory],
     return trajectory + step, PairStats.total({"trajectory": trajectory_stats, "step": step_stats})
 
 
+def _task_text_key(t: Trajectory) -> str | None:
+    """ALFWorld's task turn (the room and the goal), whitespace-normalised: what identifies the game of
+    an expert row that lost its ``game_file`` (the Hub copy of the paper's data keeps only id and
+    conversations); an explored episode of the same game starts with the same turn."""
+    if len(t.messages) < PROMPT_LEN:
+        return None
+    return "task-turn:" + " ".join(t.messages[PROMPT_LEN - 1]["content"].split())
+
+
 def _by_key(experts: Iterable[Trajectory]) -> dict[str, Trajectory]:
     by_key: dict[str, Trajectory] = {}
     for t in experts:
         by_key.setdefault(task_key(t), t)
+        if t.env == "alfworld" and not t.extra.get("game_file") and (text := _task_text_key(t)) is not None:
+            other = by_key.setdefault(text, t)
+            if other is not t and task_key(other) != task_key(t):
+                raise DataError(f"ALFWorld experts {other.task_id!r} and {t.task_id!r} have no game_file and the same "
+                                "task turn, so which game each was played in is unknown; use rows that keep "
+                                "game_file (the official local alfworld_sft.json)", where=f"task {t.task_id!r}",
+                                field="game_file")
     return by_key
 
 
 def _expert_of(agent: Trajectory, by_key: dict[str, Trajectory], stats: PairStats) -> Trajectory | None:
     expert = by_key.get(task_key(agent))
+    if expert is None and agent.env == "alfworld" and (text := _task_text_key(agent)) is not None:
+        expert = by_key.get(text)
     if expert is None:
         stats.missing_expert += 1
     elif expert.env != agent.env:

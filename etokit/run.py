@@ -68,8 +68,11 @@ class RunConfig:
     expert_data: str | None = field(default=None, metadata={"help": "expert trajectories: local file or Hub dataset "
                                                                     "repo; empty: play the env's expert on train"})
     expert_data_config: str | None = None
-    expert_data_split: str = "train"
+    expert_data_split: str | None = field(default=None, metadata={"help": "Hub split (default: the env's, e.g. "
+                                                                          "scienceworld of the paper's data)"})
     expert_data_revision: str | None = None
+    expert_reward: float | None = field(default=None, metadata={"min": 0, "max": 1, "help": "reward stated for "
+                                        "official expert rows without one (WebShop's Hub copy); recorded in the cards"})
     train_tasks: int | None = field(default=None, metadata={"gt": 0, "help": "first N train tasks (expert + "
                                                                              "exploration); default all"})
     eval_tasks: int | None = field(default=None, metadata={"gt": 0, "help": "first N tasks of each test split"})
@@ -136,9 +139,10 @@ class RunConfig:
 
             check_model_dir(self.base_model, option="--base-model")
         if self.expert_data and Path(self.expert_data).exists():
-            from etokit.data import load_records
+            from etokit.data.sources import load_source
 
-            load_records(self.expert_data, "trajectory")
+            load_source(self.expert_data, "trajectory", env=self.env, expert_reward=self.expert_reward,
+                        option="--expert-data")
 
     @property
     def datasets(self) -> dict[str, str]:
@@ -301,7 +305,8 @@ class Run:
             from etokit.train.common import load_training_records
 
             records = load_training_records(cfg.expert_data, "trajectory", config=cfg.expert_data_config,
-                                            split=cfg.expert_data_split, revision=cfg.expert_data_revision)
+                                            split=cfg.expert_data_split, revision=cfg.expert_data_revision,
+                                            env=cfg.env, expert_reward=cfg.expert_reward)
             records = [t for t in records if t.env == cfg.env]
             if not records:
                 raise EtokitError(f"--expert-data {cfg.expert_data}: no trajectory of env {cfg.env!r}")
@@ -325,7 +330,14 @@ class Run:
                             failed += 1
             finally:
                 close_envs(envs)
-        return {"file": _rel(out, self.dir), "trajectories": _count_lines(out), "expert_failed": failed}
+        # A policy is explored and evaluated with the instruction it was cloned on: the expert
+        # data's own when it is not etokit's (the paper's published trajectories word it otherwise).
+        from etokit.agent.protocol import instruction_of
+        from etokit.data import read_jsonl
+
+        instruction = instruction_of(read_jsonl(out, "trajectory"), cfg.env) if cfg.expert_data else None
+        return {"file": _rel(out, self.dir), "trajectories": _count_lines(out), "expert_failed": failed,
+                "instruction": instruction}
 
     def init_model(self) -> dict[str, Any]:
         from etokit.agent.protocol import load_icl
@@ -471,7 +483,9 @@ class Run:
         card = {
             "stage": stage, "iteration": k, "base_model": base,
             "datasets": [{**d, "local": False} for d in card_datasets(data)],
-            "hyperparameters": {**hp, "seed": cfg.seed, "max_length": cfg.max_length},
+            "hyperparameters": {**hp, "seed": cfg.seed, "max_length": cfg.max_length,
+                                "prompt_instruction": "the expert data's" if self._instruction() else "etokit's",
+                                **({"expert_reward_stated": cfg.expert_reward} if cfg.expert_reward is not None else {})},
             "eval": [_card_row(r) for r in rows],
             "description": (f"An LLM agent for `{cfg.env}` trained with the ETO loop (`etokit run`). Average reward "
                             f"x100 per stage on test-seen / test-unseen:\n\n```\n{chart}\n```"),
@@ -482,6 +496,10 @@ class Run:
         return {"repo": cfg.push_to, "revision": name, "commit": sha}
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _instruction(self) -> str | None:
+        """The instruction turn the expert data was written with, or None for etokit's own."""
+        return self.manifest.get("expert").get("instruction")
 
     def _unseen(self, name: str) -> float:
         return self.manifest.get(f"eval-{name}")["test-unseen"]["avg_reward"]
@@ -512,8 +530,8 @@ class Run:
         iteration): also (pairs_mode "mixture") or only ("step") step-wise episodes, steps_per_task
         per task, the steps drawn anew each iteration."""
         from etokit.data import JsonlAppender
-        from etokit.explore import (ExploreConfig, Generator, close_envs, job_of, open_envs, plan_jobs, plan_step_jobs,
-                                    run_episodes)
+        from etokit.explore import (ExploreConfig, Generator, close_envs, experts_of_tasks, job_of, open_envs, plan_jobs,
+                                    plan_step_jobs, run_episodes)
         from etokit.train.common import load_model_and_tokenizer
 
         cfg = self.cfg
@@ -522,7 +540,7 @@ class Run:
         model, tokenizer = load_model_and_tokenizer(str(folder))
         model.eval()
         config = ExploreConfig(batch_size=cfg.explore_batch_size, max_new_tokens=cfg.max_new_tokens,
-                               icl=cfg.icl, seed=cfg.seed, max_steps=cfg.max_steps)
+                               icl=cfg.icl, seed=cfg.seed, max_steps=cfg.max_steps, instruction=self._instruction())
         envs = open_envs(cfg.env, cfg.explore_batch_size, cfg.env_options)
         try:
             tasks = envs[0].task_ids(split)[:limit]
@@ -532,7 +550,8 @@ class Run:
                 experts = None
                 if step_wise is not None:
                     experts, k = step_wise
-                    todo += plan_step_jobs({t: experts[t] for t in tasks if t in experts}, cfg.steps_per_task,
+                    experts = experts_of_tasks(experts, tasks)  # keyed by the environment's task ids
+                    todo += plan_step_jobs(experts, cfg.steps_per_task,
                                            seed=cfg.seed * 1000 + k, done=done, max_steps=config.max_steps or
                                            envs[0].max_steps)
                 episodes = run_episodes(Generator(model, tokenizer, config), envs, todo, split=split,

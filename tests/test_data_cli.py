@@ -61,9 +61,20 @@ def test_validate_bad_file_exits_2_with_one_line(tmp_path, args, words):
         assert word in result.output
 
 
-def test_validate_official_file_without_env_asks_for_it():
-    result = run("validate", FIXTURES / "sciworld_sft.json")
+def test_validate_official_file_without_env_asks_for_it(tmp_path):
+    unnamed = tmp_path / "expert.json"  # a name that says nothing of the environment
+    shutil.copy(FIXTURES / "sciworld_sft.json", unnamed)
+    result = run("validate", unnamed)
     assert result.exit_code == 2 and "--env is needed" in result.output
+
+
+def test_official_file_names_tell_the_environment(tmp_path):
+    result = run("validate", FIXTURES / "sciworld_sft.json", "--json")  # sciworld_sft: the official file name
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["stats"]["envs"] == {"scienceworld": 2}
+    both = tmp_path / "webshop_and_alfworld.json"  # two environments named: no guess
+    shutil.copy(FIXTURES / "sciworld_sft.json", both)
+    assert run("validate", both).exit_code == 2
 
 
 def test_import_then_export_gives_back_the_official_file(tmp_path):

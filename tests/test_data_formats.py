@@ -131,9 +131,12 @@ def test_official_jsonl_and_parquet_with_null_columns(tmp_path):
                                                  enumerate(_official_rows("sciworld_sft.json"))]
     parquet = tmp_path / "mixed.parquet"
     Dataset.from_list(rows).to_parquet(parquet)
-    records = load_records(parquet, env="webshop")
+    with pytest.raises(DataError, match="row 3.*field 'reward'.*--expert-reward"):
+        load_records(parquet, env="webshop")  # a WebShop expert's reward is never assumed
+    records = load_records(parquet, env="webshop", expert_reward=1.0)
     assert records.format == "eto-sft"
     assert [t.reward for t in records.records][-2:] == [1.0, 1.0]
+    assert [t.extra.get("expert_reward_stated") for t in records.records][-3:] == [None, 1.0, 1.0]
     assert to_eto_rows(records) == Dataset.from_parquet(str(parquet)).to_list()
 
     jsonl = tmp_path / "webshop.jsonl"

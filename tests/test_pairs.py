@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from etokit.cli import app
-from etokit.data import Pair, pair_to_eto, read_jsonl
+from etokit.data import DataError, Pair, pair_to_eto, read_jsonl
 from etokit.data.eto_format import ROLE_TO_FROM
 from etokit.pairs import build_pairs, self_play_pairs, trajectory_pairs
 from tests.factories import trajectory, write_jsonl
@@ -83,6 +83,24 @@ def test_alfworld_matches_on_the_game_not_the_id():
     other = _explored("17", 0.0, 3, env="alfworld", extra={"game_file": "/data/games/pick_y/trial_T9/game.tw-pddl"})
     pairs, stats = trajectory_pairs([expert], [agent, other])
     assert [p.rejected for p in pairs] == [agent.messages[3:]] and stats.missing_expert == 1
+
+
+def test_alfworld_experts_without_game_file_match_on_the_task_turn():
+    """The Hub copy of the paper's data drops game_file: an expert is then matched to the explored
+    episode that starts with the same task turn (the room and the goal), never to another game's."""
+    expert = trajectory("17", 1.0, 2, env="alfworld")
+    expert.messages[2]["content"] = "You are in a room.\nYour task is to:  put a mug in the sink."
+    agent = _explored("json/train/pick_x/trial_T1", 0.0, 3, env="alfworld",
+                      extra={"game_file": "/data/pick_x/trial_T1/game.tw-pddl"})
+    agent.messages[2]["content"] = "You are in a room.\nYour task is to: put a mug in the sink."  # spacing aside
+    other = _explored("json/train/pick_y/trial_T9", 0.0, 3, env="alfworld",
+                      extra={"game_file": "/data/pick_y/trial_T9/game.tw-pddl"})
+    pairs, stats = trajectory_pairs([expert], [agent, other])
+    assert [p.rejected for p in pairs] == [agent.messages[3:]] and stats.missing_expert == 1
+    twin = trajectory("18", 1.0, 3, env="alfworld")
+    twin.messages[2]["content"] = expert.messages[2]["content"]
+    with pytest.raises(DataError, match="'17' and '18' have no game_file and the same task turn"):
+        trajectory_pairs([expert, twin], [agent])
 
 
 # --- the official rule, transcribed from construct_preference.py (build_preference and

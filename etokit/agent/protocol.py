@@ -85,13 +85,26 @@ def load_icl(env_name: str) -> list[Message]:
     return [{"role": role, "content": content} for role, content in _icl(env_name)]
 
 
-def build_prompt(env_name: str, reset: Reset, icl: bool) -> list[Message]:
-    """Messages up to and including the task turn; the agent's first reply comes next."""
-    messages = [{"role": "user", "content": load_instruction(env_name)}, {"role": "assistant", "content": "OK"}]
+def build_prompt(env_name: str, reset: Reset, icl: bool, instruction: str | None = None) -> list[Message]:
+    """Messages up to and including the task turn; the agent's first reply comes next.
+    ``instruction`` replaces etokit's own instruction turn (see ``instruction_of``)."""
+    messages = [{"role": "user", "content": instruction or load_instruction(env_name)},
+                {"role": "assistant", "content": "OK"}]
     if icl:
         messages += load_icl(env_name)
     messages.append({"role": "user", "content": task_turn(reset)})
     return messages
+
+
+def instruction_of(experts: list[Trajectory], env_name: str) -> str | None:
+    """The instruction turn expert trajectories were written with, when it is not etokit's own for
+    ``env_name``: the first user message every one of them shares (the paper's published data
+    words its instructions differently). None when they use etokit's, or do not agree."""
+    firsts = {t.messages[0]["content"].strip() for t in experts if t.messages and t.messages[0]["role"] == "user"}
+    if len(firsts) != 1:
+        return None
+    (first,) = firsts
+    return None if first == load_instruction(env_name) else first
 
 
 # ---------------------------------------------------------------------------------------------

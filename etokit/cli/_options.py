@@ -43,6 +43,16 @@ EnvOpt = Annotated[
     typer.Option("--env", callback=env_name,
                  help="Environment of the rows, for official ETO files that do not record it."),
 ]
+ExpertRewardOpt = Annotated[
+    Optional[float],
+    typer.Option("--expert-reward", min=0.0, max=1.0,
+                 help="Reward stated for official expert rows that carry none (WebShop's Hub copy of the paper's "
+                      "data): the pair rule compares agents with it, so it is never assumed; recorded in each "
+                      "row's extra and in the cards. ScienceWorld and ALFWorld experts score 1.0 by the official "
+                      "rule.", show_default=False),
+]
+HUB_SOURCE_HELP = ("a local file (etokit or official ETO format), or a Hub dataset NAMESPACE/NAME[@REVISION][:SPLIT] "
+                   "(default split: the environment's, e.g. agent-eto/eto-sft-trajectory:scienceworld)")
 LicenseOpt = Annotated[str, typer.Option("--license", help="License identifier written into the dataset card.")]
 DataPathArg = Annotated[
     Path,

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from etokit.cli._errors import user_errors
-from etokit.cli._options import DataPathArg, EnvOpt, check_output
+from etokit.cli._options import HUB_SOURCE_HELP, DataPathArg, EnvOpt, ExpertRewardOpt, check_output
 
 
 class Kind(str, Enum):
@@ -31,6 +31,8 @@ _EXAMPLES = {
     "validate": ("etokit validate expert.jsonl", "etokit validate webshop_sft.json --env webshop",
                  "etokit validate pairs.parquet --kind pair --json"),
     "import-eto": ("etokit import-eto webshop_sft.json --env webshop --out expert.jsonl",
+                   "etokit import-eto agent-eto/eto-sft-trajectory:scienceworld --out sciworld.jsonl",
+                   "etokit import-eto agent-eto/eto-sft-trajectory:webshop --expert-reward 1.0 --out webshop.jsonl",
                    "etokit import-eto alfworld_sft.json --out alfworld.jsonl",
                    "etokit import-eto webshop_pm.json --env webshop --out pairs.jsonl --overwrite"),
     "export-eto": ("etokit export-eto expert.jsonl --out webshop_sft.json",
@@ -61,20 +63,23 @@ def validate(path: DataPathArg, kind: KindOpt = None, env: EnvOpt = None, split:
 
 
 def import_eto(
-    path: DataPathArg,
+    source: Annotated[str, typer.Argument(help=f"Official ETO data: {HUB_SOURCE_HELP}.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="etokit JSONL file to write.", show_default=False)],
     env: EnvOpt = None,
     split: ImportSplitOpt = "train",
+    expert_reward: ExpertRewardOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Convert an official ETO file (SFT trajectories or preference pairs) to etokit JSONL.
 
     Nothing is lost: the original id type, the row's own fields and key order are kept in each record's `extra`, so `etokit export-eto` gives back the same rows.
     """
-    from etokit.data import load_records, write_jsonl
+    from etokit.data import write_jsonl
+    from etokit.data.sources import load_source
 
-    _check_out(out, path, (".jsonl",), overwrite)
-    records = load_records(path, env=env, split=split, formats=("eto-sft", "eto-pairs"))
+    _check_out(out, Path(source), (".jsonl",), overwrite)
+    records = load_source(source, env=env, split=split, formats=("eto-sft", "eto-pairs"), expert_reward=expert_reward,
+                          option="SOURCE")
     write_jsonl(out, records)
     typer.echo(f"Imported {_count(len(records), records.kind)} ({records.format}, env {records.records[0].env}) to {out}")
 

@@ -12,7 +12,7 @@ from etokit.cli._console import console
 from rich.table import Table
 
 from etokit.cli._errors import user_errors
-from etokit.cli._options import check_output, env_name, finite_float
+from etokit.cli._options import HUB_SOURCE_HELP, ExpertRewardOpt, check_output, env_name, finite_float
 from etokit.errors import EtokitError
 
 
@@ -80,6 +80,25 @@ _EVAL_EXAMPLES = """
 
 
 # ------------------------------------------------------------------------------------ shared
+
+
+InstructionFromOpt = Annotated[Optional[str], typer.Option(
+    "--instruction-from", help="Expert data whose instruction turn the prompt uses, the one a policy cloned on it was "
+                               f"trained with: {HUB_SOURCE_HELP}. Default: etokit's own instruction for --env (with "
+                               "--step-wise-expert: that data's).", show_default=False)]
+
+
+def _instruction_from(source: str | None, env: str, experts=None) -> str | None:
+    """The instruction turn of expert data (None: etokit's own), from --instruction-from or else
+    from the step-wise expert trajectories already loaded."""
+    from etokit.agent.protocol import instruction_of
+
+    if source is not None:
+        from etokit.data.sources import load_source
+
+        # Only the first turn is read: a reward stated here would never be used.
+        experts = load_source(source, "trajectory", env=env, expert_reward=1.0, option="--instruction-from").records
+    return instruction_of(list(experts), env) if experts else None
 
 
 def _resolve_model(model: str) -> tuple[str, str | None, str]:
@@ -206,8 +225,9 @@ def explore(
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed (recorded per trajectory as seed + sample "
                                                      "index; samples also depend on --batch-size); also picks the "
                                                      "steps of --steps-per-task.")] = 0,
-    step_wise_expert: Annotated[Optional[Path], typer.Option(
-        "--step-wise-expert", help="Step-wise exploration (paper App. B): expert trajectories of this env. Each "
+    step_wise_expert: Annotated[Optional[str], typer.Option(
+        "--step-wise-expert", help="Step-wise exploration (paper App. B): expert trajectories of this env, "
+                                   f"{HUB_SOURCE_HELP}. Each "
                                    "episode replays a task's expert steps 1..t-1 in the environment and the "
                                    "conversation, then the policy plays from step t. Tasks without an expert are "
                                    "skipped.", show_default=False)] = None,
@@ -224,6 +244,8 @@ def explore(
     trust_remote_code: TrustRemoteCodeOpt = False,
     engine: EngineOpt = "transformers",
     no_kv_reuse: NoKvReuseOpt = False,
+    expert_reward: ExpertRewardOpt = None,
+    instruction_from: InstructionFromOpt = None,
 ) -> None:
     """Let the policy play every task of a split and record each episode as a trajectory (ETO's
     exploration phase). Episodes are batched: one generate call per step for all live episodes.
@@ -231,7 +253,7 @@ def explore(
     the tasks are sharded across processes and merged into --out by the main process."""
     from etokit.train.common import process_state
 
-    from etokit.data import JsonlAppender, load_records, read_jsonl
+    from etokit.data import JsonlAppender, read_jsonl
     from etokit.explore import (ExploreConfig, close_envs, index_experts, job_of, open_envs, plan_jobs,
                                 plan_step_jobs, run_episodes, shard)
 
@@ -240,13 +262,16 @@ def explore(
     if steps_per_task is not None and step_wise_expert is None:
         raise EtokitError("--steps-per-task needs --step-wise-expert (the expert whose steps are replayed)")
     _check_env_split(env, split)
-    check_output(out, inputs=(step_wise_expert,), suffixes=(".jsonl",))
+    check_output(out, inputs=(Path(step_wise_expert) if step_wise_expert else None,), suffixes=(".jsonl",))
     if out.exists():
         read_jsonl(out, "trajectory")  # a wrong --out is reported before the model loads, and left as it is
     experts = None
     if step_wise_expert is not None:  # checked before the model loads
-        records = load_records(step_wise_expert, "trajectory", env=env, split=split).records
-        experts = index_experts(records, path=step_wise_expert)
+        from etokit.data.sources import load_source
+
+        loaded = load_source(step_wise_expert, "trajectory", env=env, split=split, expert_reward=expert_reward,
+                             option="--step-wise-expert")
+        experts = index_experts(loaded.records, path=loaded.path)
     state = process_state()
     parts = [_part_file(out, r) for r in range(state.num_processes)] if state.num_processes > 1 else []
     if state.is_main_process:
@@ -255,7 +280,8 @@ def explore(
 
     name, sha, make_generator = _load_engine(model, dtype, trust_remote_code, engine)
     config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           icl=not no_icl, seed=seed, max_steps=max_steps, kv_reuse=not no_kv_reuse)
+                           icl=not no_icl, seed=seed, max_steps=max_steps, kv_reuse=not no_kv_reuse,
+                           instruction=_instruction_from(instruction_from, env, experts and experts.values()))
     envs = open_envs(env, batch_size)
     try:
         done = {job_of(t) for t in read_jsonl(out, "trajectory")} if out.exists() else set()
@@ -263,7 +289,7 @@ def explore(
             tasks = _task_ids(envs, env, split, limit, task_ids)
             planned = plan_jobs(tasks, samples_per_task)
         else:
-            tasks = _step_wise_tasks(envs, env, split, limit, task_ids, experts, step_wise_expert)
+            tasks, experts = _step_wise_tasks(envs, env, split, limit, task_ids, experts, step_wise_expert)
             planned = plan_step_jobs({t: experts[t] for t in tasks}, steps_per_task, seed=seed,
                                      samples_per_task=samples_per_task, max_steps=max_steps or envs[0].max_steps)
         todo = [job for job in planned if job not in done]
@@ -307,10 +333,13 @@ def explore(
 
 
 def _step_wise_tasks(envs, env: str, split: str, limit: int | None, task_ids: str | None,
-                     experts: dict, path: Path) -> list[str]:
-    """The tasks of the split (or --task-ids) that have an expert, in split order; --limit counts
-    those (an expert file is often a subset of the split)."""
+                     experts: dict, path: Path) -> tuple[list[str], dict]:
+    """The tasks of the split (or --task-ids) that have an expert, in split order, and the experts
+    keyed by those task ids; --limit counts those (an expert file is often a subset of the split)."""
+    from etokit.explore import experts_of_tasks
+
     tasks = _task_ids(envs, env, split, None, task_ids)
+    experts = experts_of_tasks(experts, tasks)
     if task_ids is not None:
         missing = [t for t in tasks if t not in experts]
         if missing:
@@ -318,7 +347,7 @@ def _step_wise_tasks(envs, env: str, split: str, limit: int | None, task_ids: st
     tasks = [t for t in tasks if t in experts]
     if not tasks:
         raise EtokitError(f"--step-wise-expert {path}: none of its tasks is in {env}/{split}")
-    return tasks[:limit] if limit else tasks
+    return (tasks[:limit] if limit else tasks), experts
 
 
 def _part_file(out: Path, rank: int) -> Path:
@@ -354,10 +383,10 @@ def build_pairs(
                                       show_default=False)],
     explore: Annotated[Path, typer.Option("--explore", help="Explored trajectories (etokit or official format).",
                                           show_default=False)],
-    expert: Annotated[Optional[Path], typer.Option("--expert", help="Expert trajectories, the reference of "
-                                                                    "trajectory, step and mixture modes (etokit or "
-                                                                    "official ETO file).",
-                                                   show_default=False)] = None,
+    expert: Annotated[Optional[str], typer.Option("--expert", help="Expert trajectories, the reference of "
+                                                                   "trajectory, step and mixture modes: "
+                                                                   f"{HUB_SOURCE_HELP}.",
+                                                  show_default=False)] = None,
     mode: Annotated[str, typer.Option("--mode", help="trajectory (agent vs expert, the paper), step (step-wise "
                                                      "episodes vs the expert from step t, paper App. B), mixture "
                                                      "(both, from one file) or self-play (the agent's best vs worst "
@@ -366,6 +395,7 @@ def build_pairs(
                                                                                 "pair.")] = None,
     env: Annotated[Optional[str], typer.Option("--env", callback=env_name,
                                                help="Environment of official ETO files, which do not record it.")] = None,
+    expert_reward: ExpertRewardOpt = None,
 ) -> None:
     """Build contrastive trajectory pairs for DPO with the official ETO rule: an explored trajectory
     worse than the expert's gives (chosen = expert, rejected = agent), a better one the reverse,
@@ -380,9 +410,15 @@ def build_pairs(
         raise EtokitError(f"--mode {mode!r}: expected one of {', '.join(PAIR_MODES)}")
     if mode != "self-play" and expert is None:
         raise EtokitError(f"--expert is required in {mode} mode (or use --mode self-play)")
-    check_output(out, inputs=(explore, expert), suffixes=(".jsonl", ".json"))
+    check_output(out, inputs=(explore, Path(expert) if expert else None), suffixes=(".jsonl", ".json"))
     explored = load_records(explore, "trajectory", env=env).records
-    experts = load_records(expert, "trajectory", env=env).records if expert is not None else None
+    experts = None
+    if expert is not None:
+        from etokit.data.sources import load_source
+
+        # The expert's env: --env, else the explored episodes' (an official Hub split names it too).
+        experts = load_source(expert, "trajectory", env=env or (explored[0].env if explored else None),
+                              expert_reward=expert_reward, option="--expert").records
     step_wise = sum(map(is_step_wise, explored))
     used = {"step": step_wise, "mixture": len(explored)}.get(mode, len(explored) - step_wise)
     if not used:
@@ -442,6 +478,7 @@ def eval_(
     trust_remote_code: TrustRemoteCodeOpt = False,
     engine: EngineOpt = "transformers",
     no_kv_reuse: NoKvReuseOpt = False,
+    instruction_from: InstructionFromOpt = None,
 ) -> None:
     """Evaluate a policy on a test split: greedy decoding with the 1-shot prompt (as the paper),
     reporting average reward x100, success rate, average steps and invalid-action rate."""
@@ -459,7 +496,7 @@ def eval_(
     state = process_state()
     name, sha, make_generator = _load_engine(model, dtype, trust_remote_code, engine)
     config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, icl=not no_icl, max_steps=max_steps,
-                           kv_reuse=not no_kv_reuse)
+                           kv_reuse=not no_kv_reuse, instruction=_instruction_from(instruction_from, env))
     envs = open_envs(env, batch_size)
     try:
         tasks = _task_ids(envs, env, split, limit, task_ids)

@@ -23,8 +23,21 @@ FROM_TO_ROLE = {"human": "user", "gpt": "assistant"}
 ROLE_TO_FROM = {v: k for k, v in FROM_TO_ROLE.items()}
 
 # ScienceWorld and ALFWorld expert rows carry no reward; the official construct_preference.py
-# scores every expert trajectory 1.0 there.
+# scores every expert trajectory 1.0 there. WebShop's experts are human demonstrations, not all
+# perfect: the official code reads each row's stored reward, so a WebShop row without one (the Hub
+# copy of agent-eto/eto-sft-trajectory declares only id and conversations) is not given a reward
+# silently: the caller states one (``expert_reward``, the CLI's --expert-reward), and the record
+# says so in ``extra["expert_reward_stated"]`` for the cards.
 EXPERT_REWARD = 1.0
+ENVS_WITH_EXPERT_REWARD_RULE = ("scienceworld", "sciworld", "alfworld")
+
+
+def missing_reward_error(loc: Loc, env: str) -> DataError:
+    return loc.error(
+        f"an official {env} expert row without a reward: the pair rule compares each agent episode with the "
+        "expert's reward, and only ScienceWorld and ALFWorld experts are scored 1.0 by the official code. "
+        "Pass --expert-reward R (expert_reward in a run config) to state one, recorded in the dataset and model "
+        "cards, or use the official local file (data/webshop_sft.json keeps each row's reward)", "reward")
 
 # ETO names a ScienceWorld task "<task number>_<variation>" (eval_agent/data/sciworld/taskname2id.json),
 # etokit's environment "<simulator task name>_<variation>". Imports use etokit's id, so imported expert
@@ -47,18 +60,26 @@ PAIR_REQUIRED = ("id", "prompt", "chosen", "rejected")
 
 
 def trajectory_from_eto(row: dict[str, Any], *, env: str, split: str = "train",
-                        where: str | Loc = "ETO row") -> Trajectory:
-    """An official SFT row as a validated expert Trajectory (human -> user, gpt -> assistant)."""
+                        where: str | Loc = "ETO row", expert_reward: float | None = None) -> Trajectory:
+    """An official SFT row as a validated expert Trajectory (human -> user, gpt -> assistant).
+
+    A row without a reward gets the official rule's 1.0 in ScienceWorld and ALFWorld; elsewhere
+    ``expert_reward`` must state one (see ENVS_WITH_EXPERT_REWARD_RULE)."""
     loc = _eto_loc(where)
     _require(row, SFT_REQUIRED, loc)
     record_id = _check_id(row["id"], loc)
     messages = turns_to_messages(row["conversations"], "conversations", loc)
     reward = row.get("reward")
+    stated = reward is None and env not in ENVS_WITH_EXPERT_REWARD_RULE
     if reward is None:
-        reward = EXPERT_REWARD
+        if stated and expert_reward is None:
+            raise missing_reward_error(loc, env)
+        reward = expert_reward if stated else EXPERT_REWARD
     elif isinstance(reward, bool) or not isinstance(reward, (int, float)):
         raise loc.error(f"expected a number in [0, 1], got {reward!r}", "reward")
     extra: dict[str, Any] = {"eto_id": record_id, "eto_keys": list(row)}
+    if stated:
+        extra["expert_reward_stated"] = reward
     # A null reward (a Parquet column shared with rows that have one) is kept as null on export.
     others = {k: v for k, v in row.items()
               if k not in ("id", "conversations", "game_file") and not (k == "reward" and v is not None)}

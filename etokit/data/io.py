@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,33 +60,45 @@ class Records:
 
 
 def load_records(path: str | Path, kind: RecordKind | None = None, *, env: str | None = None,
-                 split: str = "train", formats: Iterable[str] | None = None) -> Records:
+                 split: str = "train", formats: Iterable[str] | None = None,
+                 expert_reward: float | None = None) -> Records:
     """Read an etokit or official ETO file (.jsonl, .json or .parquet), auto-detecting the format.
 
     ``kind`` and ``formats`` (names from FORMATS) assert what the file must hold. Official rows have
-    no env column: pass ``env``, or let it be inferred where that is unambiguous (rows with
-    ``game_file`` are ALFWorld). For etokit rows ``env`` is a check: every row must be of that env.
-    ``split`` only applies to official SFT rows (etokit rows carry their own).
+    no env column: pass ``env``, or let it be inferred (see ``infer_env``: the file name, then rows
+    with ``game_file``, which are ALFWorld). For etokit rows ``env`` is a check: every row must be
+    of that env. ``split`` only applies to official SFT rows (etokit rows carry their own), and so
+    does ``expert_reward``: the reward stated for official rows that have none (WebShop's Hub copy).
     """
     path = Path(path)
+    return records_from_rows(_read_rows(path), path, kind, env=env, split=split, formats=formats,
+                             names=(path.stem,), expert_reward=expert_reward)
+
+
+def records_from_rows(rows: list[Any], where: Path, kind: RecordKind | None = None, *, env: str | None = None,
+                      split: str = "train", formats: Iterable[str] | None = None, names: Iterable[str] = (),
+                      expert_reward: float | None = None) -> Records:
+    """Validated records of ``rows`` read from ``where`` (a file, or a Hub dataset's label), in
+    whichever format the first row has; ``names`` (file stem, Hub config and split) tell an official
+    file's environment when ``env`` does not."""
     if kind is not None and kind not in KINDS:
-        raise DataError(f"unknown kind {kind!r}, expected one of {', '.join(KINDS)}", path=path)
-    rows = _read_rows(path)
+        raise DataError(f"unknown kind {kind!r}, expected one of {', '.join(KINDS)}", path=where)
     if not rows:
-        raise DataError("no rows", path=path)
+        raise DataError("no rows", path=where)
     fmt = _detect(rows[0])
     if fmt is None:
-        raise _no_format(rows[0], path, 0)
+        raise _no_format(rows[0], where, 0)
     file_kind = FORMATS[fmt][0]
     formats = tuple(formats) if formats is not None else tuple(FORMATS)
     if fmt not in formats:
-        raise DataError(f"is in format {fmt}, expected {' or '.join(formats)}", path=path)
+        raise DataError(f"is in format {fmt}, expected {' or '.join(formats)}", path=where)
     if kind is not None and kind != file_kind:
-        raise DataError(f"holds {_PLURAL[file_kind]} (format {fmt}), expected {_PLURAL[kind]}", path=path)
+        raise DataError(f"holds {_PLURAL[file_kind]} (format {fmt}), expected {_PLURAL[kind]}", path=where)
     if fmt.startswith("eto-"):
-        env = env or _infer_env(rows, path)
-    records = [_parse_row(row, fmt, i, path, env=env, split=split) for i, row in enumerate(rows)]
-    return Records(kind=file_kind, records=records, format=fmt, path=path)
+        env = env or infer_env(rows, where, names)
+    records = [_parse_row(row, fmt, i, where, env=env, split=split, expert_reward=expert_reward)
+               for i, row in enumerate(rows)]
+    return Records(kind=file_kind, records=records, format=fmt, path=where)
 
 
 def read_jsonl(path: str | Path, kind: RecordKind) -> list[Trajectory] | list[Pair]:
@@ -206,15 +219,38 @@ def _no_format(row: Any, path: Path, i: int) -> DataError:
                      record_id=_row_id(row))
 
 
-def _infer_env(rows: list, path: Path) -> str:
+# Names the official files, configs and splits use for each environment (data/sciworld_sft.json,
+# split "scienceworld" of agent-eto/eto-sft-trajectory).
+_ENV_NAME_WORDS = {"webshop": "webshop", "scienceworld": "scienceworld", "sciworld": "scienceworld",
+                   "alfworld": "alfworld"}
+
+
+def env_from_names(names: Iterable[str | None]) -> str | None:
+    """The environment a file stem, Hub config or split names (``sciworld_sft``, ``scienceworld``), if
+    exactly one is named."""
+    found = {env for name in names if name for word in re.split(r"[^a-z]+", name.lower())
+             for key, env in _ENV_NAME_WORDS.items() if word == key}
+    return found.pop() if len(found) == 1 else None
+
+
+def infer_env(rows: list, where: Path, names: Iterable[str | None] = ()) -> str:
+    """The environment of official rows, which do not record it: from the file/config/split name,
+    else ALFWorld when every row has a ``game_file``."""
+    names = list(names)
+    env = env_from_names(names)
+    if env is not None:
+        return env
     if all(isinstance(r, dict) and r.get("game_file") for r in rows):
         return "alfworld"
-    raise DataError("official ETO rows do not say which environment they come from: --env is needed "
-                    "(e.g. --env webshop or --env scienceworld; only rows with game_file are inferred, as alfworld)",
-                    path=path)
+    named = ", ".join(repr(n) for n in names if n)
+    raise DataError("official ETO rows do not say which environment they come from, and "
+                    f"{'neither of ' + named + ' names one' if named else 'no name tells it'}: --env is needed "
+                    "(e.g. --env webshop or --env scienceworld; rows with game_file are inferred as alfworld)",
+                    path=where)
 
 
-def _parse_row(row: Any, fmt: str, i: int, path: Path, *, env: str | None = None, split: str = "train"):
+def _parse_row(row: Any, fmt: str, i: int, path: Path, *, env: str | None = None, split: str = "train",
+               expert_reward: float | None = None):
     loc = Loc(path=path, row=i, record_id=_row_id(row))
     found = _detect(row)
     if found != fmt:
@@ -222,7 +258,7 @@ def _parse_row(row: Any, fmt: str, i: int, path: Path, *, env: str | None = None
             raise _no_format(row, path, i)
         raise loc.error(f"is in format {found} but the file's first row is {fmt}; a file holds one format")
     if fmt == "eto-sft":
-        return trajectory_from_eto(row, env=env, split=split, where=loc)
+        return trajectory_from_eto(row, env=env, split=split, where=loc, expert_reward=expert_reward)
     if fmt == "eto-pairs":
         return pair_from_eto(row, env=env, where=loc)
     kind = FORMATS[fmt][0]

@@ -26,6 +26,9 @@ def trajectory_stats(trajs: Iterable[Trajectory]) -> dict:
         "splits": dict(sorted(Counter(t.split for t in trajs).items())),
         "envs": dict(sorted(Counter(t.env for t in trajs).items())),
         "sources": dict(sorted(Counter(t.source for t in trajs).items())),
+        # Rewards no row carried, stated by the user (--expert-reward): value -> rows. The cards say so.
+        "expert_reward_stated": {str(v): n for v, n in sorted(Counter(
+            t.extra["expert_reward_stated"] for t in trajs if "expert_reward_stated" in t.extra).items())},
     }
 
 

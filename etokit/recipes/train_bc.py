@@ -52,7 +52,8 @@ def main(argv=None) -> None:
     model = common.adapt_for_training(model, cfg)  # LoRA, gradient checkpointing
 
     trajectories = common.load_training_records(cfg.data, "trajectory", config=cfg.data_config,
-                                                split=cfg.data_split, revision=cfg.data_revision)
+                                                split=cfg.data_split, revision=cfg.data_revision, env=cfg.data_env,
+                                                expert_reward=cfg.expert_reward)
     examples = [tokenize_messages(tokenizer, t.messages, max_length=cfg.max_length) for t in trajectories]
     truncated = sum(e.truncated for e in examples)
     examples = [e for e in examples if any(e.loss_mask)]
@@ -144,6 +145,8 @@ def _card_hyperparameters(cfg: BCConfig, world_size: int, n_examples: int, steps
     hp["optimizer_steps"] = steps
     if cfg.lora:
         hp.update(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+    if cfg.expert_reward is not None:  # stated for official rows without a reward: the card says so
+        hp["expert_reward_stated"] = cfg.expert_reward
     return hp
 
 

@@ -47,7 +47,7 @@ def main(argv=None) -> None:
         attn_implementation=cfg.attn_implementation,
     )
     pairs = common.load_training_records(cfg.data, "pair", config=cfg.data_config, split=cfg.data_split,
-                                         revision=cfg.data_revision)
+                                         revision=cfg.data_revision, env=cfg.data_env)
     tokens = tokenize_pairs(tokenizer, pairs, cfg.max_length, progress=accelerator.is_local_main_process)
     if tokens.truncated:
         accelerator.print(f"{tokens.truncated} of {len(tokens)} pairs were longer than {cfg.max_length} tokens; "

@@ -119,21 +119,14 @@ def init_trackers(accelerator, name: str, config: dict[str, Any]) -> None:
 # --- data -------------------------------------------------------------------------------------
 
 
-def load_training_records(source: str, kind: str, *, config=None, split="train", revision=None) -> list:
-    """Records from a local file (etokit or official ETO format) or a Hub dataset repo."""
-    from etokit.data import from_dataset, load_records
+def load_training_records(source: str, kind: str, *, config=None, split=None, revision=None, env=None,
+                          expert_reward=None) -> list:
+    """Records from a local file or a Hub dataset repo, in etokit's schema or an official ETO format
+    (etokit.data.sources)."""
+    from etokit.data.sources import load_source, parse_source
 
-    if Path(source).exists():
-        return list(load_records(source, kind).records)
-    if source.count("/") != 1 or source.startswith((".", "/")):
-        raise EtokitError(f"--data {source!r} is neither an existing file nor a Hub dataset repo (NAMESPACE/NAME)")
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(source, config, split=split, revision=revision)
-    except (FileNotFoundError, ValueError) as e:
-        raise EtokitError(f"cannot load dataset {source!r} (config {config}, split {split}, revision {revision}): {e}") from None
-    return from_dataset(ds, kind)
+    where = parse_source(source, config=config, split=split, revision=revision)
+    return list(load_source(where, kind, env=env, expert_reward=expert_reward).records)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

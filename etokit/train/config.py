@@ -54,7 +54,12 @@ class TrainConfig:
     output_dir: str = dataclasses.field(default="", metadata={"help": "where the model, config, logs and state checkpoints go"})
     model_revision: str | None = None
     data_config: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset config"})
-    data_split: str = "train"
+    data_split: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset split (default: the "
+                                               "one split, the --data-env's split, or train)"})
+    data_env: str | None = dataclasses.field(default=None, metadata={"help": "environment of official ETO rows when no "
+                                             "file, config or split name tells it"})
+    expert_reward: float | None = dataclasses.field(default=None, metadata={"min": 0, "max": 1, "help": "reward "
+                                                    "stated for official expert rows that have none (WebShop's Hub copy)"})
     data_revision: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset revision (branch/tag/sha)"})
     max_length: int = dataclasses.field(default=4096, metadata={"gt": 0, "help": "tokens per sequence; longer ones lose trailing turns"})
     learning_rate: float = dataclasses.field(default=2e-5, metadata={"gt": 0})
