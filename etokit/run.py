@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from etokit.errors import EtokitError
+from etokit.errors import EtokitError, ServiceUnavailable
 from etokit.faults import faultpoint
 
 console = Console(highlight=False)
@@ -583,7 +583,9 @@ class Run:
             done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         if done.returncode != 0:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
-            raise EtokitError(f"the {recipe.upper()} recipe failed (exit {done.returncode}): {tail[0]} (full log: {log})")
+            # An outage in the recipe (its push) stays an outage for whoever runs the loop.
+            error = ServiceUnavailable if done.returncode == ServiceUnavailable.exit_code else EtokitError
+            raise error(f"the {recipe.upper()} recipe failed (exit {done.returncode}): {tail[0]} (full log: {log})")
 
 
 # ------------------------------------------------------------------------------------ helpers

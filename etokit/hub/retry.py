@@ -42,7 +42,7 @@ from typing import Callable, TypeVar
 
 from huggingface_hub.utils import _http as _hf_http
 
-from etokit.errors import EtokitError
+from etokit.errors import EtokitError, ServiceUnavailable
 
 # The HTTP library huggingface_hub talks through: httpx2 from 2.x on, httpx before.
 httpx = getattr(_hf_http, "httpx2", None) or getattr(_hf_http, "httpx")
@@ -218,7 +218,7 @@ def run(
                 if budget.spent(now, delay):
                     if not owner:
                         raise  # the operation this step belongs to reports
-                    raise EtokitError(
+                    raise ServiceUnavailable(
                         f"{what}: the Hub still failed after {budget.tries} attempts in {now - start:.0f}s "
                         f"(last: {describe(e)}). Each commit is all-or-nothing; re-run the same command to "
                         "finish: what already landed is not pushed twice."
@@ -360,14 +360,24 @@ def _wrap(transport):
 
 
 def _client_factory():
-    """huggingface_hub's own client, with a timeout and the retrying transport (proxies from the
-    environment are kept: every transport the client mounted is wrapped)."""
+    """huggingface_hub's own client (its request hooks: offline mode, request ids), with a timeout
+    and the retrying transport; proxies from the environment are kept, since every transport the
+    client mounted is wrapped.
+
+    This rests on two things no public API offers: huggingface_hub's ``default_client_factory``
+    and an httpx2 client's ``_transport`` / ``_mounts``. setup.cfg pins the huggingface_hub range
+    this is tested on, and tests/test_hub_retry.py fails when either changes; should they change
+    anyway, the client is used without retries and a warning says so, rather than failing calls."""
     client = _hf_http.default_client_factory()
     pol = policy()
     client.timeout = httpx.Timeout(pol.timeout_s, connect=min(pol.timeout_s, 30.0))
-    if hasattr(client, "_transport") and hasattr(client, "_mounts"):
+    if isinstance(getattr(client, "_transport", None), httpx.BaseTransport) and isinstance(
+            getattr(client, "_mounts", None), dict):
         client._transport = _wrap(client._transport)
         client._mounts = {pattern: _wrap(t) for pattern, t in client._mounts.items()}
+    else:
+        logger.warning("etokit: this huggingface_hub's HTTP client has no transport etokit can wrap; Hub requests "
+                       "are not retried (install a huggingface-hub in the range etokit's setup.cfg names)")
     return client
 
 

@@ -1,4 +1,4 @@
-"""How pushes fare through the fault proxy: ``python -m etokit.hub.faultbench [--quick]``.
+"""How pushes fare through the fault proxy: ``python bench/hub_faults.py [--quick]``.
 
 Starts an embedded Hub with a FaultProxy in front (default: 30% of requests faulted, every kind),
 then makes N dataset pushes (``push_dataset``, what ``etokit push-pairs`` runs: one split per
@@ -6,8 +6,9 @@ iteration, all to one repo) and M checkpoint pushes (``push_checkpoint``, one re
 one model repo), one after the other, and checks each against the server's storage: the push
 completed, it added exactly its commits (data + card for a dataset, one for a checkpoint), its
 files are all there, and the checkpoint's tag is on that commit. Then the same pushes with no
-faults, for the time baseline, and a 100% outage to time the failure. Prints a markdown table;
-the last line is the headline.
+faults, for the time baseline, and a 100% outage to time the failure. Prints a markdown table and
+a summary line; the last line is the headline: the median push time under faults as a ratio of the
+same pushes without faults, in the same run.
 
 Stalls hang past the client timeout, which is set low here (``--timeout``, default 2 s) so that a
 run takes minutes rather than hours; in real use it is ``ETOKIT_HUB_TIMEOUT`` (60 s).
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pushes under {args.rate:.0%} faults: {faulty['completed']}/{total} completed, "
           f"{sum(counts.values())} faults injected, {faulty['duplicates']} duplicate commits, "
           f"median {med:.1f} s vs {base:.1f} s without faults")
+    print(f"push time under {args.rate:.0%} faults: {med / base:.2f}x no faults")
     return 0 if faulty["completed"] == total and not faulty["duplicates"] else 1
 
 
