@@ -341,7 +341,7 @@ class Run:
 
     def init_model(self) -> dict[str, Any]:
         from etokit.agent.protocol import load_icl
-        from etokit.cli.models import read_corpus
+        from etokit.models.init_model import read_corpus
         from etokit.models.init_model import build_tiny_model
 
         out = self.dir / "models" / "base"
@@ -576,6 +576,8 @@ class Run:
         # The trainer must not outlive this process: an orphan still writing to `out` while a
         # resumed run trains there again would interleave two runs' checkpoints. Every rank
         # watches this pid and stops itself once it is gone (etokit.train.common.make_accelerator).
+        from etokit.train.common import DRIVER_PID_ENV
+
         env = {**os.environ, DRIVER_PID_ENV: str(os.getpid())}
         with open(log, "ab") as f:
             f.write(f"$ {' '.join(cmd)}\n".encode())
@@ -613,7 +615,6 @@ def _published(repo: str, config: str, split: str, records) -> str | None:
     return head if remote.to_list() == to_dataset(records).to_list() else None
 
 
-DRIVER_PID_ENV = "ETOKIT_DRIVER_PID"  # read by the training scripts: stop when this pid is gone
 _TEMP_NAME = re.compile(r"^\..+\.([0-9a-f]{8}\.tmp|tmp-\d+)$")  # atomic_write's temp files (and older ones)
 
 

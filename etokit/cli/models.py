@@ -30,21 +30,6 @@ SizeOpt = Annotated[str, typer.Option("--size", help="Model size: tiny (hidden 6
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the weight initialization.")]
 
 
-def read_corpus(path: Path) -> list[str]:
-    """Lines of a text file, or every message of a trajectory JSONL."""
-    if not path.is_file():
-        raise EtokitError(f"--corpus {path} does not exist")
-    if path.suffix == ".jsonl":
-        from etokit.data import load_records
-
-        records = load_records(path, "trajectory").records
-        return [m["content"] for t in records for m in t.messages]
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise EtokitError(f"--corpus {path} is not UTF-8 text (byte {e.start})") from None
-
-
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise EtokitError(f"--out {out} exists and is not a folder")
@@ -58,7 +43,7 @@ def register(app: typer.Typer) -> None:
     def init_model(corpus: CorpusOpt, out: OutOpt, size: SizeOpt = "tiny", seed: SeedOpt = 0,
                    overwrite: OverwriteOpt = False) -> None:
         """Build a tiny Llama model + SentencePiece tokenizer (with a chat template) from a corpus."""
-        from etokit.models.init_model import SIZES, build_tiny_model
+        from etokit.models.init_model import SIZES, build_tiny_model, read_corpus
 
         if size not in SIZES:
             raise EtokitError(f"--size {size!r}: choose one of {', '.join(SIZES)}")

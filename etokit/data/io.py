@@ -8,12 +8,10 @@ place of a good one; JsonlAppender appends one fsynced line per record so long s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -23,6 +21,7 @@ from etokit.data.schema import (PAIR_COLUMNS, SCHEMA_VERSION, TRAJECTORY_COLUMNS
                                 pair_features, trajectory_features)
 from etokit.data.validate import (DataError, Loc, _check_messages, _check_reward, _is_int, validate_pair,
                                   validate_trajectory)
+from etokit.durable_io import atomic_write  # noqa: F401 - re-exported: etokit.data.atomic_write
 from etokit.faults import armed, faultpoint, fire
 
 logger = logging.getLogger(__name__)
@@ -350,26 +349,6 @@ def _kind_of_record(record: Any) -> RecordKind:
 # ----------------------------------------------------------------------------------------- writing
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[Any]:
-    """A binary file that replaces ``path`` only when the block completes (temp + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        faultpoint("io.atomic-write.before-rename")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def write_jsonl(path: str | Path, records: Records | Iterable[Trajectory | Pair]) -> None:
     """Write records as etokit JSONL atomically; each record is validated as it is written."""
     records = records.records if isinstance(records, Records) else records
@@ -410,20 +389,6 @@ def _jsonl_line(record: Trajectory | Pair, loc: Loc) -> bytes:
     except (TypeError, ValueError) as e:
         raise loc.error(f"cannot be written as JSON ({e})", "extra") from e
     return (line + "\n").encode("utf-8")
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform/filesystem.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class JsonlAppender:

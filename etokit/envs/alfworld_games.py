@@ -140,6 +140,6 @@ def make_game(task_dir: str | os.PathLike, seed: int = 0, expert_type: str = "ha
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    from etokit.durable_io import write_bytes_atomic
+
+    write_bytes_atomic(path, json.dumps(data).encode())

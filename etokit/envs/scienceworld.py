@@ -211,8 +211,6 @@ def derive_splits(server, seed: int = 0) -> dict[str, list[str]]:
 
 
 def _write_splits() -> None:
-    import os
-    import tempfile
     from pathlib import Path
 
     from scienceworld.constants import BASEPATH, JAR_PATH
@@ -227,13 +225,9 @@ def _write_splits() -> None:
     for split, ids in splits.items():
         print(f"{split}: {len(ids)} (official {OFFICIAL_SIZES[split]})")
     path = Path(__file__).parent / "data" / SPLIT_FILES["derived"]
-    path.parent.mkdir(exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"seed": 0, **splits}, f, indent=0)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # package data, readable by all (mkstemp makes it private)
-    os.replace(tmp, path)
+    from etokit.durable_io import write_bytes_atomic
+
+    write_bytes_atomic(path, (json.dumps({"seed": 0, **splits}, indent=0) + "\n").encode())
     print(f"wrote {path}")
 
 

@@ -29,6 +29,8 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from etokit.durable_io import write_bytes_atomic
+
 USER = "etokit-user"
 REPO_TYPES = ("model", "dataset", "space")
 GITATTRIBUTES = (
@@ -89,20 +91,6 @@ def check_sha256(oid: str) -> str:
     return oid
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _dump(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
@@ -127,7 +115,7 @@ class Storage:
     def put_blob(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
         if not self.has_blob(sha, len(data)):
-            atomic_write(self.blob_path(sha), data)
+            write_bytes_atomic(self.blob_path(sha), data, point=None)
         return sha
 
     def put_blob_stream(self, chunks: Iterator[bytes], sha256: str, size: int) -> None:
@@ -178,13 +166,13 @@ class Storage:
             if self.exists(repo_type, repo_id):
                 raise HubError(409, f"You already created this {repo_type} repo: {repo_id}")
             d = self.repo_dir(repo_type, repo_id)
-            atomic_write(d / "repo.json", _dump({"createdAt": now_iso(), "private": bool(private)}))
+            write_bytes_atomic(d / "repo.json", _dump({"createdAt": now_iso(), "private": bool(private)}), point=None)
             oid = self.put_blob(GITATTRIBUTES)
             tree = {".gitattributes": {"oid": git_blob_sha1(GITATTRIBUTES), "size": len(GITATTRIBUTES),
                                        "lfs": None, "sha256": oid}}
             sha = self._write_commit(d, None, "initial commit", "", tree)
             # refs.json last: its presence is what makes the repo exist.
-            atomic_write(d / "refs.json", _dump({"branches": {"main": sha}, "tags": {}, "pulls": {}}))
+            write_bytes_atomic(d / "refs.json", _dump({"branches": {"main": sha}, "tags": {}, "pulls": {}}), point=None)
 
     def delete_repo(self, repo_type: str, repo_id: str) -> None:
         with self.lock(repo_type, repo_id):
@@ -201,7 +189,7 @@ class Storage:
         return json.loads((self.require(repo_type, repo_id) / "refs.json").read_bytes())
 
     def write_refs(self, repo_type: str, repo_id: str, refs: dict) -> None:
-        atomic_write(self.repo_dir(repo_type, repo_id) / "refs.json", _dump(refs))
+        write_bytes_atomic(self.repo_dir(repo_type, repo_id) / "refs.json", _dump(refs), point=None)
 
     def commit(self, repo_type: str, repo_id: str, sha: str) -> dict:
         return json.loads((self.repo_dir(repo_type, repo_id) / "commits" / f"{sha}.json").read_bytes())
@@ -230,7 +218,7 @@ class Storage:
                "date": now_iso(), "tree": tree}
         data = _dump(obj)
         sha = hashlib.sha1(data).hexdigest()
-        atomic_write(d / "commits" / f"{sha}.json", data)
+        write_bytes_atomic(d / "commits" / f"{sha}.json", data, point=None)
         return sha
 
     def history(self, repo_type: str, repo_id: str, sha: str) -> Iterator[tuple[str, dict]]:

@@ -45,6 +45,21 @@ SIZES = {
 }
 
 
+def read_corpus(path: Path) -> list[str]:
+    """Lines of a text file, or every message of a trajectory JSONL."""
+    if not path.is_file():
+        raise EtokitError(f"--corpus {path} does not exist")
+    if path.suffix == ".jsonl":
+        from etokit.data import load_records
+
+        records = load_records(path, "trajectory").records
+        return [m["content"] for t in records for m in t.messages]
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise EtokitError(f"--corpus {path} is not UTF-8 text (byte {e.start})") from None
+
+
 def build_tiny_model(corpus_texts, out_dir, size="tiny", seed=0, *, vocab_size=None, max_position_embeddings=2048):
     """Train a tokenizer on ``corpus_texts``, build a random Llama of ``size``, save both to ``out_dir``.
 

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import torch
 
+from etokit.durable_io import fsync_dir, fsync_tree, write_synced
 from etokit.errors import EtokitError
 from etokit.faults import faultpoint
 
@@ -282,7 +283,7 @@ def save_model(accelerator, model, tokenizer, out_dir, *, merge_lora=True) -> No
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         is_weights = lambda f: f.name.endswith((".safetensors", ".safetensors.index.json"))  # noqa: E731
         new = sorted(tmp.iterdir(), key=lambda f: (is_weights(f), f.name))
         for f in new:
@@ -296,7 +297,7 @@ def save_model(accelerator, model, tokenizer, out_dir, *, merge_lora=True) -> No
         for f in new:
             if is_weights(f):
                 os.replace(f, out / f.name)
-        _fsync_dir(out)
+        fsync_dir(out)
         tmp.rmdir()
     accelerator.wait_for_everyone()
 
@@ -348,15 +349,15 @@ def save_state(accelerator, output_dir, step: int, keep: int = 0) -> Path:
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fsync_tree(partial)
+        fsync_tree(partial)
         faultpoint("train.save-state.before-rename")
-        _write_synced(partial / _COMPLETE, str(step).encode())
+        write_synced(partial / _COMPLETE, str(step).encode())
         old = root / f".step-{step}.old"
         if path.exists():  # a fresh (not resumed) run saving over an earlier run's step-N
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(partial, path)
-        _fsync_dir(root)
+        fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
         if keep:
             for stale in _complete_checkpoints(root)[:-keep]:
@@ -375,39 +376,6 @@ def resume(accelerator, output_dir, state: TrainState) -> bool:
     _resumed_from = path
     accelerator.print(f"resumed from {path} (step {state.step})")
     return True
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_tree(folder: Path) -> None:
-    """fsync every file under ``folder`` and the folders themselves: the rename that publishes
-    them must not reach the disk before their contents do."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # not every filesystem can
-        pass
-    finally:
-        os.close(fd)
 
 
 def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> float:

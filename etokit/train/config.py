@@ -30,6 +30,7 @@ from typing import Any, Literal
 import yaml
 
 from etokit.data.names import check_repo_id, check_revision
+from etokit.durable_io import write_bytes_atomic
 from etokit.errors import EtokitError
 
 CONFIG_FILENAME = "etokit_config.yaml"
@@ -135,9 +136,7 @@ def save_config(cfg, out_dir) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = redact(dataclasses.asdict(cfg))
     path = out_dir / CONFIG_FILENAME
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode("utf-8"))
     return path
 
 
