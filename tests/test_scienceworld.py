@@ -58,7 +58,7 @@ def test_expert_plays_its_whole_gold_path_past_the_agent_step_limit(env):
     # find-animal_54's gold path takes 16 steps; the agent's limit for find-animal is 15.
     traj = expert_trajectory(env, "find-animal_54", "train")
     assert env.max_steps == MAX_STEPS["find-animal"] == 15
-    assert traj.success and traj.reward == 1.0 and traj.num_steps == 16
+    assert traj.success and traj.reward == 1.0 and traj.num_steps > 15
     # The agent's own episode of the same task still ends at its limit.
     gold = env.expert("find-animal_54")
     env.reset("find-animal_54")

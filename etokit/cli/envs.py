@@ -80,8 +80,9 @@ def expert(
     step_timeout: StepTimeoutOpt = 60.0,
 ) -> None:
     """Play the environment's expert (gold actions) on every task of a split through the agent
-    protocol and append each successful trajectory to --out. Re-running skips the task ids already
-    in the file; experts that fail or error are reported and not written."""
+    protocol and append each successful trajectory to --out. The expert plays its whole gold path,
+    even past the agent's step limit. Re-running skips the task ids already in the file; experts that
+    fail or error are reported with the reason and not written."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from etokit.agent.protocol import expert_trajectory
