@@ -107,7 +107,7 @@ class CountdownEnv:
     def expert(self, task_id):
         return ["open fridge", "take carrot", "eat meal", "wait1"]
 
-    def reset(self, task_id):
+    def reset(self, task_id, max_steps=None):
         self.n = 0
         return Reset(task_id=task_id, instruction="Eat.", observation="A kitchen.")
 

@@ -96,6 +96,28 @@ def test_invalid_action_and_step_limit(data_dir):
         env.close()
 
 
+def test_expert_plays_past_the_agent_step_limit(data_dir, tmp_path):
+    # Both expert sources, the stored walkthrough and the hand-coded expert played live (a copy of the
+    # game without its walkthrough), give their whole path under an agent limit of 3 steps.
+    import shutil
+
+    from etokit.agent.protocol import expert_trajectory
+
+    task_id = TASKS[1][0]
+    live = tmp_path / task_id
+    shutil.copytree(data_dir / task_id, live)
+    game = json.loads((live / "game.tw-pddl").read_text())
+    del game["walkthrough"]
+    (live / "game.tw-pddl").write_text(json.dumps(game))
+    for root in (data_dir, tmp_path):
+        env = AlfWorldEnv(data_dir=root, max_steps=3)
+        try:
+            traj = expert_trajectory(env, task_id, "train")
+            assert traj.success and traj.num_steps > env.max_steps == 3, root
+        finally:
+            env.close()
+
+
 def test_put_and_move_forms_are_both_accepted(env):
     env.reset(TASKS[0][0])
     for action in ("go to cabinet 1", "open cabinet 1", "take mug 1 from cabinet 1", "go to shelf 1"):

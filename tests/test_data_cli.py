@@ -92,6 +92,35 @@ def test_import_then_export_gives_back_the_official_file(tmp_path):
         assert json.loads(back.read_text()) == json.loads((FIXTURES / name).read_text())
 
 
+def test_scienceworld_ids_round_trip_between_etokit_and_official(tmp_path):
+    # etokit-made trajectories and pairs export under the official "<taskname2id>_<variation>" ids ...
+    src = tmp_path / "sciworld_expert.jsonl"
+    trajs = [factories.trajectory(t, 1.0, env="scienceworld")
+             for t in ("test-conductivity_412", "boil_12", "identify-life-stages-2_3")]
+    write_jsonl(src, trajs)
+    official = tmp_path / "sciworld_sft.json"
+    assert run("export-eto", src, "--out", official).exit_code == 0
+    rows = json.loads(official.read_text())
+    assert [r["id"] for r in rows] == ["9_412", "0_12", "24_3"]
+    # ... and import back as the same records under etokit's ids.
+    again = tmp_path / "again.jsonl"
+    assert run("import-eto", official, "--env", "scienceworld", "--out", again).exit_code == 0
+    back = load_records(again).records
+    assert [t.task_id for t in back] == [t.task_id for t in trajs]
+    assert [(t.messages, t.reward) for t in back] == [(t.messages, t.reward) for t in trajs]
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [factories.pair("grow-fruit_53", env="scienceworld")])
+    assert run("export-eto", pairs, "--out", tmp_path / "pm.json").exit_code == 0
+    assert json.loads((tmp_path / "pm.json").read_text())[0]["id"] == "15_53"
+
+    # Official rows: imported under etokit's ids, exported back byte-for-byte the same rows.
+    imported = tmp_path / "imported.jsonl"
+    assert run("import-eto", FIXTURES / "sciworld_sft.json", "--env", "scienceworld", "--out", imported).exit_code == 0
+    assert [t.task_id for t in load_records(imported).records] == ["boil_12", "find-plant_7"]
+    assert run("export-eto", imported, "--out", tmp_path / "back.json").exit_code == 0
+    assert json.loads((tmp_path / "back.json").read_text()) == json.loads((FIXTURES / "sciworld_sft.json").read_text())
+
+
 def test_export_to_jsonl(tmp_path):
     src = tmp_path / "pairs.jsonl"
     pairs = [factories.pair("a"), factories.pair("b", outcome="win")]

@@ -79,7 +79,8 @@ def test_rows_without_reward_get_the_expert_reward_and_no_reward_key_back():
 def test_scienceworld_ids_map_to_the_environment_and_back():
     from importlib import resources
 
-    from etokit.data.eto_format import SCIWORLD_TASK_NAMES, task_id_from_eto, trajectory_from_eto, trajectory_to_eto
+    from etokit.data.eto_format import (SCIWORLD_TASK_NAMES, task_id_from_eto, task_id_to_eto, trajectory_from_eto,
+                                        trajectory_to_eto)
     from etokit.envs.scienceworld import load_splits, simulator_task_name
 
     rows = _official_rows("sciworld_sft.json")
@@ -88,11 +89,14 @@ def test_scienceworld_ids_map_to_the_environment_and_back():
     assert [trajectory_to_eto(t) for t in trajs] == rows
     assert task_id_from_eto("0_12", "webshop") == "0_12" and task_id_from_eto("5_1", "scienceworld") == "5_1"
 
-    # ETO's own ids for its train split ("<number>_<variation>") map onto etokit's train ids, in order.
     number = {name: n for n, name in SCIWORLD_TASK_NAMES.items()}
     index = json.loads(resources.files("etokit.envs").joinpath("data", "scienceworld_official.json").read_text())
-    eto_ids = [f"{number[simulator_task_name(name)]}_{variation}" for name, variation in index["train"]]
-    assert [task_id_from_eto(i, "scienceworld") for i in eto_ids] == load_splits()["train"]
+    # ETO's ids of every split map onto etokit's, in order, and etokit's back onto ETO's.
+    for split in ("train", "test-seen", "test-unseen"):
+        eto_ids = [f"{number[simulator_task_name(name)]}_{variation}" for name, variation in index[split]]
+        assert [task_id_from_eto(i, "scienceworld") for i in eto_ids] == load_splits()[split]
+        assert [task_id_to_eto(t, "scienceworld") for t in load_splits()[split]] == eto_ids
+    assert task_id_to_eto("boil_12", "webshop") == "boil_12" and task_id_to_eto("t7", "scienceworld") == "t7"
 
 
 def test_exported_reward_and_id_follow_edits_to_imported_records():

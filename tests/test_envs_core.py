@@ -30,7 +30,7 @@ class ScriptedEnv:
     def task_ids(self, split):
         return [f"{split}-{i}" for i in range(4)]
 
-    def reset(self, task_id):
+    def reset(self, task_id, max_steps=None):
         if not task_id.startswith(("train-", "test-")):
             raise EtokitError(f"scripted: unknown task id {task_id!r}")
         self.steps = 0

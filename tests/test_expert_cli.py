@@ -15,31 +15,34 @@ runner = CliRunner()
 
 
 class FlakyExpertEnv:
-    """Tasks 0-5: the expert of task 1 falls short, task 2 crashes its process, the rest succeed."""
+    """Tasks 0-6, each with a 2-action gold path, longer than the agent's 1-step limit: the expert of
+    task 1 falls short, task 2 crashes its process, task 6 ends (fails) on its first step, the rest
+    succeed."""
 
     name = "textworld-express"
-    max_steps = 5
+    max_steps = 1
 
     @classmethod
     def check(cls):
         return True, "test env"
 
     def task_ids(self, split):
-        return [str(i) for i in range(6)]
+        return [str(i) for i in range(7)]
 
     def expert(self, task_id):
         return ["take key", "open door"]
 
-    def reset(self, task_id):
-        self.task, self.n = task_id, 0
+    def reset(self, task_id, max_steps=None):
+        self.task, self.n, self.limit = task_id, 0, max_steps or self.max_steps
         return Reset(task_id=task_id, instruction="Open the door.", observation="")
 
     def step(self, action):
         if self.task == "2":
             os._exit(9)
         self.n += 1
-        reward = 0.5 if self.task == "1" else self.n / 2
-        return Step(observation=f"done {action}", reward=reward, done=self.n == 2)
+        reward = 0.5 if self.task == "1" else 0.0 if self.task == "6" else self.n / 2
+        done = self.n == 2 or self.task == "6" or self.n >= self.limit
+        return Step(observation=f"done {action}", reward=reward, done=done)
 
     def close(self):
         pass
@@ -84,9 +87,13 @@ def test_failed_and_crashed_experts_are_reported_not_written(tmp_path):
                                     "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert sorted(r.task_id for r in _rows(out)) == ["0", "3", "4", "5"]
-    assert "expert failed 1: reward 0.50" in text and "error 2:" in text
-    assert "4 written" in text and "1 failed, 1 errors" in text and "success rate 80.0% over 5 played" in text
+    # The gold paths (2 actions) are played whole although the agent's limit is 1 step.
+    rows = _rows(out)
+    assert sorted(r.task_id for r in rows) == ["0", "3", "4", "5"] and {r.num_steps for r in rows} == {2}
+    assert "expert failed 1: reward 0.50 after 2 of 2 gold actions (the gold path ended short of the goal)" in text
+    assert "expert failed 6: reward 0.00: the episode ended after 1 of 2 gold actions" in text
+    assert "error 2:" in text
+    assert "4 written" in text and "2 failed, 1 errors" in text and "success rate 66.7% over 6 played" in text
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path):

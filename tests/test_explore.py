@@ -66,7 +66,7 @@ class CounterEnv:
     def task_ids(self, split):
         return [f"{split[0]}{i}" for i in range(10)]
 
-    def reset(self, task_id):
+    def reset(self, task_id, max_steps=None):
         self.task, self.n = task_id, 0
         return Reset(task_id=task_id, instruction=f"Your task is to say {task_id}.", observation="You are in a room.")
 

@@ -43,7 +43,7 @@ class StairsEnv:
     def task_ids(self, split):
         return [f"s{n}" for n in range(1, 6)]
 
-    def reset(self, task_id):
+    def reset(self, task_id, max_steps=None):
         self.n, self.stair, self.steps = int(task_id[1:]), 0, 0
         return Reset(task_id=task_id, instruction=f"Your task is to climb {self.n} stairs.", observation="")
 

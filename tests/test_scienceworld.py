@@ -12,6 +12,7 @@ from importlib import resources
 import psutil
 import pytest
 
+from etokit.agent.protocol import expert_trajectory
 from etokit.envs import SPLITS, EnvWorker, EnvWorkerError, make
 from etokit.envs.scienceworld import (
     MAX_STEPS,
@@ -51,6 +52,20 @@ def test_gold_path_reaches_full_reward(env, task_id):
     assert not any(s.done for s in steps[:-1])
     rewards = [s.reward for s in steps]
     assert rewards == sorted(rewards)  # the max-so-far score never decreases
+
+
+def test_expert_plays_its_whole_gold_path_past_the_agent_step_limit(env):
+    # find-animal_54's gold path takes 16 steps; the agent's limit for find-animal is 15.
+    traj = expert_trajectory(env, "find-animal_54", "train")
+    assert env.max_steps == MAX_STEPS["find-animal"] == 15
+    assert traj.success and traj.reward == 1.0 and traj.num_steps > 15
+    # The agent's own episode of the same task still ends at its limit.
+    gold = env.expert("find-animal_54")
+    env.reset("find-animal_54")
+    steps = [env.step(a) for a in gold[:15]]
+    assert [s.done for s in steps] == [False] * 14 + [True] and steps[-1].reward < 1.0
+    with pytest.raises(EtokitError, match="after the episode ended"):
+        env.step("look around")
 
 
 def test_ambiguous_request_answered_by_a_bare_number(env):

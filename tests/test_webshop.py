@@ -114,6 +114,16 @@ def test_invalid_actions_show_the_same_page_and_count(env):
     assert step.info["steps"] == 6
 
 
+def test_expert_plays_past_the_agent_step_limit():
+    from etokit.agent.protocol import expert_trajectory
+
+    short = WebShopEnv(max_steps=2, num_products=50, num_goals=20, num_test=5)
+    task_id = short.task_ids("train")[0]
+    assert len(short.expert(task_id)) > short.max_steps
+    traj = expert_trajectory(short, task_id, "train")
+    assert traj.success and traj.num_steps > short.max_steps
+
+
 def test_step_limit_ends_the_episode(env):
     env.reset(env.task_ids("train")[1])
     steps = [env.step("click[nothing]") for _ in range(env.max_steps)]

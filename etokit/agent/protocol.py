@@ -189,7 +189,9 @@ def expert_trajectory(env: Env, task_id: str, split: str) -> Trajectory:
     actions = env.expert(task_id)
     if not actions:
         raise EtokitError(f"{env.name}: no expert actions for task {task_id!r}")
-    reset = env.reset(task_id)
+    # The whole gold path is played: the agent's step limit is the agent's, and a gold path may be
+    # longer (ScienceWorld's test-conductivity_412 takes 42 steps under a 30-step limit).
+    reset = env.reset(task_id, max_steps=len(actions))
     messages = build_prompt(env.name, reset, icl=False)
     reward, steps = 0.0, 0
     for i, action in enumerate(actions):

@@ -80,8 +80,9 @@ def expert(
     step_timeout: StepTimeoutOpt = 60.0,
 ) -> None:
     """Play the environment's expert (gold actions) on every task of a split through the agent
-    protocol and append each successful trajectory to --out. Re-running skips the task ids already
-    in the file; experts that fail or error are reported and not written."""
+    protocol and append each successful trajectory to --out. The expert plays its whole gold path,
+    even past the agent's step limit. Re-running skips the task ids already in the file; experts that
+    fail or error are reported with the reason and not written."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from etokit.agent.protocol import expert_trajectory
@@ -121,8 +122,7 @@ def expert(
                             appender.append(trajectory)
                             written += 1
                         else:
-                            failed.append((outcome.item, f"reward {trajectory.reward:.2f} after "
-                                                         f"{trajectory.num_steps} steps"))
+                            failed.append((outcome.item, _failure_reason(trajectory)))
                     progress.update(bar, advance=1, ok=written, fail=len(failed) + len(errors))
         finally:
             pool.close()
@@ -140,6 +140,15 @@ def expert(
         f"{len(errors)} errors; avg reward {avg:.3f}, success rate {rate:.1%} over {played} played; "
         f"{total} trajectories in {out}"
     )
+
+
+def _failure_reason(trajectory) -> str:
+    """Why an expert did not succeed: its gold path ran out, or the episode ended before it did."""
+    planned = trajectory.extra.get("expert_actions", trajectory.num_steps)
+    played = f"after {trajectory.num_steps} of {planned} gold actions"
+    if trajectory.num_steps < planned:
+        return f"reward {trajectory.reward:.2f}: the episode ended {played}"
+    return f"reward {trajectory.reward:.2f} {played} (the gold path ended short of the goal)"
 
 
 def register(app: typer.Typer) -> None:

@@ -41,7 +41,8 @@ def missing_reward_error(loc: Loc, env: str) -> DataError:
 
 # ETO names a ScienceWorld task "<task number>_<variation>" (eval_agent/data/sciworld/taskname2id.json),
 # etokit's environment "<simulator task name>_<variation>". Imports use etokit's id, so imported expert
-# rows pair with etokit's exploration; the original id is kept for export.
+# rows pair with etokit's exploration; the original id is kept for export, and rows etokit made
+# (its expert, its exploration) export under the official id, so the official scripts read them.
 SCIWORLD_TASK_NAMES = {
     0: "boil", 1: "change-the-state-of-matter-of", 2: "freeze", 3: "melt",
     4: "measure-melting-point-known-substance", 6: "use-thermometer", 7: "power-component",
@@ -54,6 +55,7 @@ SCIWORLD_TASK_NAMES = {
     26: "inclined-plane-friction-named-surfaces", 27: "inclined-plane-friction-unnamed-surfaces",
     28: "mendellian-genetics-known-plant", 29: "mendellian-genetics-unknown-plant",
 }
+SCIWORLD_TASK_NUMBERS = {name: number for number, name in SCIWORLD_TASK_NAMES.items()}
 
 SFT_REQUIRED = ("id", "conversations")
 PAIR_REQUIRED = ("id", "prompt", "chosen", "rejected")
@@ -187,9 +189,18 @@ def task_id_from_eto(eto_id: int | str, env: str) -> str:
     return str(eto_id)
 
 
+def task_id_to_eto(task_id: str, env: str) -> str:
+    """The official row id for an etokit task id: ScienceWorld's "boil_12" is "0_12"; others unchanged.
+    The inverse of task_id_from_eto."""
+    name, _, variation = task_id.rpartition("_")
+    if env == "scienceworld" and name in SCIWORLD_TASK_NUMBERS and variation.isdigit():
+        return f"{SCIWORLD_TASK_NUMBERS[name]}_{variation}"
+    return task_id
+
+
 def _export_id(record: Trajectory | Pair) -> int | str:
     original = record.extra.get("eto_id")
     # Keep the original id (WebShop's ints, ScienceWorld's numbers), unless the record was re-keyed since import.
     if original is not None and task_id_from_eto(original, record.env) == record.task_id:
         return original
-    return record.task_id
+    return task_id_to_eto(record.task_id, record.env)

@@ -46,6 +46,11 @@ def to_eto_action(action: str) -> str:
     return f"put {m.group(1)} in/on {m.group(2)}" if m else action
 
 
+# A loop guard for the hand-coded expert played live (it can cycle when stuck), not the agent's
+# step limit: an expert path longer than the agent's 40 steps is still a demonstration.
+EXPERT_MAX_STEPS = 200
+
+
 class AlfWorldEnv:
     name = "alfworld"
     max_steps = 40
@@ -107,13 +112,14 @@ class AlfWorldEnv:
         env = AlfredInfos(AlfredDemangler(env, shuffle=False))
         return AlfredExpert(env, expert_type="handcoded") if expert else env
 
-    def reset(self, task_id: str) -> Reset:
+    def reset(self, task_id: str, max_steps: int | None = None) -> Reset:
         path = self.game_file(task_id)
         if self._env is None:
             self._env = self._make_env()
         self._env.load(str(path))
         state = self._env.reset()
         self._task_id, self._steps, self._done = task_id, 0, False
+        self._limit = max_steps or self.max_steps
         self._admissible = list(state["admissible_commands"] or [])
         # ETO's task turn: the room description and the goal, without the banner paragraph.
         text = "\n".join(state["feedback"].strip().split("\n\n")[1:])
@@ -136,7 +142,7 @@ class AlfWorldEnv:
         self._steps += 1
         won = bool(state["won"])
         self._admissible = list(state["admissible_commands"] or [])
-        truncated = not (won or game_over) and self._steps >= self.max_steps
+        truncated = not (won or game_over) and self._steps >= self._limit
         self._done = won or game_over or truncated
         info = {"valid": valid, "steps": self._steps, "truncated": truncated, "won": won,
                 "available_actions": [to_eto_action(a) for a in self._admissible]}
@@ -154,7 +160,7 @@ class AlfWorldEnv:
         try:
             env.load(str(self.game_file(task_id)))
             state, actions, done = env.reset(), [], False
-            while not done and len(actions) < self.max_steps:
+            while not done and len(actions) < EXPERT_MAX_STEPS:
                 action = state["extra.expert_plan"][0]
                 state, _, done = env.step(action)
                 actions.append(action)

@@ -153,10 +153,11 @@ class ScienceWorldEnv:
         self._server.reset()
         self._server.step("look around")
 
-    def reset(self, task_id: str) -> Reset:
+    def reset(self, task_id: str, max_steps: int | None = None) -> Reset:
         task, _ = parse_task_id(task_id)
         self._load(task_id, gold=False)
-        self.max_steps = self._max_steps_override or MAX_STEPS[task]
+        self.max_steps = self._max_steps_override or MAX_STEPS[task]  # the agent's limit
+        self._limit = max_steps or self.max_steps
         self._done, self._steps, self._reward = False, 0, 0.0
         return Reset(task_id=task_id, instruction=str(self._server.getTaskDescription()).strip(), observation="",
                      info={"task": task, "max_steps": self.max_steps})
@@ -169,7 +170,7 @@ class ScienceWorldEnv:
         completed = bool(self._server.getCompleted())
         self._steps += 1
         self._reward = max(self._reward, min(1.0, max(0.0, score)))
-        self._done = completed or score < 0 or self._steps >= self.max_steps
+        self._done = completed or score < 0 or self._steps >= self._limit
         return Step(observation=observation.strip(), reward=self._reward, done=self._done,
                     info={"score": score, "steps": self._steps})
 

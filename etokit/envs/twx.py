@@ -70,9 +70,10 @@ class TextWorldExpressEnv:
             raise EtokitError(f"textworld-express: unknown task id {task_id!r} (a seed of the train, dev or test fold)")
         return json.loads(self._server.generateNewGameJSON(int(task_id), _FOLDS[split], gold))
 
-    def reset(self, task_id: str) -> Reset:
+    def reset(self, task_id: str, max_steps: int | None = None) -> Reset:
         state = self._load(task_id, gold=False)
         self._task_id, self._steps, self._done, self._reward = task_id, 0, False, 0.0
+        self._limit = max_steps or self.max_steps
         self._valid = state.get("validActions", [])
         return Reset(task_id=task_id, instruction=self._server.getTaskDescription(),
                      observation=state["observation"].strip(), info={"game": self.game})
@@ -87,7 +88,7 @@ class TextWorldExpressEnv:
         # too early) can go negative, which the reward clips to 0.
         self._reward = min(1.0, max(0.0, float(state["score"])))
         self._done = bool(state["tasksuccess"] or state["taskfailure"]) or self._reward >= 1.0 \
-            or self._steps >= self.max_steps
+            or self._steps >= self._limit
         return Step(observation=state["observation"].strip(), reward=self._reward, done=self._done,
                     info={"score": state["score"], "steps": self._steps, "won": bool(state["tasksuccess"])})
 

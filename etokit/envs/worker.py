@@ -196,8 +196,9 @@ class EnvWorker:
     def task_ids(self, split: str) -> list[str]:
         return self._call("task_ids", split)
 
-    def reset(self, task_id: str) -> Reset:
-        return self._call("reset", task_id)
+    def reset(self, task_id: str, max_steps: int | None = None) -> Reset:
+        # Only the expert passes a limit: envs written before reset() took one still explore.
+        return self._call("reset", task_id, *([] if max_steps is None else [max_steps]))
 
     def step(self, action: str) -> Step:
         return self._call("step", action)

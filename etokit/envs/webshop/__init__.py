@@ -52,10 +52,11 @@ class WebShopEnv:
             raise EtokitError(f"webshop: unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         return self.shop.task_ids(split)
 
-    def reset(self, task_id: str) -> Reset:
+    def reset(self, task_id: str, max_steps: int | None = None) -> Reset:
         self._check_task(task_id)
         page = self.shop.reset(task_id)
         self._steps, self._done = 0, False
+        self._limit = max_steps or self.max_steps
         return Reset(task_id=task_id, instruction=page, observation="", info={"available_actions": self.shop.clickables()})
 
     def step(self, action: str) -> Step:
@@ -63,7 +64,7 @@ class WebShopEnv:
             raise RuntimeError("webshop: step() after the episode ended; call reset()")
         obs, reward, done, valid = self.shop.step(action)
         self._steps += 1
-        truncated = not done and self._steps >= self.max_steps
+        truncated = not done and self._steps >= self._limit
         self._done = done or truncated
         info = {"valid": valid, "steps": self._steps, "truncated": truncated,
                 "available_actions": [] if self._done else self.shop.clickables()}
@@ -71,7 +72,7 @@ class WebShopEnv:
 
     def expert(self, task_id: str) -> list[str] | None:
         self._check_task(task_id)
-        return self.shop.expert(task_id, self.max_steps)
+        return self.shop.expert(task_id)
 
     def close(self) -> None:
         self._done = True

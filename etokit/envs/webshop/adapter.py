@@ -66,7 +66,7 @@ class RealShop:
         self._page = obs
         return pages.strip_instruction(obs), float(reward or 0.0), bool(done), valid
 
-    def expert(self, task_id: str, max_steps: int) -> list[str] | None:
+    def expert(self, task_id: str) -> list[str] | None:
         # Real WebShop's expert data are human demonstrations (ETO ships them as trajectories),
         # not a policy that can be replayed on any goal.
         return None
