@@ -51,6 +51,42 @@ def test_eval_cli_reports_metrics_consistent_with_its_episodes(policy_path, tmp_
     assert report["model_revision"].startswith("local:") and report["env"] == "webshop"
     for label in ("avg reward (x100)", "success rate", "avg steps", "invalid-action rate"):
         assert label in result.output
+    ci = report["avg_reward_ci"]
+    assert ci["n"] == 3 and ci["mean"] == pytest.approx(report["avg_reward"]) and ci["lo"] <= ci["mean"] <= ci["hi"]
+    assert f"{ci['mean']:.1f} [{ci['lo']:.1f}, {ci['hi']:.1f}]" in result.output
+
+
+def test_eval_writes_a_rerunnable_panel_with_per_task_results(policy_path, tmp_path):
+    # A named panel in the order asked for; each task's result; comparable with `etokit compare`.
+    out, episodes = tmp_path / "twx.json", tmp_path / "twx.jsonl"
+    wanted = ["10003", "10000", "10002"]
+    result = runner.invoke(app, ["eval", "--model", str(policy_path), "--env", "textworld-express", "--split",
+                                 "test-seen", "--task-ids", ",".join(wanted), "--no-icl", "--max-steps", "2",
+                                 "--max-new-tokens", "8", "--batch-size", "3", "--out", str(out), "--trajectories",
+                                 str(episodes)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    played = read_jsonl(episodes, "trajectory")
+    assert report["panel"] == {"env": "textworld-express", "split": "test-seen", "task_ids": wanted}
+    assert [t.task_id for t in played] == wanted
+    assert report["per_task"] == [{"task_id": t.task_id, "reward": t.reward, "success": t.success,
+                                   "steps": t.num_steps, "seed": t.seed} for t in played]
+    assert report["model"] == played[0].model and report["model_revision"] == played[0].model_revision
+    assert (report["format"], report["success_rate_ci"]["n"]) == ("etokit-eval", 3)
+    # B: the same panel with task 10000 won
+    better = {**report, "per_task": [{**r, "reward": 1.0} if r["task_id"] == "10000" else r
+                                     for r in report["per_task"]]}
+    (tmp_path / "better.json").write_text(json.dumps(better))
+    gained = 100 * (1.0 - played[1].reward) / 3
+    compared = runner.invoke(app, ["compare", str(out), str(tmp_path / "better.json"), "--out",
+                                   str(tmp_path / "cmp.json")])
+    assert compared.exit_code == 0, compared.output
+    (c,) = json.loads((tmp_path / "cmp.json").read_text())["comparisons"]
+    assert c["mean"] == pytest.approx(gained) and (c["up"], c["same"], c["n"]) == (int(gained > 0), 3 - int(gained > 0), 3)
+    fewer = {**report, "per_task": report["per_task"][:2]}
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer))
+    refused = runner.invoke(app, ["compare", str(out), str(tmp_path / "fewer.json")])
+    assert refused.exit_code == 2 and "10002" in refused.output
 
 
 def test_eval_cli_user_errors(policy_path, tmp_path):
