@@ -107,7 +107,9 @@ def test_an_environment_error_is_not_compared_silently(tmp_path):
     assert result.exit_code == 2 and "failed on 1 task(s) (t07)" in result.output
     allowed = runner.invoke(app, ["compare", str(fa), str(fb), "--allow-mismatch", "--out", str(tmp_path / "c.json")])
     assert allowed.exit_code == 0
-    assert json.loads((tmp_path / "c.json").read_text())["comparisons"][0]["n"] == N - 1
+    (c,) = json.loads((tmp_path / "c.json").read_text())["comparisons"]
+    assert c["n"] == c["a"]["n"] == c["b"]["n"] == N - 1  # both means over the tasks compared
+    assert c["a"]["mean"] == pytest.approx(100 * sum(r for t, r in a.items() if t != "t07") / (N - 1))
 
 
 def test_eval_files_written_before_per_task_results_still_compare(tmp_path):
