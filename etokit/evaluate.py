@@ -29,8 +29,9 @@ class EvalResult:
     avg_steps: float
     invalid_action_rate: float  # replies without a parsable action / all replies
     errors: int  # episodes whose environment failed (not in the averages)
-    # 95% percentile-bootstrap intervals over tasks (None without scored episodes): the reward
-    # one in x100 units as avg_reward, the success one as a fraction as success_rate.
+    # 95% percentile-bootstrap intervals over the episodes, i.e. the tasks of an evaluation (one
+    # episode each); None without scored episodes. The reward one in x100 units as avg_reward, the
+    # success one as a fraction as success_rate.
     avg_reward_ci: Interval | None = None
     success_rate_ci: Interval | None = None
 

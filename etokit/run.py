@@ -468,7 +468,7 @@ class Run:
             "stage": stage, "iteration": k, "base_model": base,
             "datasets": [{**d, "local": False} for d in card_datasets(data)],
             "hyperparameters": {**hp, "seed": cfg.seed, "max_length": cfg.max_length},
-            "eval": [_card_row(r) for r in rows],
+            "eval": [_card_row(r, vs_bc=len(rows) > 1) for r in rows],
             "eval_note": CARD_EVAL_NOTE,
             "description": (f"An LLM agent for `{cfg.env}` trained with the ETO loop (`etokit run`). Average reward "
                             f"x100 per stage on test-seen / test-unseen:\n\n```\n{chart}\n```"),
@@ -783,12 +783,14 @@ def _vs_bc(entry: dict[str, Any]) -> str:
     return f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}] {d['up']}/{d['down']}/{d['same']}"
 
 
-def _card_row(row: dict[str, Any]) -> dict[str, str]:
+def _card_row(row: dict[str, Any], vs_bc: bool = True) -> dict[str, str]:
+    """One row of a model card's eval table; ``vs_bc``: with the columns of the difference from BC
+    (a card with iterations; BC's own cell is "-")."""
     out = {"Stage": "BC" if row["model"] == "bc" else row["model"]}
     for split, label in (("test-seen", "seen"), ("test-unseen", "unseen")):
         out[f"{label} reward x100 [95% CI]"] = _reward(row[split])
         out[f"{label} success [95% CI]"] = _success(row[split])
-        if row[split].get("vs_bc"):
+        if vs_bc:
             out[f"{label} vs BC [95% CI] up/down/same"] = _vs_bc(row[split])
     return out
 

@@ -70,6 +70,18 @@ class PairedDiff:
     missing_in_a: tuple = ()  # tasks only b has (empty unless mismatches were allowed)
     missing_in_b: tuple = ()  # tasks only a has
 
+    @property
+    def mean(self) -> float:
+        return self.diff.mean
+
+    @property
+    def lo(self) -> float:
+        return self.diff.lo
+
+    @property
+    def hi(self) -> float:
+        return self.diff.hi
+
     def to_dict(self) -> dict:
         return {
             "mean": self.diff.mean,

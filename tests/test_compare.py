@@ -173,7 +173,8 @@ def test_run_rows_carry_per_task_results_and_the_paired_difference_from_bc(tmp_p
     assert card["seen vs BC [95% CI] up/down/same"] == (f"+{100 * K / N:.1f} [+{100 * lo / N:.1f}, "
                                                         f"+{100 * hi / N:.1f}] {K}/0/{N - K}")
     assert card["unseen reward x100 [95% CI]"] == "25.0 [25.0, 25.0]"
-    assert "seen vs BC [95% CI] up/down/same" not in _card_row(bc)
+    assert _card_row(bc)["seen vs BC [95% CI] up/down/same"] == "-"
+    assert "seen vs BC [95% CI] up/down/same" not in _card_row(bc, vs_bc=False)
     assert f"[{ci['lo']:.1f}, {ci['hi']:.1f}]" in reward_chart([bc, it1])
     from rich.console import Console
 
@@ -209,3 +210,9 @@ def test_per_task_records_what_a_rerun_needs():
         {"task_id": "t2", "reward": 0.5, "success": False, "steps": 3, "seed": 0, "error": "env died"},
     ]
     assert summarize(played).avg_reward_ci.n == 1  # the failed episode is not in the interval
+
+
+def test_compare_help_has_examples():
+    result = runner.invoke(app, ["compare", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "Examples" in result.output and "$ etokit compare --run" in result.output

@@ -127,6 +127,7 @@ def test_paired_diff_resamples_tasks_not_models(n, k, lo, hi):
     assert d.diff.lo == pytest.approx(lo / n, abs=1e-9)
     assert d.diff.hi == pytest.approx(hi / n, abs=1e-9)
     assert (d.up, d.down, d.same, d.n) == (k, 0, n - k, n)
+    assert (d.mean, d.lo, d.hi) == (d.diff.mean, d.diff.lo, d.diff.hi)
 
 
 def test_paired_diff_counts_and_sign():
