@@ -695,11 +695,12 @@ def _metrics(result) -> dict[str, Any]:
 
 
 def _eval_outputs(played) -> dict[str, Any]:
-    """An evaluation's record: the summary (with intervals) and each task's result."""
+    """An evaluation's record: the summary (with intervals) and each task's result. The model is
+    the stage's (PUSH_TO@stage, its commit in the push stage), not repeated here: the record must
+    not depend on the repo, so that a resumed run's equals an uninterrupted one's."""
     from etokit.evaluate import per_task, summarize
 
-    model = next((t.model for t in played), None)
-    return {**_metrics(summarize(played)), "model": model, "per_task": per_task(played)}
+    return {**_metrics(summarize(played)), "per_task": per_task(played)}
 
 
 def _vs(base: list[dict[str, Any]], other: list[dict[str, Any]], base_name: str, name: str,
