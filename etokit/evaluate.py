@@ -87,6 +87,16 @@ def format_ci(ci: Mapping[str, Any] | Interval | None, value: float, digits: int
 # ---------------------------------------------------------------------------- results files
 
 
+def panel(env: str, split: str, task_ids: list[str]) -> dict[str, Any]:
+    """A task panel and its name: ``env/split:N:DIGEST``, equal for two evaluations exactly when
+    they asked for the same tasks in the same order (re-run it with `etokit eval --task-ids`)."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join([env, split, *task_ids]).encode()).hexdigest()[:12]
+    return {"id": f"{env}/{split}:{len(task_ids)}:{digest}", "env": env, "split": split, "task_ids": list(task_ids)}
+
+
+
 def eval_report(trajectories: list[Trajectory], *, env: str, split: str, model: str, model_revision: str | None,
                 task_ids: list[str], result: EvalResult | None = None) -> dict[str, Any]:
     """The JSON of `etokit eval --out`: the summary (top-level keys as before, plus intervals),
@@ -97,7 +107,7 @@ def eval_report(trajectories: list[Trajectory], *, env: str, split: str, model: 
         "format": EVAL_FORMAT, "format_version": EVAL_FORMAT_VERSION,
         "model": model, "model_revision": model_revision, "env": env, "split": split, **result.to_dict(),
         "rewards": {t.task_id: t.reward for t in trajectories},  # older readers' view
-        "panel": {"env": env, "split": split, "task_ids": list(task_ids)},
+        "panel": panel(env, split, task_ids),
         "per_task": per_task(trajectories),
     }
 

@@ -282,7 +282,12 @@ class Run:
                 break
             previous = name
         rows = self.results()
-        write_json_atomic(self.dir / RESULTS, {"push_to": cfg.push_to, "env": cfg.env, "rows": rows})
+        from etokit.evaluate import panel
+
+        # every row was evaluated on these tasks (the vs_bc records list any that were not)
+        panels = {split: panel(cfg.env, split, [r["task_id"] for r in rows[0][split]["per_task"]])
+                  for split in EVAL_SPLITS}
+        write_json_atomic(self.dir / RESULTS, {"push_to": cfg.push_to, "env": cfg.env, "panels": panels, "rows": rows})
         return rows
 
     # -- stages ---------------------------------------------------------------------------------
@@ -688,8 +693,10 @@ def _count_lines(path: Path) -> int:
 
 
 def _metrics(result) -> dict[str, Any]:
-    def rounded(v):
-        return round(v, 6) if isinstance(v, float) else {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) else v
+    def rounded(v):  # floats at any depth (the intervals are nested)
+        if isinstance(v, dict):
+            return {k: rounded(x) for k, x in v.items()}
+        return round(v, 6) if isinstance(v, float) else v
 
     return rounded(result.to_dict())
 

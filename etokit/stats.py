@@ -195,7 +195,7 @@ def paired_diff(
             f"{names[0]} and {names[1]} were evaluated on different task panels ({'; '.join(parts)}); "
             "a paired comparison needs the same tasks in both"
         )
-    common = [t for t in a if t in b]
+    common = sorted((t for t in a if t in b), key=str)  # the same resamples whatever order the mappings have
     if not common:
         raise PanelMismatchError(f"{names[0]} and {names[1]} have no task in common")
     d = _as_array((float(b[t]) - float(a[t]) for t in common), "paired_diff")

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from etokit.cli import app
 from etokit.data import read_jsonl
-from etokit.evaluate import summarize
+from etokit.evaluate import panel, summarize
 from tests.factories import trajectory
 from tests.test_explore import build_policy
 
@@ -67,7 +67,10 @@ def test_eval_writes_a_rerunnable_panel_with_per_task_results(policy_path, tmp_p
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     played = read_jsonl(episodes, "trajectory")
-    assert report["panel"] == {"env": "textworld-express", "split": "test-seen", "task_ids": wanted}
+    assert report["panel"] == {"env": "textworld-express", "split": "test-seen", "task_ids": wanted,
+                               "id": panel("textworld-express", "test-seen", wanted)["id"]}
+    assert report["panel"]["id"] != panel("textworld-express", "test-seen", sorted(wanted))["id"]
+    assert report["panel"]["id"].startswith("textworld-express/test-seen:3:")
     assert [t.task_id for t in played] == wanted
     assert report["per_task"] == [{"task_id": t.task_id, "reward": t.reward, "success": t.success,
                                    "steps": t.num_steps, "seed": t.seed} for t in played]
@@ -82,7 +85,8 @@ def test_eval_writes_a_rerunnable_panel_with_per_task_results(policy_path, tmp_p
                                    str(tmp_path / "cmp.json")])
     assert compared.exit_code == 0, compared.output
     (c,) = json.loads((tmp_path / "cmp.json").read_text())["comparisons"]
-    assert c["mean"] == pytest.approx(gained) and (c["up"], c["same"], c["n"]) == (int(gained > 0), 3 - int(gained > 0), 3)
+    up = int(gained > 0)
+    assert c["mean"] == pytest.approx(gained) and (c["up"], c["same"], c["n"]) == (up, 3 - up, 3)
     fewer = {**report, "per_task": report["per_task"][:2]}
     (tmp_path / "fewer.json").write_text(json.dumps(fewer))
     refused = runner.invoke(app, ["compare", str(out), str(tmp_path / "fewer.json")])

@@ -149,6 +149,8 @@ def test_loop_records_every_stage_and_publishes_everything(uninterrupted, hub):
         assert (vs["up"], vs["down"], vs["same"], vs["n"]) == (int(it_reward > bc_reward), int(it_reward < bc_reward),
                                                                int(it_reward == bc_reward), 1)
     assert "vs_bc" not in results["rows"][0]["test-seen"]
+    assert results["panels"]["test-unseen"]["task_ids"] == [r["task_id"] for r in
+                                                            results["rows"][0]["test-unseen"]["per_task"]]
     assert results["rows"][1]["pairs"] == stats
 
 

@@ -130,6 +130,14 @@ def test_paired_diff_resamples_tasks_not_models(n, k, lo, hi):
     assert (d.mean, d.lo, d.hi) == (d.diff.mean, d.diff.lo, d.diff.hi)
 
 
+def test_paired_diff_does_not_depend_on_the_order_of_the_tasks():
+    rng = np.random.default_rng(5)
+    a = {f"t{i}": float(x) for i, x in enumerate(rng.random(30))}
+    b = {t: float(x) for t, x in zip(a, rng.random(30))}
+    shuffled = dict(sorted(a.items(), key=lambda kv: kv[1]))
+    assert paired_diff(a, b) == paired_diff(shuffled, b) == paired_diff(a, dict(reversed(b.items())))
+
+
 def test_paired_diff_counts_and_sign():
     a = {"t1": 0.0, "t2": 1.0, "t3": 0.5, "t4": 0.2}
     b = {"t1": 1.0, "t2": 0.0, "t3": 0.5, "t4": 0.9}
