@@ -112,6 +112,31 @@ def eval_report(trajectories: list[Trajectory], *, env: str, split: str, model: 
     }
 
 
+def load_panel(path: Path) -> dict[str, Any]:
+    """The task panel (env, split, task ids) recorded in an `etokit eval --out` file."""
+    data = _read_json(path)
+    recorded = data.get("panel") if isinstance(data, dict) else None
+    if not isinstance(recorded, dict):
+        raise EtokitError(f"{path}: no panel (written by `etokit eval --out` before panels were recorded?)")
+    for key in ("env", "split"):
+        if not isinstance(recorded.get(key), str):
+            raise EtokitError(f"{path}: panel.{key} must be a string, got {recorded.get(key)!r}")
+    ids = recorded.get("task_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, str) for t in ids):
+        raise EtokitError(f"{path}: panel.task_ids must be a non-empty list of task id strings")
+    return recorded
+
+
+def _read_json(path: Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise EtokitError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EtokitError(f"{path} is not valid JSON ({e})") from None
+
+
 @dataclass
 class Panel:
     """One evaluation on one split, as a comparison needs it: rewards by task (x1, as recorded)."""
@@ -144,13 +169,7 @@ def panel_from_per_task(name: str, env: str | None, split: str, rows: list[dict[
 def load_eval_results(path: Path) -> Panel:
     """An `etokit eval --out` file as a Panel (files written before per-task results were kept
     still have their ``rewards`` by task)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EtokitError(f"{path}: no such file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EtokitError(f"{path} is not valid JSON ({e})") from None
+    data = _read_json(path)
     if not isinstance(data, dict) or "split" not in data or not ("per_task" in data or "rewards" in data):
         raise EtokitError(f"{path}: not an `etokit eval --out` results file (no split and per_task)")
     if "per_task" in data:

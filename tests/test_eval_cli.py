@@ -92,12 +92,33 @@ def test_eval_writes_a_rerunnable_panel_with_per_task_results(policy_path, tmp_p
     refused = runner.invoke(app, ["compare", str(out), str(tmp_path / "fewer.json")])
     assert refused.exit_code == 2 and "10002" in refused.output
 
+    # --panel plays the recorded panel again: same tasks in the same order (greedy: same results)
+    again = tmp_path / "again.json"
+    rerun = runner.invoke(app, ["eval", "--model", str(policy_path), "--panel", str(out), "--no-icl", "--max-steps",
+                                "2", "--max-new-tokens", "8", "--batch-size", "3", "--out", str(again)])
+    assert rerun.exit_code == 0, rerun.output
+    assert json.loads(again.read_text())["panel"] == report["panel"]
+    assert json.loads(again.read_text())["per_task"] == report["per_task"]
+    for args, message in [(["--split", "test-unseen"], "--split test-unseen: --panel"),
+                          (["--env", "webshop"], "is a panel of textworld-express"),
+                          (["--limit", "2"], "leave out --limit and --task-ids"),
+                          (["--task-ids", "10000"], "leave out --limit and --task-ids")]:
+        result = runner.invoke(app, ["eval", "--model", str(policy_path), "--panel", str(out), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+
 
 def test_eval_cli_user_errors(policy_path, tmp_path):
     for args, message in [
         (["--split", "valid"], "--split 'valid'"),
         (["--out", str(tmp_path / "m.txt")], "expected a .json file"),
         (["--env", "nethack"], "unknown environment 'nethack'"),
+        (["--panel", str(tmp_path / "none.json")], "none.json: no such file"),
     ]:
         result = runner.invoke(app, ["eval", "--model", str(policy_path), "--env", "webshop", *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"env": "webshop", "split": "test-seen", "rewards": {"1": 0.5}}))
+    for args, message in [([], "--env is required (or --panel FILE"),
+                          (["--panel", str(old)], "old.json: no panel")]:
+        result = runner.invoke(app, ["eval", "--model", str(policy_path), *args])
+        assert result.exit_code == 2 and message in result.output, result.output

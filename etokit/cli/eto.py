@@ -78,6 +78,7 @@ _EVAL_EXAMPLES = """
   $ etokit eval --model ./eto-iter1 --env textworld-express --split test-seen --limit 100
   $ etokit eval --model me/eto-agent@iter-2 --env webshop --split test-seen --out eval_iter2.json
   $ etokit eval --model ./bc --env webshop --split test-seen --task-ids 3,17,42 --out eval_bc.json
+  $ etokit eval --model ./eto-iter1 --panel eval_bc.json --out eval_iter1.json   [dim]# the same tasks again[/dim]
 """
 
 _COMPARE_EXAMPLES = """
@@ -157,14 +158,14 @@ def _check_env_split(env: str, split: str) -> None:
         raise EtokitError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
 
 
-def _task_ids(envs, env: str, split: str, limit: int | None, task_ids: str | None) -> list[str]:
+def _task_ids(envs, env: str, split: str, limit: int | None, task_ids: str | list[str] | None) -> list[str]:
     from etokit.envs.base import SPLITS
 
     if split not in SPLITS:
         raise EtokitError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
     available = envs[0].task_ids(split)
     if task_ids is not None:
-        wanted = [t.strip() for t in task_ids.split(",") if t.strip()]
+        wanted = [t.strip() for t in task_ids.split(",") if t.strip()] if isinstance(task_ids, str) else task_ids
         known = set(available)
         unknown = [t for t in wanted if t not in known]
         if unknown:
@@ -442,10 +443,16 @@ def build_pairs(
 @user_errors
 def eval_(
     model: ModelOpt,
-    env: EnvNameOpt,
-    split: Annotated[str, typer.Option("--split", help="test-seen or test-unseen (train also works).")] = "test-seen",
+    env: Annotated[Optional[str], typer.Option("--env", help="Environment: webshop, scienceworld, alfworld or "
+                                                             "textworld-express (or --panel).", show_default=False)
+                   ] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="test-seen (default) or test-unseen (train also "
+                                                                 "works).", show_default=False)] = None,
     limit: LimitOpt = None,
     task_ids: TaskIdsOpt = None,
+    panel_file: Annotated[Optional[Path], typer.Option("--panel", help="Play the task panel of an `etokit eval --out` "
+                                                                       "file again: its env, split and task ids, in "
+                                                                       "order.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON file: the metrics with their 95% intervals, "
                                                                     "the task panel (env, split, task ids) and each "
                                                                     "task's result; the input of `etokit compare`.")
@@ -473,6 +480,20 @@ def eval_(
     for path, suffix in ((out, ".json"), (trajectories, ".jsonl")):
         if path is not None and path.suffix != suffix:
             raise EtokitError(f"{path}: expected a {suffix} file")
+    wanted: str | list[str] | None = task_ids
+    if panel_file is not None:
+        from etokit.evaluate import load_panel
+
+        recorded = load_panel(panel_file)
+        for option, given, value in (("--env", env, recorded["env"]), ("--split", split, recorded["split"])):
+            if given is not None and given != value:
+                raise EtokitError(f"{option} {given}: --panel {panel_file} is a panel of {value}")
+        if limit is not None or task_ids is not None:
+            raise EtokitError(f"--panel {panel_file} fixes the tasks: leave out --limit and --task-ids")
+        env, split, wanted = recorded["env"], recorded["split"], recorded["task_ids"]
+    if env is None:
+        raise EtokitError("--env is required (or --panel FILE of an earlier evaluation)")
+    split = split or "test-seen"
     _check_env_split(env, split)
     state = process_state()
     name, sha, make_generator = _load_engine(model, dtype, trust_remote_code, engine)
@@ -480,7 +501,7 @@ def eval_(
                            kv_reuse=not no_kv_reuse)
     envs = open_envs(env, batch_size)
     try:
-        tasks = _task_ids(envs, env, split, limit, task_ids)
+        tasks = _task_ids(envs, env, split, limit, wanted)
         mine = shard([Job(t) for t in tasks], state)
         played = []
         with _progress("eval", len(mine)) as progress:
