@@ -68,6 +68,7 @@ def _demo(args, overrides) -> None:
     import datasets
 
     datasets.logging.set_verbosity_error()
+    from etokit.cli._console import print_unwrapped
     from etokit.run import Run, RunConfig, console, results_table
     from etokit.train.config import parse_config
 
@@ -90,7 +91,7 @@ def _demo(args, overrides) -> None:
     console.print(f'[green]✓[/] AutoModelForCausalLM.from_pretrained("{REPO}", revision="{last}"): '
                   f"{sum(p.numel() for p in model.parameters()):,} parameters, "
                   f"{'identical to' if same else '[red]DIFFERENT from[/]'} the local checkpoint")
-    console.print(results_table(rows))
+    print_unwrapped(results_table(rows), on=console)
     console.print(f"demo finished in {(time.monotonic() - start) / 60:.1f} min; results in {args.dir / 'run' / 'results.json'}")
     if not same:
         sys.exit(1)

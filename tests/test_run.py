@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from etokit.data import read_jsonl
 from etokit.errors import EtokitError
 from etokit.run import Run, RunConfig
 from etokit.train.config import parse_config
@@ -124,6 +125,9 @@ def test_loop_records_every_stage_and_publishes_everything(uninterrupted, hub):
     table = [line for line in card.splitlines() if line.startswith("| BC |") or line.startswith("| iter-1 |")]
     assert len(table) == 2, card
     assert "reward_per_iteration.md" in HfApi().list_repo_files(cfg.push_to, revision="iter-1")
+    # ... with 95% intervals over tasks, and iter-1 against BC task for task
+    assert "seen reward x100 [95% CI]" in card and "unseen vs BC [95% CI] up/down/same" in card
+    assert "percentile-bootstrap" in card
 
     results = json.loads((run_dir / "results.json").read_text())
     assert [r["model"] for r in results["rows"]] == ["bc", "iter-1"] == [r["model"] for r in rows]
@@ -131,6 +135,22 @@ def test_loop_records_every_stage_and_publishes_everything(uninterrupted, hub):
         stage = outputs[f"eval-{row['model']}"]
         for split in ("test-seen", "test-unseen"):
             assert row[split]["avg_reward"] == stage[split]["avg_reward"] and row[split]["episodes"] == 1
+            # each task's result, as its episode in the run folder says; one task: a zero-width interval
+            (episode,) = read_jsonl(run_dir / stage[split]["file"], "trajectory")
+            assert row[split]["per_task"] == stage[split]["per_task"] == [
+                {"task_id": episode.task_id, "reward": episode.reward, "success": episode.success,
+                 "steps": episode.num_steps, "seed": episode.seed}]
+            ci = row[split]["avg_reward_ci"]
+            assert ci["lo"] == ci["mean"] == ci["hi"] == pytest.approx(100 * episode.reward) and ci["n"] == 1
+    for split in ("test-seen", "test-unseen"):  # iter-1 vs BC on the same task
+        bc_reward, it_reward = (results["rows"][i][split]["per_task"][0]["reward"] for i in (0, 1))
+        vs = results["rows"][1][split]["vs_bc"]
+        assert vs["mean"] == vs["lo"] == vs["hi"] == pytest.approx(100 * (it_reward - bc_reward))
+        assert (vs["up"], vs["down"], vs["same"], vs["n"]) == (int(it_reward > bc_reward), int(it_reward < bc_reward),
+                                                               int(it_reward == bc_reward), 1)
+    assert "vs_bc" not in results["rows"][0]["test-seen"]
+    assert results["panels"]["test-unseen"]["task_ids"] == [r["task_id"] for r in
+                                                            results["rows"][0]["test-unseen"]["per_task"]]
     assert results["rows"][1]["pairs"] == stats
 
 

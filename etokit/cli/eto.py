@@ -1,5 +1,6 @@
-"""`etokit explore`, `etokit build-pairs`, `etokit eval`: ETO's exploration phase, its contrastive
-pairs, and the evaluation of a policy on the test splits."""
+"""`etokit explore`, `etokit build-pairs`, `etokit eval`, `etokit compare`: ETO's exploration phase,
+its contrastive pairs, the evaluation of a policy on the test splits, and the paired comparison of
+two evaluations of the same tasks."""
 
 from __future__ import annotations
 
@@ -76,6 +77,18 @@ _EVAL_EXAMPLES = """
 
   $ etokit eval --model ./eto-iter1 --env textworld-express --split test-seen --limit 100
   $ etokit eval --model me/eto-agent@iter-2 --env webshop --split test-seen --out eval_iter2.json
+  $ etokit eval --model ./bc --env webshop --split test-seen --task-ids 3,17,42 --out eval_bc.json
+  $ etokit eval --model ./eto-iter1 --panel eval_bc.json --out eval_iter1.json   [dim]# the same tasks again[/dim]
+"""
+
+_COMPARE_EXAMPLES = """
+[bold]Examples[/bold]
+
+  $ etokit eval --model ./bc --env webshop --split test-seen --limit 200 --out eval_bc.json
+  $ etokit eval --model ./eto-iter1 --env webshop --split test-seen --limit 200 --out eval_iter1.json
+  $ etokit compare eval_bc.json eval_iter1.json
+  $ etokit compare --run runs/twx bc iter-2                [dim]# both test splits of an `etokit run`[/dim]
+  $ etokit compare --run runs/twx iter-1 iter-2 --split test-unseen --out iter2_vs_iter1.json
 """
 
 
@@ -164,14 +177,14 @@ def _check_env_split(env: str, split: str) -> None:
         raise EtokitError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
 
 
-def _task_ids(envs, env: str, split: str, limit: int | None, task_ids: str | None) -> list[str]:
+def _task_ids(envs, env: str, split: str, limit: int | None, task_ids: str | list[str] | None) -> list[str]:
     from etokit.envs.base import SPLITS
 
     if split not in SPLITS:
         raise EtokitError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
     available = envs[0].task_ids(split)
     if task_ids is not None:
-        wanted = [t.strip() for t in task_ids.split(",") if t.strip()]
+        wanted = [t.strip() for t in task_ids.split(",") if t.strip()] if isinstance(task_ids, str) else task_ids
         known = set(available)
         unknown = [t for t in wanted if t not in known]
         if unknown:
@@ -190,12 +203,15 @@ def _progress(what: str, total: int):
 
 
 def _metrics_table(title: str, result) -> Table:
+    from etokit.evaluate import format_ci
+
+    # Intervals: percentile bootstrap over the tasks (etokit.stats), 10k resamples, seed 0.
     table = Table(title=title)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
     table.add_row("episodes", str(result.episodes))
-    table.add_row("avg reward (x100)", f"{result.avg_reward:.1f}")
-    table.add_row("success rate", f"{result.success_rate:.1%}")
+    table.add_row("avg reward (x100) [95% CI]", format_ci(result.avg_reward_ci, result.avg_reward))
+    table.add_row("success rate [95% CI]", format_ci(result.success_rate_ci, result.success_rate, percent=True))
     table.add_row("avg steps", f"{result.avg_steps:.2f}")
     table.add_row("invalid-action rate", f"{result.invalid_action_rate:.1%}")
     if result.errors:
@@ -463,11 +479,20 @@ def build_pairs(
 @user_errors
 def eval_(
     model: ModelOpt,
-    env: EnvNameOpt,
-    split: Annotated[str, typer.Option("--split", help="test-seen or test-unseen (train also works).")] = "test-seen",
+    env: Annotated[Optional[str], typer.Option("--env", help="Environment: webshop, scienceworld, alfworld or "
+                                                             "textworld-express (or --panel).", show_default=False)
+                   ] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="test-seen (default) or test-unseen (train also "
+                                                                 "works).", show_default=False)] = None,
     limit: LimitOpt = None,
     task_ids: TaskIdsOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON file for the metrics.")] = None,
+    panel_file: Annotated[Optional[Path], typer.Option("--panel", help="Play the task panel of an `etokit eval --out` "
+                                                                       "file again: its env, split and task ids, in "
+                                                                       "order.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON file: the metrics with their 95% intervals, "
+                                                                    "the task panel (env, split, task ids) and each "
+                                                                    "task's result; the input of `etokit compare`.")
+                   ] = None,
     trajectories: Annotated[Optional[Path], typer.Option("--trajectories", help="Also write the evaluation "
                                                                                 "episodes to this JSONL file.")] = None,
     batch_size: BatchSizeOpt = 16,
@@ -486,12 +511,26 @@ def eval_(
     from accelerate.utils import gather_object
 
     from etokit.data import atomic_write, write_jsonl
-    from etokit.evaluate import summarize
+    from etokit.evaluate import eval_report, summarize
     from etokit.explore import ExploreConfig, Job, close_envs, open_envs, run_episodes, shard
 
     for path, suffix in ((out, ".json"), (trajectories, ".jsonl")):
         if path is not None and path.suffix != suffix:
             raise EtokitError(f"{path}: expected a {suffix} file")
+    wanted: str | list[str] | None = task_ids
+    if panel_file is not None:
+        from etokit.evaluate import load_panel
+
+        recorded = load_panel(panel_file)
+        for option, given, value in (("--env", env, recorded["env"]), ("--split", split, recorded["split"])):
+            if given is not None and given != value:
+                raise EtokitError(f"{option} {given}: --panel {panel_file} is a panel of {value}")
+        if limit is not None or task_ids is not None:
+            raise EtokitError(f"--panel {panel_file} fixes the tasks: leave out --limit and --task-ids")
+        env, split, wanted = recorded["env"], recorded["split"], recorded["task_ids"]
+    if env is None:
+        raise EtokitError("--env is required (or --panel FILE of an earlier evaluation)")
+    split = split or "test-seen"
     _check_env_split(env, split)
     state = process_state()
     name, sha, make_generator = _load_engine(model, dtype, trust_remote_code, engine)
@@ -499,7 +538,7 @@ def eval_(
                            kv_reuse=not no_kv_reuse, instruction=_instruction_from(instruction_from, env))
     envs = open_envs(env, batch_size)
     try:
-        tasks = _task_ids(envs, env, split, limit, task_ids)
+        tasks = _task_ids(envs, env, split, limit, wanted)
         mine = shard([Job(t) for t in tasks], state)
         played = []
         with _progress("eval", len(mine)) as progress:
@@ -519,9 +558,9 @@ def eval_(
     played = sorted({t.task_id: t for t in played}.values(), key=lambda t: order[t.task_id])
     result = summarize(played)
     console.print(_metrics_table(f"{env}/{split} — {name} ({sha[:16]})", result))
-    report = {"model": name, "model_revision": sha, "env": env, "split": split, **result.to_dict(),
-              "rewards": {t.task_id: t.reward for t in played}}
     if out is not None:
+        report = eval_report(played, env=env, split=split, model=name, model_revision=sha, task_ids=tasks,
+                             result=result)
         with atomic_write(out) as f:
             f.write((json.dumps(report, indent=2) + "\n").encode())
         console.print(f"[green]✓[/] metrics written to {out}")
@@ -530,8 +569,73 @@ def eval_(
         console.print(f"[green]✓[/] {len(played)} episodes written to {trajectories}")
 
 
+# ----------------------------------------------------------------------------------- compare
+
+
+@user_errors
+def compare(
+    a: Annotated[str, typer.Argument(help="The baseline: an `etokit eval --out` file, or with --run a stage (bc, "
+                                          "iter-1, ...).", show_default=False)],
+    b: Annotated[str, typer.Argument(help="The evaluation compared with it, the same way.", show_default=False)],
+    run_dir: Annotated[Optional[Path], typer.Option("--run", help="An `etokit run` folder: A and B are its "
+                                                                  "evaluated stages.", show_default=False)] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="With --run: only this test split (default "
+                                                                 "both).")] = None,
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Compare the tasks both have when the "
+                                                                          "panels differ (default: refuse, exit "
+                                                                          "2).")] = False,
+    confidence: Annotated[float, typer.Option("--confidence", min=0.5, max=0.999,
+                                              help="Level of the intervals.")] = 0.95,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap resamples.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the comparison to this JSON "
+                                                                    "file.")] = None,
+) -> None:
+    """Compare two evaluations of the same tasks: the mean per-task difference B - A in average
+    reward x100 with its paired-bootstrap interval (tasks resampled, 10,000 times), and how many
+    tasks went up, down or stayed the same, per split. Exit code 2 when the task panels differ."""
+    from etokit.cli._console import print_unwrapped
+    from etokit.data import atomic_write
+    from etokit.evaluate import compare_panels, load_eval_results
+
+    if out is not None:
+        check_output(out, suffixes=(".json",), inputs=[] if run_dir else [Path(a), Path(b)])
+    if run_dir is not None:
+        from etokit.run import EVAL_SPLITS, run_eval_panels
+
+        if split is not None and split not in EVAL_SPLITS:
+            raise EtokitError(f"--split {split!r}: a run evaluates {' and '.join(EVAL_SPLITS)}")
+        panels_a, panels_b = run_eval_panels(run_dir, a), run_eval_panels(run_dir, b)
+        pairs = [(panels_a[s], panels_b[s]) for s in ([split] if split else EVAL_SPLITS)]
+    else:
+        if split is not None:
+            raise EtokitError("--split only applies with --run (an `etokit eval` file holds one split)")
+        pairs = [(load_eval_results(Path(a)), load_eval_results(Path(b)))]
+    results = [compare_panels(pa, pb, allow_mismatch=allow_mismatch, confidence=confidence, seed=seed)
+               for pa, pb in pairs]
+
+    level = f"{confidence:.0%}" if round(confidence * 100, 6).is_integer() else f"{confidence:.1%}"
+    table = Table(title=f"{b} vs {a}: average reward x100, {level} bootstrap intervals over tasks")
+    for column in ("split", "A", "B", "B - A (paired)", "up", "down", "same", "tasks"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for c in results:
+        table.add_row(c.split, c.a.format(), c.b.format(), c.diff.diff.format(sign=True), str(c.diff.up),
+                      str(c.diff.down), str(c.diff.same), str(c.diff.n))
+    print_unwrapped(table)
+    for c, (pa, pb) in zip(results, pairs):
+        if c.diff.missing_in_a or c.diff.missing_in_b or pa.errors or pb.errors:
+            console.print(f"[yellow]{c.split}[/]: compared on the {c.diff.n} common tasks; left out "
+                          f"{len(c.diff.missing_in_b) + len(pa.errors)} of A and "
+                          f"{len(c.diff.missing_in_a) + len(pb.errors)} of B")
+    if out is not None:
+        with atomic_write(out) as f:
+            f.write((json.dumps({"a": a, "b": b, "run": str(run_dir) if run_dir else None, "unit": "reward x100",
+                                 "comparisons": [c.to_dict() for c in results]}, indent=2) + "\n").encode())
+        console.print(f"[green]✓[/] comparison written to {out}")
+
+
 def register(app: typer.Typer) -> None:
     panel = "ETO"
     app.command("explore", epilog=_EXPLORE_EXAMPLES, rich_help_panel=panel)(explore)
     app.command("build-pairs", epilog=_PAIRS_EXAMPLES, rich_help_panel=panel)(build_pairs)
     app.command("eval", epilog=_EVAL_EXAMPLES, rich_help_panel=panel)(eval_)
+    app.command("compare", epilog=_COMPARE_EXAMPLES, rich_help_panel=panel)(compare)

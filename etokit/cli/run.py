@@ -48,6 +48,7 @@ def run(
     (reference = the policy that explored) and evaluation. Every dataset and checkpoint goes to the
     Hub (checkpoints as branch + tag `bc`, `iter-1`, ...). Config: defaults < --config YAML < flags.
     Each finished stage is recorded in <run-dir>/manifest.json; results go to <run-dir>/results.json."""
+    from etokit.cli._console import print_unwrapped
     from etokit.run import Run, RunConfig, console, results_table
     from etokit.train.config import parse_config
 
@@ -56,7 +57,7 @@ def run(
     argv = (["--config", str(resolve(config))] if config else []) + list(ctx.args)
     cfg = parse_config(RunConfig, argv)
     rows = Run(cfg, resume=resume).run()
-    console.print(results_table(rows))
+    print_unwrapped(results_table(rows), on=console)
     console.print(f"[green]✓[/] results in {cfg.run_dir}/results.json; checkpoints at {cfg.push_to} "
                   f"({', '.join(r['model'] for r in rows)})")
 

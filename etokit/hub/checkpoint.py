@@ -34,7 +34,8 @@ def push_checkpoint(folder, repo_id, revision, *, card: dict, commit_message=Non
     Returns the commit sha that the branch and the tag point to. Pushing the same folder again
     creates no commit and keeps the tag. ``card`` keys: base_model, base_model_revision, datasets
     (list of {repo, revision, config, split, local}), hyperparameters (dict), eval (list of row
-    dicts), stage, iteration, description, license, tags.
+    dicts), eval_note (a line under the eval table: what its numbers are), stage, iteration,
+    description, license, tags.
 
     Order, so that a failure at any point leaves nothing misleading: commit to the branch (one
     atomic commit on top of the head it read), check that the commit holds exactly this checkpoint,
@@ -211,6 +212,7 @@ def render_model_card(repo_id: str, revision: str, card: dict[str, Any]) -> str:
         hyperparameters=card.get("hyperparameters") or {},
         eval=eval_rows,
         eval_columns=columns,
+        eval_note=card.get("eval_note"),
     )
     # Collapse the blank lines that Jinja's block tags leave behind.
     lines, blank = [], False
