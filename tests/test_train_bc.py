@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -122,7 +123,7 @@ def test_maskless_scored_only_loss_equals_the_masked_full_logits_loss(setup):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
-def test_resume_after_kill_continues_bit_for_bit(setup, tmp_path):
+def test_resume_after_kill_continues_bit_for_bit(setup, tmp_path, resume_probe):
     full = tmp_path / "full"
     train_bc.main(args(setup, full, "--num-epochs", "2", "--save-steps", "2", "--keep-checkpoints", "0"))
     reference = losses(full)
@@ -132,11 +133,16 @@ def test_resume_after_kill_continues_bit_for_bit(setup, tmp_path):
     killed = tmp_path / "killed"
     shutil.copytree(full / "checkpoints" / "step-2", killed / "checkpoints" / "step-2")
     shutil.copy(full / "etokit_config.yaml", killed)
+    # Lines 1-2 are marked: a resume keeps the checkpointed steps' lines, a restart would rewrite them.
+    rows = common.read_log(full)[:3]
     (killed / common.LOG_FILE).write_text("".join(
-        line + "\n" for line in (full / common.LOG_FILE).read_text().splitlines()[:3]))
+        json.dumps({**row, "killed_run": True} if row["step"] <= 2 else row) + "\n" for row in rows))
 
+    resume_probe.steps = 0  # count only the resumed run's steps
     train_bc.main(args(setup, killed, "--num-epochs", "2", "--save-steps", "2", "--resume"))
+    resume_probe.assert_continued(full / "checkpoints" / "step-2", total_steps=6)  # the copy it resumed from
     assert [row["step"] for row in common.read_log(killed)] == [1, 2, 3, 4, 5, 6]
+    assert [row.get("killed_run") for row in common.read_log(killed)] == [True, True, None, None, None, None]
     assert losses(killed) == reference  # exact float equality: same batches, RNG, optimizer state
     a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

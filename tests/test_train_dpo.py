@@ -3,8 +3,10 @@ through the real loop, Hub push, and kill + --resume == uninterrupted."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from factories import pair, write_jsonl  # noqa: E402
 
 from etokit.errors import EtokitError  # noqa: E402
-from etokit.train.common import read_log  # noqa: E402
+from etokit.train.common import LOG_FILE, latest_checkpoint, read_log  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_dpo.py"
@@ -158,7 +160,7 @@ def test_bad_config_is_one_line_error(assets, tmp_path):
         run(assets, tmp_path / "out", "--beta", "0")
 
 
-def test_kill_and_resume_gives_the_uninterrupted_loss_sequence(assets, tmp_path):
+def test_kill_and_resume_gives_the_uninterrupted_loss_sequence(assets, tmp_path, resume_probe):
     common = ["--num-epochs", "3", "--batch-size", "2", "--save-steps", "2", "--keep-checkpoints", "0"]
     full = run(assets, tmp_path / "full", *common)
     assert len(full) == 12
@@ -178,8 +180,17 @@ def test_kill_and_resume_gives_the_uninterrupted_loss_sequence(assets, tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     killed_at = len(read_log(out))
     assert killed_at < 12  # really interrupted
+    checkpoint = latest_checkpoint(out)
+    saved = shutil.copytree(checkpoint, tmp_path / "saved" / checkpoint.name)  # what the resume must load
+    # The checkpointed steps' log lines are marked: a resume keeps them, a restart would rewrite them.
+    (out / LOG_FILE).write_text("".join(json.dumps({**r, "killed_run": True} if r["step"] <= int(
+        checkpoint.name.split("-")[1]) else r) + "\n" for r in read_log(out)))
 
+    resume_probe.steps = 0  # count only the resumed run's steps
     resumed = run(assets, out, *common, "--resume")
+    resume_probe.assert_continued(saved, total_steps=12)
+    assert [r.get("killed_run", False) for r in resumed] == [r["step"] <= int(checkpoint.name.split("-")[1])
+                                                             for r in resumed]
     assert [r["step"] for r in resumed] == list(range(1, 13))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     assert [r["rewards/margins"] for r in resumed] == [r["rewards/margins"] for r in full]
