@@ -76,18 +76,59 @@ def test_trains_saves_and_logs(assets, tmp_path):
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
 
 
-def test_reference_logps_cached_and_keyed(assets, tmp_path, capsys):
+def test_reference_logps_cached_and_keyed(assets, tmp_path, capsys, hub, repo_name):
+    """An unchanged rerun reuses the cached reference log-probs; each input they depend on forces a
+    recompute when it changes: the max length, the weights (in place, same path), the chat
+    template, the dtype, and the commit a Hub branch points to."""
+    from huggingface_hub import HfApi
+    from safetensors.torch import load_file, save_file
+
     cache = tmp_path / "cache"
-    run(assets, tmp_path / "a", "--max-steps", "1", cache=cache)
+    model = shutil.copytree(assets / "tiny", tmp_path / "model")  # edited in place below
+
+    def outcome(*extra, model_arg=str(model)):
+        args = ["--model", model_arg, "--data", str(assets / "pairs.jsonl"), "--output-dir",
+                str(tmp_path / f"out{len(list(tmp_path.glob('out*')))}"), "--batch-size", "4", "--max-steps", "1",
+                "--ref-cache-dir", str(cache), "--report-to", "none", *extra]
+        _load_script().main(args)
+        out = capsys.readouterr().out
+        assert ("cache hit" in out) != ("computed" in out), out
+        return "hit" if "cache hit" in out else "computed"
+
+    assert outcome() == "computed"
     files = sorted(cache.glob("*.safetensors"))
-    assert len(files) == 1 and "computed" in capsys.readouterr().out
     mtime = files[0].stat().st_mtime_ns
-    run(assets, tmp_path / "b", "--max-steps", "1", cache=cache)
-    assert "cache hit" in capsys.readouterr().out
-    assert files[0].stat().st_mtime_ns == mtime
-    # a different max length is a different key
-    run(assets, tmp_path / "c", "--max-steps", "1", "--max-length", "120", cache=cache)
-    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert outcome() == "hit" and files[0].stat().st_mtime_ns == mtime  # reused, not rewritten
+    assert outcome("--max-length", "120") == "computed"
+
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    assert outcome() == "computed"
+    assert outcome() == "hit"
+
+    template = model / "chat_template.jinja"
+    template.write_text(template.read_text().replace("{{", "[turn] {{", 1))
+    assert outcome() == "computed"
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state fixes the precision
+    try:
+        assert outcome("--mixed-precision", "bf16") == "computed"
+        assert outcome("--mixed-precision", "bf16") == "hit"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    api = HfApi()
+    api.create_repo(repo_name)
+    api.upload_folder(repo_id=repo_name, folder_path=str(assets / "tiny"))
+    assert outcome(model_arg=repo_name) == "computed"
+    assert outcome(model_arg=repo_name) == "hit"
+    # main moves to other weights, same tokenizer and template: only the commit sha tells
+    api.upload_file(path_or_fileobj=str(model / "model.safetensors"), path_in_repo="model.safetensors",
+                    repo_id=repo_name)
+    assert outcome(model_arg=repo_name) == "computed"
+    assert len(list(cache.glob("*.safetensors"))) == 7
 
 
 def test_truncation_counted_and_never_silent(assets, tmp_path, capsys):
