@@ -174,11 +174,64 @@ def test_model_the_tree_kernels_cannot_run_goes_unshared(assets, tmp_path, capsy
         _load_script().main([*args, "--output-dir", str(tmp_path / "shared"), "--backend", "shared"])
 
 
-def test_lora_reference_is_the_base_model(assets, tmp_path):
-    log = run(assets, tmp_path / "out", "--lora", "--lora-r", "4", "--num-epochs", "2")
-    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert log[-1]["loss"] < log[0]["loss"]
-    assert (tmp_path / "out" / "model.safetensors").exists()  # adapters merged: loads without peft
+def _reference_logps_of(model_dir, assets):
+    """The pairs' sequence log-probs under the model in ``model_dir``, computed here, not by the script."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from etokit.data import read_jsonl
+    from etokit.train.dpo import tokenize_pairs
+    from etokit.train.logprobs import sequence_logps
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    flat = tokenize_pairs(tok, read_jsonl(assets / "pairs.jsonl", "pair"), 4096).flat()
+    return sequence_logps(AutoModelForCausalLM.from_pretrained(model_dir), flat, "padded").view(-1, 2)
+
+
+def test_lora_merged_weights_are_the_adapted_model_and_the_next_reference_is_the_explorer(assets, tmp_path,
+                                                                                         monkeypatch):
+    """ETO's reference is the policy that explored. A LoRA iteration ends by merging its (non-zero)
+    adapters into the saved weights, so those weights must give the adapted model's outputs, and
+    iteration 2 (LoRA again, from them) must take its reference log-probs from them: not from the
+    base model the first adapters were trained on."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from etokit.train import common
+
+    probe = torch.arange(3, 40).view(1, -1)
+    adapted = {}
+    real_save = common.save_model
+
+    def save_model(accelerator, model, *args, **kwargs):  # the adapted (unmerged) model's outputs
+        peft_model = accelerator.unwrap_model(model)
+        with torch.no_grad():
+            adapted["logits"] = peft_model(input_ids=probe).logits.clone()
+            with peft_model.disable_adapter():
+                adapted["base_logits"] = peft_model(input_ids=probe).logits.clone()
+        return real_save(accelerator, model, *args, **kwargs)
+
+    monkeypatch.setattr(common, "save_model", save_model)
+    cache = tmp_path / "cache"
+    it1, it2 = tmp_path / "iter-1", tmp_path / "iter-2"
+    log1 = run(assets, it1, "--lora", "--lora-r", "4", "--learning-rate", "2e-2", "--max-steps", "3", cache=cache)
+    assert log1[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and log1[-1]["loss"] < log1[0]["loss"]
+    assert not torch.allclose(adapted["logits"], adapted["base_logits"], atol=1e-3)  # the adapters moved
+    merged = AutoModelForCausalLM.from_pretrained(it1)
+    assert not any("lora" in name for name in load_file(it1 / "model.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=probe).logits, adapted["logits"], rtol=1e-4, atol=1e-4)
+
+    # Iteration 2 from the merged iteration-1 policy (the explorer), LoRA again.
+    first = set(cache.glob("*.safetensors"))
+    _load_script().main(["--model", str(it1), "--data", str(assets / "pairs.jsonl"), "--output-dir", str(it2),
+                         "--batch-size", "4", "--max-steps", "1", "--lora", "--lora-r", "4", "--ref-cache-dir",
+                         str(cache), "--report-to", "none"])
+    assert read_log(it2)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts at its reference
+    (second,) = set(cache.glob("*.safetensors")) - first
+    reference = load_file(second)["logps"]
+    explorer, base = _reference_logps_of(it1, assets), _reference_logps_of(assets / "tiny", assets)
+    assert not torch.allclose(explorer, base, atol=1e-2)
+    torch.testing.assert_close(reference, explorer, rtol=1e-5, atol=1e-4)
 
 
 def test_push_to_hub_revision(assets, tmp_path, hub, repo_name):
