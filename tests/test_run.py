@@ -295,7 +295,8 @@ def test_two_iterations_explore_with_and_reference_the_previous_policy(hub, tmp_
         flags[flags.index(name) + 1] = value
     flags.insert(flags.index("--dpo-learning-rate") + 2, "5e-4")  # a list: 1e-3 at iteration 1, then 5e-4
     cfg = parse_config(RunConfig, [*flags, "--run-dir", str(tmp_path / "two"), "--push-to", new_repo("two"),
-                                   "--early-stopping", "--dpo-beta", "0.1", "0.5", "--dpo-warmup-ratio", "0"])
+                                   "--early-stopping", "--dpo-beta", "0.1", "0.5", "--dpo-warmup-ratio", "0",
+                                   "--pairs-expert-observation", "trim"])
     assert (cfg.dpo_hparams(1), cfg.dpo_hparams(2)) == ((0.1, 1e-3), (0.5, 5e-4))
     rows = Run(cfg).run()
 
@@ -320,3 +321,11 @@ def test_two_iterations_explore_with_and_reference_the_previous_policy(hub, tmp_
     assert Path(ran["model"]) == run_dir / out["dpo-1"]["model"] and ran["ref_model"] is None  # reference = --model
     assert (ran["beta"], ran["learning_rate"]) == (0.5, 5e-4)
     assert out["dpo-2"]["weights_sha256"] != out["dpo-1"]["weights_sha256"]
+
+    # A deviating pair rule (pairs_expert_observation: trim) is recorded on the pairs and in the card.
+    made = read_jsonl(run_dir / out["pairs-2"]["file"], "pair")
+    assert made and all(p.extra["pair_rule"] == {"expert_observation": "trim"} for p in made)
+    from huggingface_hub import hf_hub_download
+
+    card = Path(hf_hub_download(cfg.datasets["pairs"], "README.md", repo_type="dataset")).read_text()
+    assert "with expert_observation=trim" in card
