@@ -107,6 +107,14 @@ class RunConfig:
     # contrastive pairs (paper App. B): "step" plays step-wise episodes from the expert's first t-1 steps
     # instead of whole episodes, "mixture" plays both and pairs both
     pairs_mode: str = field(default="trajectory", metadata={"choices": ["trajectory", "step", "mixture"]})
+    # the pair rule (etokit.pairs.PairRule): the defaults are construct_preference.py's, the others
+    # documented deviations recorded on the pairs and in the dataset card
+    pairs_rewards: str = field(default="official", metadata={"choices": ["official", "stored"],
+                                                             "help": "official: ScienceWorld/ALFWorld experts "
+                                                                     "score 1.0; stored: compare stored rewards"})
+    pairs_expert_observation: str = field(default="drop-pair", metadata={
+        "choices": ["drop-pair", "trim"], "help": "an expert ending on an observation: drop the pair (official) "
+                                                  "or trim it"})
     steps_per_task: int | None = field(default=None, metadata={"gt": 0, "help": "step-wise episodes per task and "
                                                                                 "iteration (None: every step t)"})
     max_length: int = field(default=4096, metadata={"gt": 0, "help": "training tokens per sequence"})
@@ -397,11 +405,12 @@ class Run:
 
     def pairs(self, k: int, explore_file: Path) -> dict[str, Any]:
         from etokit.data import read_jsonl, write_jsonl
-        from etokit.pairs import build_pairs
+        from etokit.pairs import PairRule, build_pairs
 
         experts = read_jsonl(self.dir / self.manifest.get("expert")["file"], "trajectory")
         explored = read_jsonl(explore_file, "trajectory")
-        pairs, stats = build_pairs(explored, experts, mode=self.cfg.pairs_mode, iteration=k)
+        rule = PairRule(rewards=self.cfg.pairs_rewards, expert_observation=self.cfg.pairs_expert_observation)
+        pairs, stats = build_pairs(explored, experts, mode=self.cfg.pairs_mode, iteration=k, rule=rule)
         faultpoint("pairs.built")
         out = self.dir / "data" / f"pairs_iter{k}.jsonl"
         write_jsonl(out, pairs)  # atomic: a crash mid-write leaves no pairs file, never part of one

@@ -9,8 +9,10 @@ Greedy replies can differ from the transformers engine's in the last bits of a n
 kernels are not transformers'. Sampling takes one seed for the engine (``LLM(seed=...)``), not one
 per request, so samples of the same prompt differ.
 
-Not run on real vLLM here: this host has no GPU; tests/test_vllm_engine.py checks the adapter
-against a stand-in with vLLM's interface.
+Supported: vllm>=0.6 (setup.cfg). Not run on real vLLM here: this host has no GPU;
+tests/test_vllm_engine.py checks the adapter against a stand-in that takes only the parameter names
+of LLM.__init__ / EngineArgs / SamplingParams / LLM.generate common to that range (read from vLLM's
+source) and applies stop strings and max_tokens as vLLM does.
 """
 
 from __future__ import annotations

@@ -80,3 +80,53 @@ def repo_name(request):
     """A unique `namespace/name` per test (the server's namespace is the token's user)."""
     safe = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:60].strip("-")  # the Hub refuses "--"
     return f"etokit-tests/{safe}-{next(_counter)}"
+
+
+class ResumeProbe:
+    """What a training run's optimizer steps saw: how many it took, and the optimizer and
+    scheduler state in force at its first step (before that step changed them)."""
+
+    def __init__(self):
+        self.steps = 0
+        self.first_optimizer_state: dict | None = None
+        self.first_scheduler_state: dict | None = None
+
+    def assert_continued(self, checkpoint: Path, *, total_steps: int) -> None:
+        """The run resumed from ``checkpoint`` (checkpoints/step-N): it took only the steps after N,
+        and its first one started from the optimizer and scheduler state saved there. A resume
+        that restarts from scratch (same final numbers on a deterministic run) fails here."""
+        import torch
+
+        saved_step = int(checkpoint.name.split("-")[1])
+        assert self.steps == total_steps - saved_step, (
+            f"the resumed run took {self.steps} optimizer steps, expected {total_steps - saved_step} "
+            f"(it should redo none of the {saved_step} checkpointed ones)")
+        saved_sched = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+        assert self.first_scheduler_state == saved_sched and saved_sched["last_epoch"] == saved_step
+        saved_opt = torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"]
+        got = self.first_optimizer_state["state"]
+        assert saved_opt and got.keys() == saved_opt.keys()
+        for i, state in saved_opt.items():
+            assert int(got[i]["step"]) == int(state["step"]) == saved_step
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(got[i][k], state[k]), f"optimizer state {i}.{k} differs from the checkpoint's"
+
+
+@pytest.fixture
+def resume_probe(monkeypatch):
+    """Records every ``etokit.train.common.optimizer_step`` of the recipes run in this test."""
+    import copy
+
+    from etokit.train import common
+
+    probe, real = ResumeProbe(), common.optimizer_step
+
+    def recording(accelerator, model, optimizer, scheduler, *args, **kwargs):
+        if probe.steps == 0:
+            probe.first_optimizer_state = copy.deepcopy(optimizer.state_dict())
+            probe.first_scheduler_state = copy.deepcopy(scheduler.state_dict())
+        probe.steps += 1
+        return real(accelerator, model, optimizer, scheduler, *args, **kwargs)
+
+    monkeypatch.setattr(common, "optimizer_step", recording)
+    return probe

@@ -4,6 +4,7 @@ tests are the model). A tiny Llama in fp32 on random tokens with random assistan
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import shutil
 from dataclasses import dataclass
@@ -416,3 +417,75 @@ def test_sliding_window_model_runs_shared_only_within_its_window():
     torch.testing.assert_close(got, direct_logps(model, flatten(fits)), rtol=RTOL, atol=ATOL)
     with pytest.raises(ValueError, match="sliding window"):
         sequence_logps(model, flatten(pairs), "shared", max_tokens=100)
+
+
+def test_packed_rows_hand_the_varlen_kernel_the_rows_boundaries(monkeypatch):
+    """The route a CUDA host with flash-attn takes (``packed`` -> ``flash_attention_2``, varlen):
+    ``cu_seq_lens_q/k`` and ``max_length_q/k`` go straight to the kernel. No GPU is lent to CI, so a
+    stand-in kernel registered under a flash name records what it is handed and computes varlen
+    attention from those boundaries alone (each segment causal over itself, as flash-attn does):
+    the boundaries must be the packed rows' own, and the log-probs the direct formula's."""
+    from transformers import AttentionInterface
+
+    from etokit.train import logprobs
+
+    calls = []
+
+    def varlen_standin(module, query, key, value, attention_mask, *, cu_seq_lens_q, cu_seq_lens_k, max_length_q,
+                       max_length_k, scaling=None, **kwargs):
+        calls.append((cu_seq_lens_q.clone(), cu_seq_lens_k.clone(), max_length_q, max_length_k, tuple(query.shape)))
+        # flash-attn varlen sees the batch flattened: [total_tokens, heads, dim]
+        groups = query.shape[1] // key.shape[1]
+        q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key.repeat_interleave(groups, 1),
+                                                               value.repeat_interleave(groups, 1)))
+        out = torch.empty_like(q)
+        bounds = cu_seq_lens_q.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
+                is_causal=True, scale=scaling).transpose(0, 1)
+        return out.view(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+
+    # Registered under a plain name (transformers would import flash-attn for a "flash..." one); the
+    # model reports it to etokit as flash_attention_2, whose branch is under test.
+    AttentionInterface.register("varlen_standin", varlen_standin)
+    real = logprobs._attn_implementation
+    monkeypatch.setattr(logprobs, "_attn_implementation",
+                        lambda m: "flash_attention_2" if real(m) == "varlen_standin" else real(m))
+    model = tiny_llama(seed=4)
+    seqs = random_seqs(9, seed=8, lengths=[23, 1, 40, 7, 1, 18, 31, 5, 12])
+    expected = direct_logps(model, seqs)
+    monkeypatch.setattr(logprobs, "packed_attn_implementation", lambda device: "varlen_standin")
+    got = sequence_logps(model, seqs, "packed", max_tokens=64)  # several rows, padded to the widest
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    assert model.config._attn_implementation == "sdpa"
+
+    # The reference boundaries, from the planned micro-batches (one packed row each): each
+    # sequence a segment, in the row's order.
+    groups = plan([len(s.input_ids) for s in seqs], "packed", 64, 4)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == layers * len(groups) and len(groups) > 1
+    for k, g in enumerate(groups):
+        lengths = [len(seqs[i].input_ids) for i in g]
+        for cu_q, cu_k, max_q, max_k, _ in calls[k * layers:(k + 1) * layers]:
+            assert cu_q.dtype == torch.int32 and cu_q.tolist() == cu_k.tolist() == [0, *itertools.accumulate(lengths)]
+            assert max_q == max_k == max(lengths)
+
+    # Several rows in one batch (training's layout): offsets run over the flattened [rows * width]
+    # tokens and each shorter row's padding is a segment of its own.
+    calls.clear()
+    rows = [[0, 1, 2], [3, 4, 5, 6], [7, 8]]
+    batch = collate_packed(seqs, rows)
+    width = batch.input_ids.shape[1]
+    bounds, segments = [0], []
+    for row in rows:
+        lengths = [len(seqs[i].input_ids) for i in row]
+        lengths += [width - sum(lengths)] if sum(lengths) < width else []
+        segments += lengths
+    bounds += list(itertools.accumulate(segments))
+    with torch.no_grad(), attention_for(model, "packed", "cpu"):
+        got = batch_logps(model, batch)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    assert len(calls) == layers and bounds[-1] == len(rows) * width
+    for cu_q, cu_k, max_q, max_k, _ in calls:
+        assert cu_q.tolist() == cu_k.tolist() == bounds and max_q == max_k == max(segments)

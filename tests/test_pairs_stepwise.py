@@ -32,7 +32,7 @@ def _step_wise(expert: Trajectory, t: int, reward: float, agent_steps: int, *, t
 
 
 def test_lose_win_tie_with_the_expert_prefix_in_the_prompt():
-    experts = [trajectory(i, 0.5, 4, env="alfworld") for i in ("a", "b", "c")]
+    experts = [trajectory(i, 0.5, 4, env="textworld-express") for i in ("a", "b", "c")]
     explored = [_step_wise(experts[0], 3, 0.0, 2), _step_wise(experts[1], 2, 0.5, 5),
                 _step_wise(experts[2], 4, 1.0, 3)]
     pairs, stats = step_pairs(experts, explored, iteration=2)
@@ -98,9 +98,9 @@ def test_a_prefix_that_is_not_the_experts_is_an_error():
 
 
 def test_each_mode_reads_only_its_own_kind_of_episode():
-    experts = [trajectory(i, 0.5, 4, env="alfworld") for i in ("a", "b")]
-    ordinary = [trajectory("a", 0.0, 3, env="alfworld", source="explore", seed=1),
-                trajectory("b", 1.0, 2, env="alfworld", source="explore", seed=1)]
+    experts = [trajectory(i, 0.5, 4, env="textworld-express") for i in ("a", "b")]
+    ordinary = [trajectory("a", 0.0, 3, env="textworld-express", source="explore", seed=1),
+                trajectory("b", 1.0, 2, env="textworld-express", source="explore", seed=1)]
     step_wise = [_step_wise(experts[0], 2, 1.0, 3), _step_wise(experts[1], 3, 0.0, 2),
                  _step_wise(experts[1], 4, 0.5, 1)]
     explored = [step_wise[0], ordinary[0], step_wise[1], ordinary[1], step_wise[2]]

@@ -58,6 +58,8 @@ def test_push_expert_round_trips_through_load_dataset(hub, repo_name, tmp_path):
 def test_second_iteration_keeps_the_first_and_card_lists_both(hub, repo_name, tmp_path):
     it1 = [pair(f"t{i}", iteration=1) for i in range(4)]
     it2 = [pair(f"t{i}", iteration=2, outcome="win" if i == 0 else "lose") for i in range(3)]
+    for p in it2:  # made by a deviating pair rule (etokit build-pairs --rewards stored)
+        p.extra = {"pair_rule": {"rewards": "stored"}}
     write_jsonl(tmp_path / "p1.jsonl", it1)
     write_jsonl(tmp_path / "p2.jsonl", it2)
 
@@ -72,6 +74,10 @@ def test_second_iteration_keeps_the_first_and_card_lists_both(hub, repo_name, tm
     card = card_text(repo_name)
     assert "| textworld-express | iter_1 | 4 | 0 | 6 | 4 |" in card
     assert "| textworld-express | iter_2 | 3 | 1 | - | 2 |" in card
+    made = card.split("## How it was made")[1]
+    it1_text, it2_text = made.split("`textworld-express/iter_2`")
+    assert "pair rule: the official `construct_preference.py`." in it1_text
+    assert "pair rule: deviates from the official `construct_preference.py` with rewards=stored." in it2_text
     from huggingface_hub import hf_hub_download
 
     stats = json.load(open(hf_hub_download(repo_name, "etokit_stats.json", repo_type="dataset")))

@@ -285,3 +285,69 @@ def test_paper_configs_parse():
         if name != "demo":
             assert cfg.dpo_hparams(1) == (0.1, 1e-6) and cfg.dpo_hparams(2) == (0.5, 5e-7)
             assert cfg.bc_per_device_batch_size * cfg.bc_gradient_accumulation_steps == 64
+
+
+def test_two_iterations_explore_with_and_reference_the_previous_policy(hub, tmp_path, monkeypatch):
+    """Past iteration 1: iteration 1 yields no pairs (every explored episode ties its expert), so
+    its DPO keeps the BC weights; iteration 2 explores with iter-1, trains DPO against iter-1 as
+    the reference with the second beta / learning rate; early_stopping ends the loop after
+    iteration 2 (of 3) because its test-unseen reward fell below iteration 1's."""
+    import dataclasses
+
+    from etokit import pairs as pairs_module
+    from etokit.data import read_jsonl
+
+    real_build_pairs = pairs_module.build_pairs
+
+    def all_ties_in_iteration_1(explored, experts=None, *, iteration=None, **kwargs):
+        experts = list(experts)
+        if iteration == 1:  # the agent matched its expert on every task: nothing to prefer
+            reward = {pairs_module.task_key(e): e.reward for e in experts}
+            explored = [dataclasses.replace(t, reward=reward[pairs_module.task_key(t)]) for t in explored]
+        return real_build_pairs(explored, experts, iteration=iteration, **kwargs)
+
+    monkeypatch.setattr(pairs_module, "build_pairs", all_ties_in_iteration_1)
+    # The tiny model scores 0 everywhere; early stopping reads these test-unseen rewards instead.
+    unseen = {"bc": 10.0, "iter-1": 10.0, "iter-2": 5.0}
+    monkeypatch.setattr(Run, "_unseen", lambda self, name: unseen[name])
+    # FLAGS with 2 train tasks, 3 iterations, no mid-training checkpoints (not what is tested here) and no
+    # warmup (2 pairs make one DPO step, which a warmup would take at learning rate 0).
+    flags = [f for f in FLAGS if not f.startswith(("--bc-args", "--dpo-args"))]
+    for name, value in (("--train-tasks", "2"), ("--iterations", "3")):
+        flags[flags.index(name) + 1] = value
+    flags.insert(flags.index("--dpo-learning-rate") + 2, "5e-4")  # a list: 1e-3 at iteration 1, then 5e-4
+    cfg = parse_config(RunConfig, [*flags, "--run-dir", str(tmp_path / "two"), "--push-to", new_repo("two"),
+                                   "--early-stopping", "--dpo-beta", "0.1", "0.5", "--dpo-warmup-ratio", "0",
+                                   "--pairs-expert-observation", "trim"])
+    assert (cfg.dpo_hparams(1), cfg.dpo_hparams(2)) == ((0.1, 1e-3), (0.5, 5e-4))
+    rows = Run(cfg).run()
+
+    run_dir = Path(cfg.run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["stages"]]
+    iteration = lambda k: [n.replace("-1", f"-{k}") for n in STAGES[STAGES.index("explore-1"):]]  # noqa: E731
+    assert names == STAGES[:STAGES.index("explore-1")] + iteration(1) + iteration(2)  # no explore-3: stopped
+    assert [r["model"] for r in rows] == ["bc", "iter-1", "iter-2"]
+    out = {s["name"]: s["outputs"] for s in manifest["stages"]}
+
+    # Iteration 1: no pairs, so no DPO: iter-1 is the BC weights, said so.
+    assert out["pairs-1"]["stats"]["pairs"] == 0 and out["pairs-1"]["stats"]["tie"] == 2
+    assert out["dpo-1"]["skipped"] == "no pairs" and out["dpo-1"]["weights_sha256"] == out["bc"]["weights_sha256"]
+
+    # Iteration 2: explored by iter-1, DPO from iter-1 with iter-1 as the reference, second hparams.
+    explored = read_jsonl(run_dir / out["explore-2"]["file"], "trajectory")
+    assert explored and {t.model for t in explored} == {f"{cfg.push_to}@iter-1"}
+    assert out["pairs-2"]["stats"]["pairs"] > 0 and "skipped" not in out["dpo-2"]
+    assert (out["dpo-2"]["reference"], out["dpo-2"]["beta"], out["dpo-2"]["learning_rate"]) == ("iter-1", 0.5, 5e-4)
+    ran = yaml.safe_load((run_dir / out["dpo-2"]["model"] / "etokit_config.yaml").read_text())
+    assert Path(ran["model"]) == run_dir / out["dpo-1"]["model"] and ran["ref_model"] is None  # reference = --model
+    assert (ran["beta"], ran["learning_rate"]) == (0.5, 5e-4)
+    assert out["dpo-2"]["weights_sha256"] != out["dpo-1"]["weights_sha256"]
+
+    # A deviating pair rule (pairs_expert_observation: trim) is recorded on the pairs and in the card.
+    made = read_jsonl(run_dir / out["pairs-2"]["file"], "pair")
+    assert made and all(p.extra["pair_rule"] == {"expert_observation": "trim"} for p in made)
+    from huggingface_hub import hf_hub_download
+
+    card = Path(hf_hub_download(cfg.datasets["pairs"], "README.md", repo_type="dataset")).read_text()
+    assert "with expert_observation=trim" in card

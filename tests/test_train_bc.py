@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -118,7 +119,7 @@ def test_maskless_scored_only_loss_equals_the_masked_full_logits_loss(setup):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
-def test_resume_after_kill_continues_bit_for_bit(setup, tmp_path):
+def test_resume_after_kill_continues_bit_for_bit(setup, tmp_path, resume_probe):
     full = tmp_path / "full"
     train_bc.main(args(setup, full, "--num-epochs", "2", "--save-steps", "2", "--keep-checkpoints", "0"))
     reference = losses(full)
@@ -128,11 +129,16 @@ def test_resume_after_kill_continues_bit_for_bit(setup, tmp_path):
     killed = tmp_path / "killed"
     shutil.copytree(full / "checkpoints" / "step-2", killed / "checkpoints" / "step-2")
     shutil.copy(full / "etokit_config.yaml", killed)
+    # Lines 1-2 are marked: a resume keeps the checkpointed steps' lines, a restart would rewrite them.
+    rows = common.read_log(full)[:3]
     (killed / common.LOG_FILE).write_text("".join(
-        line + "\n" for line in (full / common.LOG_FILE).read_text().splitlines()[:3]))
+        json.dumps({**row, "killed_run": True} if row["step"] <= 2 else row) + "\n" for row in rows))
 
+    resume_probe.steps = 0  # count only the resumed run's steps
     train_bc.main(args(setup, killed, "--num-epochs", "2", "--save-steps", "2", "--resume"))
+    resume_probe.assert_continued(full / "checkpoints" / "step-2", total_steps=6)  # the copy it resumed from
     assert [row["step"] for row in common.read_log(killed)] == [1, 2, 3, 4, 5, 6]
+    assert [row.get("killed_run") for row in common.read_log(killed)] == [True, True, None, None, None, None]
     assert losses(killed) == reference  # exact float equality: same batches, RNG, optimizer state
     a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -162,6 +168,51 @@ def test_bad_inputs_are_user_errors(setup, tmp_path):
         train_bc.main(["--model", str(setup / "tiny"), "--data", "nope.jsonl", "--output-dir", str(tmp_path)])
     with pytest.raises(EtokitError, match="--output-dir is required"):
         train_bc.main(["--model", str(setup / "tiny"), "--data", str(setup / "expert.jsonl")])
+
+
+def _forked_rank(rank, world_size, port, argv):
+    """One rank of a gloo run, forked from the test process: torch and transformers are already
+    imported, which is what makes the 2-process check fast enough for CI."""
+    import os
+
+    from accelerate.state import AcceleratorState
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "ACCELERATE_USE_CPU": "true", "ACCELERATE_MIXED_PRECISION": "no"})
+    torch.set_num_threads(1)  # as DataLoader workers do: the parent's OpenMP pool is not the child's
+    AcceleratorState._reset_state(reset_partial_state=True)  # the parent's single-process state
+    train_bc.main(argv)
+
+
+def test_two_gloo_processes_match_one_with_the_same_global_batch(setup, tmp_path):
+    """CI's version of the 2-process check below: two ranks forked from this process (the
+    environment torchrun would give them), gloo on CPU, 2 steps: step 2's loss and the final
+    weights depend on step 1's all-reduced gradients, so ranks that train alone fail."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_bc.main(args(setup, one, "--num-epochs", "1", "--max-steps", "2"))
+    argv = args(setup, two, "--num-epochs", "1", "--max-steps", "2", "--per-device-batch-size", "2")
+    fork = multiprocessing.get_context("fork")
+    ranks = [fork.Process(target=_forked_rank, args=(r, 2, port, argv)) for r in range(2)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=300)
+    assert [rank.exitcode for rank in ranks] == [0, 0]
+    assert (two / "checkpoints" / "step-2" / "random_states_1.pkl").exists()  # rank 1 existed and saved its RNG
+    assert len(losses(one)) == 2 and losses(two) == pytest.approx(losses(one), rel=1e-4)
+    # AdamW hides a gradient off by a constant factor from the weights; the norm does not.
+    norms = [[row["grad_norm"] for row in common.read_log(out)] for out in (one, two)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow  # ~40 s on 2 cores: two launched processes import torch + transformers

@@ -3,8 +3,10 @@ through the real loop, Hub push, and kill + --resume == uninterrupted."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from factories import pair, write_jsonl  # noqa: E402
 
 from etokit.errors import EtokitError  # noqa: E402
-from etokit.train.common import read_log  # noqa: E402
+from etokit.train.common import LOG_FILE, latest_checkpoint, read_log  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_dpo.py"  # the thin launcher of a source checkout
@@ -71,18 +73,59 @@ def test_trains_saves_and_logs(assets, tmp_path):
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
 
 
-def test_reference_logps_cached_and_keyed(assets, tmp_path, capsys):
+def test_reference_logps_cached_and_keyed(assets, tmp_path, capsys, hub, repo_name):
+    """An unchanged rerun reuses the cached reference log-probs; each input they depend on forces a
+    recompute when it changes: the max length, the weights (in place, same path), the chat
+    template, the dtype, and the commit a Hub branch points to."""
+    from huggingface_hub import HfApi
+    from safetensors.torch import load_file, save_file
+
     cache = tmp_path / "cache"
-    run(assets, tmp_path / "a", "--max-steps", "1", cache=cache)
+    model = shutil.copytree(assets / "tiny", tmp_path / "model")  # edited in place below
+
+    def outcome(*extra, model_arg=str(model)):
+        args = ["--model", model_arg, "--data", str(assets / "pairs.jsonl"), "--output-dir",
+                str(tmp_path / f"out{len(list(tmp_path.glob('out*')))}"), "--batch-size", "4", "--max-steps", "1",
+                "--ref-cache-dir", str(cache), "--report-to", "none", *extra]
+        _load_script().main(args)
+        out = capsys.readouterr().out
+        assert ("cache hit" in out) != ("computed" in out), out
+        return "hit" if "cache hit" in out else "computed"
+
+    assert outcome() == "computed"
     files = sorted(cache.glob("*.safetensors"))
-    assert len(files) == 1 and "computed" in capsys.readouterr().out
     mtime = files[0].stat().st_mtime_ns
-    run(assets, tmp_path / "b", "--max-steps", "1", cache=cache)
-    assert "cache hit" in capsys.readouterr().out
-    assert files[0].stat().st_mtime_ns == mtime
-    # a different max length is a different key
-    run(assets, tmp_path / "c", "--max-steps", "1", "--max-length", "120", cache=cache)
-    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert outcome() == "hit" and files[0].stat().st_mtime_ns == mtime  # reused, not rewritten
+    assert outcome("--max-length", "120") == "computed"
+
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    assert outcome() == "computed"
+    assert outcome() == "hit"
+
+    template = model / "chat_template.jinja"
+    template.write_text(template.read_text().replace("{{", "[turn] {{", 1))
+    assert outcome() == "computed"
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state fixes the precision
+    try:
+        assert outcome("--mixed-precision", "bf16") == "computed"
+        assert outcome("--mixed-precision", "bf16") == "hit"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    api = HfApi()
+    api.create_repo(repo_name)
+    api.upload_folder(repo_id=repo_name, folder_path=str(assets / "tiny"))
+    assert outcome(model_arg=repo_name) == "computed"
+    assert outcome(model_arg=repo_name) == "hit"
+    # main moves to other weights, same tokenizer and template: only the commit sha tells
+    api.upload_file(path_or_fileobj=str(model / "model.safetensors"), path_in_repo="model.safetensors",
+                    repo_id=repo_name)
+    assert outcome(model_arg=repo_name) == "computed"
+    assert len(list(cache.glob("*.safetensors"))) == 7
 
 
 def test_truncation_counted_and_never_silent(assets, tmp_path, capsys):
@@ -128,11 +171,64 @@ def test_model_the_tree_kernels_cannot_run_goes_unshared(assets, tmp_path, capsy
         _load_script().main([*args, "--output-dir", str(tmp_path / "shared"), "--backend", "shared"])
 
 
-def test_lora_reference_is_the_base_model(assets, tmp_path):
-    log = run(assets, tmp_path / "out", "--lora", "--lora-r", "4", "--num-epochs", "2")
-    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert log[-1]["loss"] < log[0]["loss"]
-    assert (tmp_path / "out" / "model.safetensors").exists()  # adapters merged: loads without peft
+def _reference_logps_of(model_dir, assets):
+    """The pairs' sequence log-probs under the model in ``model_dir``, computed here, not by the script."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from etokit.data import read_jsonl
+    from etokit.train.dpo import tokenize_pairs
+    from etokit.train.logprobs import sequence_logps
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    flat = tokenize_pairs(tok, read_jsonl(assets / "pairs.jsonl", "pair"), 4096).flat()
+    return sequence_logps(AutoModelForCausalLM.from_pretrained(model_dir), flat, "padded").view(-1, 2)
+
+
+def test_lora_merged_weights_are_the_adapted_model_and_the_next_reference_is_the_explorer(assets, tmp_path,
+                                                                                         monkeypatch):
+    """ETO's reference is the policy that explored. A LoRA iteration ends by merging its (non-zero)
+    adapters into the saved weights, so those weights must give the adapted model's outputs, and
+    iteration 2 (LoRA again, from them) must take its reference log-probs from them: not from the
+    base model the first adapters were trained on."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from etokit.train import common
+
+    probe = torch.arange(3, 40).view(1, -1)
+    adapted = {}
+    real_save = common.save_model
+
+    def save_model(accelerator, model, *args, **kwargs):  # the adapted (unmerged) model's outputs
+        peft_model = accelerator.unwrap_model(model)
+        with torch.no_grad():
+            adapted["logits"] = peft_model(input_ids=probe).logits.clone()
+            with peft_model.disable_adapter():
+                adapted["base_logits"] = peft_model(input_ids=probe).logits.clone()
+        return real_save(accelerator, model, *args, **kwargs)
+
+    monkeypatch.setattr(common, "save_model", save_model)
+    cache = tmp_path / "cache"
+    it1, it2 = tmp_path / "iter-1", tmp_path / "iter-2"
+    log1 = run(assets, it1, "--lora", "--lora-r", "4", "--learning-rate", "2e-2", "--max-steps", "3", cache=cache)
+    assert log1[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and log1[-1]["loss"] < log1[0]["loss"]
+    assert not torch.allclose(adapted["logits"], adapted["base_logits"], atol=1e-3)  # the adapters moved
+    merged = AutoModelForCausalLM.from_pretrained(it1)
+    assert not any("lora" in name for name in load_file(it1 / "model.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=probe).logits, adapted["logits"], rtol=1e-4, atol=1e-4)
+
+    # Iteration 2 from the merged iteration-1 policy (the explorer), LoRA again.
+    first = set(cache.glob("*.safetensors"))
+    _load_script().main(["--model", str(it1), "--data", str(assets / "pairs.jsonl"), "--output-dir", str(it2),
+                         "--batch-size", "4", "--max-steps", "1", "--lora", "--lora-r", "4", "--ref-cache-dir",
+                         str(cache), "--report-to", "none"])
+    assert read_log(it2)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts at its reference
+    (second,) = set(cache.glob("*.safetensors")) - first
+    reference = load_file(second)["logps"]
+    explorer, base = _reference_logps_of(it1, assets), _reference_logps_of(assets / "tiny", assets)
+    assert not torch.allclose(explorer, base, atol=1e-2)
+    torch.testing.assert_close(reference, explorer, rtol=1e-5, atol=1e-4)
 
 
 def test_push_to_hub_revision(assets, tmp_path, hub, repo_name):
@@ -155,7 +251,7 @@ def test_bad_config_is_one_line_error(assets, tmp_path):
         run(assets, tmp_path / "out", "--beta", "0")
 
 
-def test_kill_and_resume_gives_the_uninterrupted_loss_sequence(assets, tmp_path):
+def test_kill_and_resume_gives_the_uninterrupted_loss_sequence(assets, tmp_path, resume_probe):
     common = ["--num-epochs", "3", "--batch-size", "2", "--save-steps", "2", "--keep-checkpoints", "0"]
     full = run(assets, tmp_path / "full", *common)
     assert len(full) == 12
@@ -175,8 +271,17 @@ def test_kill_and_resume_gives_the_uninterrupted_loss_sequence(assets, tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     killed_at = len(read_log(out))
     assert killed_at < 12  # really interrupted
+    checkpoint = latest_checkpoint(out)
+    saved = shutil.copytree(checkpoint, tmp_path / "saved" / checkpoint.name)  # what the resume must load
+    # The checkpointed steps' log lines are marked: a resume keeps them, a restart would rewrite them.
+    (out / LOG_FILE).write_text("".join(json.dumps({**r, "killed_run": True} if r["step"] <= int(
+        checkpoint.name.split("-")[1]) else r) + "\n" for r in read_log(out)))
 
+    resume_probe.steps = 0  # count only the resumed run's steps
     resumed = run(assets, out, *common, "--resume")
+    resume_probe.assert_continued(saved, total_steps=12)
+    assert [r.get("killed_run", False) for r in resumed] == [r["step"] <= int(checkpoint.name.split("-")[1])
+                                                             for r in resumed]
     assert [r["step"] for r in resumed] == list(range(1, 13))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     assert [r["rewards/margins"] for r in resumed] == [r["rewards/margins"] for r in full]

@@ -412,18 +412,33 @@ def build_pairs(
     env: Annotated[Optional[str], typer.Option("--env", callback=env_name,
                                                help="Environment of official ETO files, which do not record it.")] = None,
     expert_reward: ExpertRewardOpt = None,
+    rewards: Annotated[str, typer.Option("--rewards", help="official: score as construct_preference.py (every "
+                                                           "ScienceWorld and ALFWorld expert 1.0, an ALFWorld agent "
+                                                           "1.0 if its reward is non-zero, else 0.0); stored: compare "
+                                                           "the stored rewards (a deviation, recorded on the pairs).")
+                       ] = "official",
+    expert_observation: Annotated[str, typer.Option("--expert-observation",
+                                                    help="drop-pair: an expert side ending on an observation drops "
+                                                         "the pair, as construct_preference.py; trim: cut the "
+                                                         "observation and keep the pair (a deviation, recorded on "
+                                                         "the pairs).")] = "drop-pair",
 ) -> None:
-    """Build contrastive trajectory pairs for DPO with the official ETO rule: an explored trajectory
-    worse than the expert's gives (chosen = expert, rejected = agent), a better one the reverse,
-    equal rewards are dropped as ties. Step mode compares step-wise episodes (explore
-    --step-wise-expert) the same way, from the teacher-forced step on. Prints and stores the
+    """Build contrastive trajectory pairs for DPO with the official ETO rule (construct_preference.py):
+    an explored trajectory worse than the expert's gives (chosen = expert, rejected = agent), a
+    better one the reverse, equal scores are dropped as ties. Step mode compares step-wise episodes
+    (explore --step-wise-expert) the same way, from the teacher-forced step on. Prints and stores the
     win/tie/lose counts (per mode and in total for mixture)."""
     from etokit.data import atomic_write, load_records, to_eto_rows, write_json, write_jsonl
-    from etokit.pairs import PAIR_MODES, is_step_wise
+    from etokit.pairs import EXPERT_OBSERVATION_RULES, PAIR_MODES, REWARD_RULES, PairRule, is_step_wise
     from etokit.pairs import build_pairs as make_pairs
 
     if mode not in PAIR_MODES:
         raise EtokitError(f"--mode {mode!r}: expected one of {', '.join(PAIR_MODES)}")
+    for flag, value, allowed in (("--rewards", rewards, REWARD_RULES),
+                                 ("--expert-observation", expert_observation, EXPERT_OBSERVATION_RULES)):
+        if value not in allowed:
+            raise EtokitError(f"{flag} {value!r}: expected one of {', '.join(allowed)}")
+    rule = PairRule(rewards=rewards, expert_observation=expert_observation)
     if mode != "self-play" and expert is None:
         raise EtokitError(f"--expert is required in {mode} mode (or use --mode self-play)")
     check_output(out, inputs=(explore, Path(expert) if expert else None), suffixes=(".jsonl", ".json"))
@@ -445,7 +460,7 @@ def build_pairs(
     if used < len(explored):
         kind = "ordinary" if mode == "step" else "step-wise"
         console.print(f"[dim]{len(explored) - used} {kind} episodes in {explore} are not used in {mode} mode[/]")
-    pairs, stats = make_pairs(explored, experts, mode=mode, iteration=iteration)
+    pairs, stats = make_pairs(explored, experts, mode=mode, iteration=iteration, rule=rule)
     if not pairs:
         raise EtokitError(f"no pairs: {stats.to_dict()} (nothing differs in reward from its reference)")
     if out.suffix == ".json":

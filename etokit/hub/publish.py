@@ -154,7 +154,10 @@ def _split_entry(records: Records, card: str, ties: int | None) -> dict[str, Any
     distinct = lambda attr: sorted({str(v) for r in recs if (v := getattr(r, attr)) is not None})  # noqa: E731
     provenance = {"envs": distinct("env"), "source_file": records.path.name, "source_format": records.format}
     if card == "pairs":
-        provenance |= {"modes": distinct("mode"), "iterations": distinct("iteration")}
+        # Deviations from construct_preference.py's rule (etokit.pairs.PairRule) that made these pairs.
+        rules = {tuple(sorted((r.extra.get("pair_rule") or {}).items())) for r in recs}
+        provenance |= {"modes": distinct("mode"), "iterations": distinct("iteration"),
+                       "rule_deviations": sorted(f"{k}={v}" for rule in rules for k, v in rule)}
     else:
         provenance |= {
             "sources": distinct("source"),

@@ -66,8 +66,9 @@ def main(argv=None) -> None:
         save_config(cfg, cfg.output_dir)
 
     # --- reference log-probs: once, cached, before the policy is trained ------------------------
-    # Without --ref-model the reference is the policy's starting weights (ETO: the explorer); with
-    # LoRA that is the base model with adapters disabled, i.e. the model before they are attached.
+    # Without --ref-model the reference is the policy's starting weights (ETO: the explorer), scored
+    # here, before LoRA adapters are attached. A LoRA iteration saves merged weights, so iteration k+1
+    # starts from (and is referenced against) the explorer, not the base under disabled adapters.
     ref_name = cfg.ref_model or cfg.model
     ref_revision = cfg.ref_model_revision if cfg.ref_model else cfg.model_revision
     flat = tokens.flat()

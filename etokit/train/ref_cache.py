@@ -2,9 +2,10 @@
 
 DPO compares the policy with a frozen reference (ETO: the policy that explored). Its log-probs
 never change during training, so they are computed in one no-grad pass before the first step and
-the reference model is dropped; training holds one model. With LoRA the reference is the base
-model (adapters disabled), which is what the policy is before the adapters are attached, so the
-same pass serves.
+the reference model is dropped; training holds one model. With LoRA the pass runs before the
+adapters are attached, so the reference is the starting policy (ETO: the explorer). Each LoRA
+iteration merges its adapters into the weights it saves, so the next iteration's reference is that
+merged explorer, never the base model under a disabled, already trained adapter.
 
 The cache key covers everything the numbers depend on: the reference weights (Hub commit sha, or a
 content hash of a local checkpoint), the exact token ids and masks fed to it (which covers the
