@@ -29,6 +29,7 @@ _COMMAND_MODULES = [
     "etokit.cli.data",
     "etokit.cli.eto",
     "etokit.cli.run",
+    "etokit.cli.report",
 ]
 
 

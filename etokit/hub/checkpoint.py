@@ -34,7 +34,8 @@ def push_checkpoint(folder, repo_id, revision, *, card: dict, commit_message=Non
     Returns the commit sha that the branch and the tag point to. Pushing the same folder again
     creates no commit and keeps the tag. ``card`` keys: base_model, base_model_revision, datasets
     (list of {repo, revision, config, split, local}), hyperparameters (dict), eval (list of row
-    dicts), stage, iteration, description, license, tags.
+    dicts), stage, iteration, description, license, tags, plots (list of {title, path}: images in the
+    folder), eval_results (huggingface_hub ``EvalResult`` fields: the card's ``model-index``).
 
     Order, so that a failure at any point leaves nothing misleading: commit to the branch (one
     atomic commit on top of the head it read), check that the commit holds exactly this checkpoint,
@@ -193,6 +194,14 @@ def render_model_card(repo_id: str, revision: str, card: dict[str, Any]) -> str:
         "tags": ["etokit", "eto", "agent", *(card.get("tags") or [])],
     }
     metadata = {k: v for k, v in metadata.items() if v}
+    if card.get("eval_results"):
+        # The Hub shows `model-index` as the model's evaluation results; huggingface_hub builds and
+        # checks it (every entry needs a task, a dataset and a metric).
+        from huggingface_hub import EvalResult, ModelCardData
+
+        data = ModelCardData(model_name=f"{repo_id}@{revision}",
+                             eval_results=[EvalResult(**r) for r in card["eval_results"]]).to_dict()
+        metadata["model-index"] = data["model-index"]
     env = Environment(loader=FileSystemLoader(CARD_TEMPLATE.parent), undefined=StrictUndefined, keep_trailing_newline=True)
     text = env.get_template(CARD_TEMPLATE.name).render(
         metadata_yaml=yaml.safe_dump(metadata, sort_keys=False),
@@ -208,6 +217,7 @@ def render_model_card(repo_id: str, revision: str, card: dict[str, Any]) -> str:
         hyperparameters=card.get("hyperparameters") or {},
         eval=eval_rows,
         eval_columns=columns,
+        plots=card.get("plots") or [],
     )
     # Collapse the blank lines that Jinja's block tags leave behind.
     lines, blank = [], False
