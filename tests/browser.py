@@ -22,6 +22,15 @@ def find_chromium() -> str | None:
     return next((path for path in map(shutil.which, BROWSERS) if path), None)
 
 
+def _above(fd: int, low: int) -> int:
+    """``fd`` moved to a number >= ``low`` (the original is closed)."""
+    import fcntl
+
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD, low)
+    os.close(fd)
+    return new
+
+
 class CDPError(RuntimeError):
     pass
 
@@ -34,14 +43,18 @@ class Chromium:
         self.profile = tempfile.mkdtemp(prefix="etokit-chromium-")
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
+        # Above fd 4, so the shell's `3<&N 4>&M` cannot overwrite one end with the other.
+        to_child_r, from_child_w = (_above(fd, 10) for fd in (to_child_r, from_child_w))
         args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--remote-debugging-pipe", f"--user-data-dir={self.profile}", "--no-first-run",
                 "--disable-extensions", "--disable-background-networking", "--disable-sync", "--hide-scrollbars",
                 "--mute-audio", f"--window-size={width},{height}", "about:blank"]
-        # The protocol wants exactly fds 3 and 4 in the browser: a shell moves the pipe ends there.
-        cmd = ["/bin/sh", "-c", f'exec "$@" 3<&{to_child_r} 4>&{from_child_w}', "sh", *args]
+        # The protocol wants exactly fds 3 and 4 in the browser: bash moves the pipe ends there (dash
+        # cannot redirect fds above 9).
+        cmd = [shutil.which("bash") or "/bin/bash", "-c", f'exec "$@" 3<&{to_child_r} 4>&{from_child_w}', "bash", *args]
+        self.log = open(os.path.join(self.profile, "chromium.log"), "w+b")  # quoted in errors
         self.proc = subprocess.Popen(cmd, pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=self.log, stderr=subprocess.STDOUT)
         os.close(to_child_r)
         os.close(from_child_w)
         self._buffer = b""
@@ -65,7 +78,9 @@ class Chromium:
                 raise CDPError(f"no answer from chromium within {self.timeout:.0f} s")
             chunk = os.read(self._from_child, 1 << 20)
             if not chunk:
-                raise CDPError(f"chromium closed the pipe (exit code {self.proc.poll()})")
+                self.log.seek(0)
+                tail = self.log.read().decode(errors="replace").strip().splitlines()[-5:]
+                raise CDPError(f"chromium closed the pipe (exit code {self.proc.poll()}): {' | '.join(tail)}")
             self._buffer += chunk
         raw, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(raw)
@@ -147,6 +162,7 @@ class Chromium:
             self.proc.wait()
         for fd in (self._to_child, self._from_child):
             os.close(fd)
+        self.log.close()
         shutil.rmtree(self.profile, ignore_errors=True)
 
     def __enter__(self) -> "Chromium":
