@@ -17,7 +17,7 @@ from etokit.report.source import EVAL_SPLITS, RunData
 COLORS = {"test-seen": "#0072B2", "test-unseen": "#D55E00", "win": "#009E73", "tie": "#999999", "lose": "#E69F00",
           "chosen": "#009E73", "rejected": "#CC79A7"}
 ITER_CMAP = "viridis"
-_RC = {"svg.hashsalt": "etokit", "svg.fonttype": "path", "font.size": 9, "axes.titlesize": 10,
+_RC = {"svg.hashsalt": "etokit", "svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10,
        "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
        "legend.frameon": False, "figure.dpi": 100}
 
@@ -33,7 +33,7 @@ class Plot:
 
         buf = io.StringIO()
         with matplotlib.rc_context(_RC):
-            self.figure.savefig(buf, format="svg", metadata={"Date": None, "Creator": None}, bbox_inches="tight")
+            self.figure.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
         text = buf.getvalue()
         return text[text.index("<svg"):]  # drop the XML prolog and doctype: inlined in HTML
 
@@ -42,7 +42,7 @@ class Plot:
 
         buf = io.BytesIO()
         with matplotlib.rc_context(_RC):
-            self.figure.savefig(buf, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight")
+            self.figure.savefig(buf, format="png", dpi=110, metadata={"Software": None})
         return buf.getvalue()
 
 
