@@ -207,3 +207,24 @@ def test_cli(run_dir, tmp_path):
     assert missing.exit_code == 2 and "not a Hub repo id" in missing.output
     no_run = CliRunner().invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "y.html")])
     assert no_run.exit_code == 2 and "no manifest.json" in no_run.output
+
+
+def test_etokit_run_writes_the_report_and_pushes_figures(hub_server, tmp_path_factory):
+    """The real loop (tests/test_run.py's small run, shared with it): report.html in the run folder,
+    and each checkpoint carries the figures, the results and a model-index the Hub reads."""
+    from huggingface_hub import HfApi, ModelCard, hf_hub_download
+
+    from test_run import reference_run
+
+    cfg, rows = reference_run(tmp_path_factory)
+    run_dir = Path(cfg.run_dir)
+    assert "iter-1" in (run_dir / REPORT_FILE).read_text()
+    files = set(HfApi().list_repo_files(cfg.push_to, revision="iter-1"))
+    assert {"report/results.png", "report/pairs.png", "report/training.png", SUMMARY_FILE} <= files
+    card = ModelCard(Path(hf_hub_download(cfg.push_to, "README.md", revision="iter-1")).read_text())
+    assert "![Reward and success per stage](report/results.png)" in card.text
+    got = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert got[("test-unseen", "reward")] == round(rows[-1]["test-unseen"]["avg_reward"], 4)
+    remote = load_hub(cfg.push_to)
+    assert [s["model"] for s in remote.summary["stages"]] == ["bc", "iter-1"]
+    assert len(remote.pairs) == rows[-1]["pairs"]["pairs"] and set(remote.logs) == {"bc", "iter-1"}
