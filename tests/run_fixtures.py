@@ -49,6 +49,8 @@ def fake_run(run_dir: Path, *, iterations: int = 2, tasks: int = 12, pairs_per_i
             for j, p in enumerate(pairs):
                 if j % 4 == 3:
                     p.mode = "step"
+                if j == 1:  # markup in an agent turn must show as text and not end the page's inline data
+                    p.rejected[-1] = {**p.rejected[-1], "content": p.rejected[-1]["content"] + " </script><b>x</b>"}
                 s = by_mode.setdefault(p.mode, {"win": 0, "tie": 0, "lose": 0, "pairs": 0})
                 s[p.outcome] += 1
                 s["pairs"] += 1

@@ -101,9 +101,17 @@ def test_report_in_chromium(report, tmp_path):
         # the first differing turn is the one highlighted, and only it
         assert browser.eval("document.querySelectorAll('.turns .idx.diverge').length") == 1
         assert browser.eval("document.querySelector('.turns .idx.diverge').textContent") == str(first)
+        # markup inside a message is text (the fixture puts '</script><b>x</b>' in task-1-1's last turn)
+        browser.eval("(() => { const i = document.getElementById('f-task'); i.value = 'task-1-1'; "
+                     "i.dispatchEvent(new Event('input')); })()")
+        browser.eval("new Promise(r => setTimeout(r, 400))")
+        browser.eval("[...document.querySelectorAll('#pair-list tr')].find(tr => tr.cells[1].textContent === 'task-1-1').click()")
+        assert "</script><b>x</b>" in browser.eval("document.getElementById('pair-detail').innerText")
+        assert browser.eval("document.querySelectorAll('#pair-detail b').length") == 0
         assert browser.errors() == []
         assert browser.requests() == [report.as_uri()]  # nothing fetched besides the page itself
-        shot = browser.screenshot(full_page=True)
+        browser.eval("document.getElementById('pairs').scrollIntoView()")
+        shot = browser.screenshot()
     assert shot.startswith(b"\x89PNG")
     (tmp_path / "report.png").write_bytes(shot)
 

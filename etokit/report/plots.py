@@ -88,7 +88,7 @@ def results_plot(data: RunData) -> Plot | None:
     stages = data.summary["stages"]
     if not stages:
         return None
-    fig = _figure(8.5, 3.0)
+    fig = _figure(7.0, 2.8)
     axes = fig.subplots(1, 2)
     xs = list(range(len(stages)))
     for ax, metric, title in zip(axes, ("reward", "success"), ("Average reward x100", "Success rate (%)")):
@@ -136,7 +136,7 @@ def pairs_plot(data: RunData) -> Plot | None:
         return None
     modes = sorted({m for _, m, _ in counts})
     iterations = sorted({k for k, _, _ in counts})
-    fig = _figure(8.5, 2.8)
+    fig = _figure(7.0, 2.8)
     ax = fig.subplots()
     width = 0.8 / len(modes)
     hatches = ["", "//", "..", "xx"]
@@ -159,10 +159,11 @@ def pairs_plot(data: RunData) -> Plot | None:
 
 
 # train_log.jsonl keys: scripts/train_dpo.py (etokit.train.dpo_loss.dpo_metrics) and scripts/train_bc.py
-_DPO_PANELS = (("loss", ("loss",), "DPO loss"),
-               ("margin", ("rewards/margins",), "reward margin (chosen - rejected)"),
-               ("accuracy", ("rewards/accuracies",), "accuracy (margin > 0)"),
-               ("logps", ("logps/chosen", "logps/rejected"), "policy log-probs: chosen, rejected"))
+_DPO_PANELS = ((("loss",), "DPO loss"),
+               (("rewards/margins",), "reward margin"),
+               (("rewards/accuracies",), "accuracy (margin > 0)"),
+               (("logps/chosen", "logps/rejected"), "policy log-probs"),
+               (("rewards/chosen", "rewards/rejected"), "implicit rewards"))
 
 
 def training_plot(data: RunData) -> Plot | None:
@@ -171,39 +172,31 @@ def training_plot(data: RunData) -> Plot | None:
     logs = {stage: rows for stage, rows in data.logs.items() if rows}
     if not logs:
         return None
-    fig = _figure(8.5, 5.0)
+    fig = _figure(7.0, 4.6)
     axes = fig.subplots(2, 3).flatten()
     bc = logs.get("bc")
-    ax = axes[0]
     if bc:
-        ax.plot([r["step"] for r in bc], [r["loss"] for r in bc], color="#444")
-    ax.set_title("BC loss (per agent token)")
-    ax.set_xlabel("step")
+        axes[0].plot([r["step"] for r in bc], [r["loss"] for r in bc], color="#444")
+    axes[0].set_title("BC loss (per agent token)")
     dpo = {s: rows for s, rows in logs.items() if s != "bc"}
     cmap = matplotlib.colormaps[ITER_CMAP]
     colors = {s: cmap(i / max(1, len(dpo) - 1) * 0.85) for i, s in enumerate(dpo)}
-    for ax, (_, keys, title) in zip(axes[1:5], _DPO_PANELS):
+    for ax, (keys, title) in zip(axes[1:], _DPO_PANELS):
         for stage, rows in dpo.items():
             for key, style in zip(keys, ("-", "--")):
                 pts = [(r["step"], r[key]) for r in rows if key in r]
                 if pts:
-                    who = f"{stage}" + ("" if len(keys) == 1 else f" {key.split('/')[1]}")
-                    ax.plot(*zip(*pts), style, color=colors[stage], label=who, marker="." if len(pts) < 20 else None)
+                    ax.plot(*zip(*pts), style, color=colors[stage], label=stage if key == keys[0] else None,
+                            marker="." if len(pts) < 20 else None)
         ax.set_title(title)
-        ax.set_xlabel("step")
         if not dpo:
             ax.text(0.5, 0.5, "no DPO step logged", ha="center", va="center", transform=ax.transAxes, color="#777")
-    ax = axes[5]
-    for stage, rows in dpo.items():
-        for key, style in (("rewards/chosen", "-"), ("rewards/rejected", "--")):
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), style, color=colors[stage], label=f"{stage} {key.split('/')[1]}")
-    ax.set_title("implicit rewards: chosen, rejected")
-    ax.set_xlabel("step")
+    for ax in axes[3:]:
+        ax.set_xlabel("optimizer step")
     if dpo:
         axes[1].legend(loc="best", fontsize=7)
-        axes[4].legend(loc="best", fontsize=7)
+        fig.suptitle("per DPO iteration; log-probs and implicit rewards: chosen solid, rejected dashed",
+                     fontsize=8, color="#555")
     return Plot("training", "Training curves (BC, DPO)", fig)
 
 
@@ -237,7 +230,7 @@ def per_task_plot(data: RunData) -> Plot | None:
     if not changes:
         return None
     splits = [s for s in EVAL_SPLITS if any(c["split"] == s for c in changes)]
-    fig = _figure(8.5, 0.6 + 0.45 * max(sum(c["split"] == s for c in changes) for s in splits) * len(splits) + 0.6)
+    fig = _figure(7.0, 0.6 + 0.45 * max(sum(c["split"] == s for c in changes) for s in splits) * len(splits) + 0.6)
     axes = fig.subplots(len(splits), 1, squeeze=False)[:, 0]
     for ax, split in zip(axes, splits):
         rows = [c for c in changes if c["split"] == split]
