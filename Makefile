@@ -19,6 +19,11 @@ install:
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	# alfworld's native build runs `python build.py`: the venv's python must come first on PATH.
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@# Headless Chromium for the run report's browser test (tests/test_report.py skips without it).
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "chromium: skipped (no apt-get here); install a Chromium to run the report's browser test"; \
+	elif [ "$$(id -u)" != 0 ]; then echo "chromium: skipped (not root); run 'sudo apt-get install -y chromium' for the report's browser test"; \
+	else apt-get update -qq && apt-get install -y -qq chromium >/dev/null && echo "chromium: installed"; fi
 
 test:
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

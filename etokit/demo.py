@@ -93,6 +93,9 @@ def _demo(args, overrides) -> None:
                   f"{'identical to' if same else '[red]DIFFERENT from[/]'} the local checkpoint")
     print_unwrapped(results_table(rows), on=console)
     console.print(f"demo finished in {(time.monotonic() - start) / 60:.1f} min; results in {args.dir / 'run' / 'results.json'}")
+    from etokit.report import REPORT_FILE
+
+    console.print(f"report (open it in a browser): {(args.dir / 'run' / REPORT_FILE).resolve()}")
     if not same:
         sys.exit(1)
 

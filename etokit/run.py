@@ -468,6 +468,7 @@ class Run:
 
     def push_checkpoint(self, name: str, k: int | None) -> dict[str, Any]:
         from etokit.hub.checkpoint import push_checkpoint
+        from etokit.report import publish_report
         from etokit.train.common import card_datasets
 
         cfg = self.cfg
@@ -504,6 +505,7 @@ class Run:
             "description": (f"An LLM agent for `{cfg.env}` trained with the ETO loop (`etokit run`). Average reward "
                             f"x100 per stage on test-seen / test-unseen:\n\n```\n{chart}\n```"),
             "tags": [cfg.env],
+            **publish_report(self.dir, folder, upto=name),  # <run_dir>/report.html; figures + model-index
         }
         sha = push_checkpoint(folder, cfg.push_to, name, card=card, commit_message=f"etokit run: {name}",
                               private=cfg.private)

@@ -30,6 +30,7 @@ _COMMAND_MODULES = [
     "etokit.cli.eto",
     "etokit.cli.train",
     "etokit.cli.run",
+    "etokit.cli.report",
 ]
 
 

@@ -47,7 +47,8 @@ def run(
     test-seen / test-unseen -> N iterations of exploration, contrastive pairs (vs the expert), DPO
     (reference = the policy that explored) and evaluation. Every dataset and checkpoint goes to the
     Hub (checkpoints as branch + tag `bc`, `iter-1`, ...). Config: defaults < --config YAML < flags.
-    Each finished stage is recorded in <run-dir>/manifest.json; results go to <run-dir>/results.json."""
+    Each finished stage is recorded in <run-dir>/manifest.json; results go to <run-dir>/results.json,
+    plots and a pair viewer to <run-dir>/report.html (rewritten as each checkpoint is pushed)."""
     from etokit.cli._console import print_unwrapped
     from etokit.run import Run, RunConfig, console, results_table
     from etokit.train.config import parse_config
@@ -59,7 +60,7 @@ def run(
     rows = Run(cfg, resume=resume).run()
     print_unwrapped(results_table(rows), on=console)
     console.print(f"[green]✓[/] results in {cfg.run_dir}/results.json; checkpoints at {cfg.push_to} "
-                  f"({', '.join(r['model'] for r in rows)})")
+                  f"({', '.join(r['model'] for r in rows)}); report in {cfg.run_dir}/report.html")
 
 
 def register(app: typer.Typer) -> None:

@@ -35,7 +35,8 @@ def push_checkpoint(folder, repo_id, revision, *, card: dict, commit_message=Non
     creates no commit and keeps the tag. ``card`` keys: base_model, base_model_revision, datasets
     (list of {repo, revision, config, split, local}), hyperparameters (dict), eval (list of row
     dicts), eval_note (a line under the eval table: what its numbers are), stage, iteration,
-    description, license, tags.
+    description, license, tags, plots (list of {title, path}: images in the folder), eval_results
+    (huggingface_hub ``EvalResult`` fields: the card's ``model-index``).
 
     Order, so that a failure at any point leaves nothing misleading: commit to the branch (one
     atomic commit on top of the head it read), check that the commit holds exactly this checkpoint,
@@ -194,6 +195,14 @@ def render_model_card(repo_id: str, revision: str, card: dict[str, Any]) -> str:
         "tags": ["etokit", "eto", "agent", *(card.get("tags") or [])],
     }
     metadata = {k: v for k, v in metadata.items() if v}
+    if card.get("eval_results"):
+        # The Hub shows `model-index` as the model's evaluation results; huggingface_hub builds and
+        # checks it (every entry needs a task, a dataset and a metric).
+        from huggingface_hub import EvalResult, ModelCardData
+
+        data = ModelCardData(model_name=f"{repo_id}@{revision}",
+                             eval_results=[EvalResult(**r) for r in card["eval_results"]]).to_dict()
+        metadata["model-index"] = data["model-index"]
     from etokit.hub.cards import template_dir
 
     env = Environment(loader=FileSystemLoader(template_dir("model_cards")), undefined=StrictUndefined,
@@ -213,6 +222,7 @@ def render_model_card(repo_id: str, revision: str, card: dict[str, Any]) -> str:
         eval=eval_rows,
         eval_columns=columns,
         eval_note=card.get("eval_note"),
+        plots=card.get("plots") or [],
     )
     # Collapse the blank lines that Jinja's block tags leave behind.
     lines, blank = [], False
