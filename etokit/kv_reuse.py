@@ -86,6 +86,11 @@ class KVReuseDecoder:
         from transformers import DynamicCache
 
         starts = [self._donor(ids, key) for ids, key in zip(prompts, keys)]
+        if self.in_place:
+            shared = self._shared_prefix(prompts, starts)
+            if shared is not None:
+                starts = [(shared, len(shared.ids)) if n < len(shared.ids) and ids[:len(shared.ids)] == shared.ids
+                          else (d, n) for ids, (d, n) in zip(prompts, starts)]
         # At least one token of each prompt is prefilled: its logits give the first new token.
         reuse = [min(n, len(ids) - 1) for ids, (_, n) in zip(prompts, starts)]
         new = [ids[r:] for ids, r in zip(prompts, reuse)]
@@ -149,6 +154,32 @@ class KVReuseDecoder:
                 seeds = seeds if seeds is not None else [self.seed + i for i in range(batch)]
                 rngs = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
             return self._decode(logits, cache, valid, torch.tensor([len(ids) for ids in prompts]), rngs)
+
+    def _shared_prefix(self, prompts: Sequence[list[int]], starts) -> _Kept | None:
+        """New episodes that start together have nothing kept to borrow, yet share the instruction
+        and the 1-shot example: prefill that common prefix once, alone, and let them all borrow it
+        (at an evaluation's first step this is most of every prompt)."""
+        import torch
+
+        fresh = [(ids, n) for ids, (_, n) in zip(prompts, starts) if n < len(ids) // 2]
+        if len(fresh) < 2:
+            return None
+        common = os.path.commonprefix([ids for ids, _ in fresh])
+        common = common[:min(len(ids) for ids, _ in fresh) - 1]  # each row prefills at least its last token
+        if len(common) < max(16, 2 * max(n for _, n in fresh)):  # not worth a forward of its own
+            return None
+        from etokit.slot_cache import slot_cache
+
+        cache = slot_cache(self.num_layers, len(common))
+        n = len(common)
+        causal = torch.ones((1, n, n), dtype=torch.bool).tril()
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self._forward(torch.tensor([common]), torch.arange(n)[None], causal, cache)
+            self.prefill_s += time.perf_counter() - start
+        self.prefilled += n
+        return _Kept(ids=list(common), keys=[lay.keys[0] for lay in cache.layers],
+                     values=[lay.values[0] for lay in cache.layers])
 
     def _donor(self, ids: list[int], key: Hashable) -> tuple[_Kept | None, int]:
         """The kept row sharing the longest prefix with ``ids`` (its own first) and that length."""
