@@ -91,7 +91,7 @@ class ScriptedGenerator:
     def fits(self, ids):
         return True
 
-    def generate(self, batch, keys=None):
+    def generate(self, batch, keys=None, seeds=None):
         self.calls.append(len(batch))
         return [self.script(messages) for messages in batch]
 
