@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, help="episodes (default 32; 8 with --quick), all in flight")
     parser.add_argument("--steps", type=int, help="steps per episode (default 20; 3 with --quick)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each engine, alternated (default 2)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -114,26 +116,32 @@ def main() -> None:
           f"GFLOP/s with {episodes} rows (decode: {decode_rate / flops:.0f} tok/s) and {prefill_rate:.0f} "
           f"GFLOP/s with 512 rows (prefill: {prefill_rate / flops:.0f} tok/s)")
 
-    results = {}
-    for label, cfg in (("reference (DynamicCache, concatenated)", reference_config),
-                       ("in place (preallocated slots)", config)):
-        generator = Generator(model, tokenizer, cfg)
-        trajectories, seconds = run(generator, envs, tasks)
+    engines = {"reference (DynamicCache, concatenated)": reference_config, "in place (preallocated slots)": config}
+    # Alternated (A B B A ...) so that a change of the host's load during the run weighs on both engines.
+    order = [label for r in range(args.repeats) for label in (list(engines) if r % 2 == 0 else list(engines)[::-1])]
+    seconds = dict.fromkeys(engines, 0.0)
+    rows: dict[str, list] = {}
+    for label in order:
+        generator = Generator(model, tokenizer, engines[label])
+        trajectories, took = run(generator, envs, tasks)
+        seconds[label] += took
+        rows.setdefault(label, [t.to_row() for t in trajectories])
+        same_run = rows[label] == [t.to_row() for t in trajectories]
         d = generator.decoder
-        results[label] = trajectories, seconds
         decode_tps, prefill_tps = d.decoded / max(d.decode_s, 1e-9), d.prefilled / max(d.prefill_s, 1e-9)
         print(f"{label}: {len(trajectories)} episodes ({sum(t.num_steps for t in trajectories)} steps) in "
-              f"{seconds:.1f}s = {len(trajectories) / seconds:.3f} episodes/s; decode {decode_tps:.0f} tok/s "
+              f"{took:.1f}s = {len(trajectories) / took:.3f} episodes/s; decode {decode_tps:.0f} tok/s "
               f"({decode_tps / (decode_rate / flops):.0%} of roofline, {d.decoded} tokens in {d.decode_s:.1f}s), "
               f"prefill {prefill_tps:.0f} tok/s ({prefill_tps / (prefill_rate / flops):.0%} of roofline, "
               f"{d.prefilled} tokens in {d.prefill_s:.1f}s; {d.reused} prompt tokens reused); load average "
-              f"{os.getloadavg()[0]:.2f}")
-    (ref, ref_s), (new, new_s) = results.values()
-    same = [t.to_row() for t in ref] == [t.to_row() for t in new]
+              f"{os.getloadavg()[0]:.2f}{'' if same_run else '; DIFFERENT from its first run'}")
+    ref, new = rows.values()
+    same = ref == new
     print(f"trajectories equal token for token: {same}")
     if not same:
-        differ = [t.task_id for t, u in zip(ref, new) if t.to_row() != u.to_row()]
+        differ = [json.loads(r)["task_id"] if isinstance(r, str) else r["task_id"] for r, u in zip(ref, new) if r != u]
         print(f"tasks whose trajectories differ: {differ}")
+    ref_s, new_s = seconds.values()
     print(f"{name} episodes/s: {ref_s / new_s:.2f}x reference engine")
 
 
