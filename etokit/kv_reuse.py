@@ -15,6 +15,12 @@ sampled tokens back. Rows are laid out with left padding in both the kept and th
 and explicit position ids give every row exactly its own tokens at its own positions (pad queries see
 themselves only, so no row of the softmax is empty).
 
+The cache of a batch is preallocated for its prompt and replies and written in place
+(etokit/slot_cache.py): transformers' DynamicCache grows by concatenation, which copies every
+layer's whole cache at every decoded token (``in_place=False`` keeps that path as the reference).
+Episodes that start together with nothing kept to borrow prefill their common prefix once.
+Sampling draws each row from its own generator, seeded per reply by the caller (``seeds``).
+
 Models whose cache is not one growing tensor per layer (sliding-window layers, encoder-decoders) or
 whose attention takes no 4D mask (flash-attn) use ``model.generate`` instead: see ``kv_reuse_unsupported``.
 """
