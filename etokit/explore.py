@@ -64,6 +64,9 @@ class ExploreConfig:
     # Keep each episode's KV cache between steps and prefill only what is new (etokit/kv_reuse.py);
     # False re-encodes the whole conversation with model.generate at every step.
     kv_reuse: bool = True
+    # With kv_reuse: the KV cache preallocated and written in place (etokit/slot_cache.py); False grows
+    # transformers' DynamicCache by concatenation at every token (the engine before, kept as the reference).
+    kv_in_place: bool = True
     # The instruction turn (the prompt's first user message): None is etokit's own for the
     # environment (etokit/agent/prompts/); a policy cloned on other expert data (the paper's
     # published trajectories) is explored with that data's instruction, the one it was trained on.
@@ -200,7 +203,7 @@ class Generator:
             self.decoder = KVReuseDecoder(
                 model, pad_id=self.pad_id, eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
                 max_new_tokens=config.max_new_tokens, stopped=self._stopped, temperature=config.temperature,
-                top_p=config.top_p, seed=config.seed)
+                top_p=config.top_p, seed=config.seed, in_place=config.kv_in_place)
 
     def _stopped(self, ids: list[int]) -> bool:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -214,11 +217,14 @@ class Generator:
     def fits(self, ids: list[int]) -> bool:
         return len(ids) + self.config.max_new_tokens <= self.max_context
 
-    def generate(self, batch: list[list[int]], keys: Sequence[Any] | None = None) -> list[str]:
+    def generate(self, batch: list[list[int]], keys: Sequence[Any] | None = None,
+                 seeds: Sequence[int] | None = None) -> list[str]:
         """One reply per prompt. ``keys`` name each row's episode, so that its KV cache is kept for
-        its next step (see KVReuseDecoder); without keys every prompt is encoded from scratch."""
+        its next step (see KVReuseDecoder); without keys every prompt is encoded from scratch.
+        ``seeds`` seed each row's sampling (KV-reuse engine; model.generate draws from torch's global
+        generator, seeded once per run)."""
         if self.decoder is not None and keys is not None:
-            out = self.decoder.generate(batch, keys)
+            out = self.decoder.generate(batch, keys, seeds)
             return [cut_at_stop(t) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         torch = self._torch
         width = max(map(len, batch))
@@ -297,7 +303,9 @@ def run_episodes(generator: Generator, envs: Sequence[Env], jobs: Sequence[Job],
                                                        f"model's context of {generator.max_context} tokens")
             active = [(ep, ids) for ep, ids in zip(live, encoded) if not ep.done]
             if active:
-                replies = generator.generate([ids for _, ids in active], keys=[id(ep) for ep, _ in active])
+                replies = generator.generate([ids for _, ids in active], keys=[id(ep) for ep, _ in active],
+                                             seeds=[step_seed(config.seed + ep.job.sample, ep.job, ep.steps)
+                                                    for ep, _ in active])
                 faultpoint("explore.mid-batch")  # crash tests: replies generated, not yet sent to the envs
                 list(pool.map(lambda a: _act(a[0], a[1]), [(ep, r) for (ep, _), r in zip(active, replies)]))
             if on_step is not None:
@@ -309,6 +317,15 @@ def run_episodes(generator: Generator, envs: Sequence[Env], jobs: Sequence[Job],
                         queue.appendleft((ep.job, ep.attempt + 1))  # replayed next, from its reset
                         continue
                     yield _trajectory(ep, split, model_name, model_revision, config)
+
+
+def step_seed(seed: int, job: Job, step: int) -> int:
+    """The seed of one reply's sampling: the episode's recorded ``seed`` (run seed + sample index),
+    its task, sample, step-wise prefix and the step number. It names the reply, not its place in a
+    batch, so an episode samples the same replies whatever shares its batch, however many processes
+    play the run and wherever a resume restarts it; a recorded row holds all of it."""
+    key = f"{seed}/{job.task_id}/{job.sample}/{job.prefix_steps}/{step}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
 
 
 def _last_line(e: Exception) -> str:

@@ -15,6 +15,12 @@ sampled tokens back. Rows are laid out with left padding in both the kept and th
 and explicit position ids give every row exactly its own tokens at its own positions (pad queries see
 themselves only, so no row of the softmax is empty).
 
+The cache of a batch is preallocated for its prompt and replies and written in place
+(etokit/slot_cache.py): transformers' DynamicCache grows by concatenation, which copies every
+layer's whole cache at every decoded token (``in_place=False`` keeps that path as the reference).
+Episodes that start together with nothing kept to borrow prefill their common prefix once.
+Sampling draws each row from its own generator, seeded per reply by the caller (``seeds``).
+
 Models whose cache is not one growing tensor per layer (sliding-window layers, encoder-decoders) or
 whose attention takes no 4D mask (flash-attn) use ``model.generate`` instead: see ``kv_reuse_unsupported``.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
@@ -54,7 +61,7 @@ class KVReuseDecoder:
 
     def __init__(self, model, *, pad_id: int, eos_ids: Sequence[int], max_new_tokens: int,
                  stopped: Callable[[list[int]], bool], temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0):
+                 seed: int = 0, in_place: bool = True):
         import torch
 
         self.model, self.pad_id, self.eos = model, pad_id, set(eos_ids)
@@ -62,7 +69,11 @@ class KVReuseDecoder:
         self.temperature, self.top_p = temperature, top_p
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.rng = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed
+        # True: the KV cache is preallocated and written in place (etokit/slot_cache.py); False: transformers'
+        # DynamicCache, grown by concatenation at every forward (the engine before; kept as the reference).
+        self.in_place = in_place
+        self.num_layers = model.config.get_text_config().num_hidden_layers
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
         # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40).
         self.cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -70,12 +81,22 @@ class KVReuseDecoder:
         self.kept: dict[Hashable, _Kept] = {}
         self.prefilled = 0  # tokens run through prefill, for the benchmark and tests
         self.reused = 0  # prompt tokens whose K/V came from the kept cache
+        self.prefill_s = self.decode_s = 0.0  # seconds in prefill / decode forwards (bench/generate.py)
+        self.decoded = 0  # tokens run through decode forwards
 
-    def generate(self, prompts: Sequence[list[int]], keys: Sequence[Hashable]) -> list[list[int]]:
+    def generate(self, prompts: Sequence[list[int]], keys: Sequence[Hashable],
+                 seeds: Sequence[int] | None = None) -> list[list[int]]:
+        """``seeds`` (sampling only): one per row. A row's draws come from its own generator seeded
+        with it, so what it samples does not depend on the other rows of the batch."""
         import torch
         from transformers import DynamicCache
 
         starts = [self._donor(ids, key) for ids, key in zip(prompts, keys)]
+        if self.in_place:
+            shared = self._shared_prefix(prompts, starts)
+            if shared is not None:
+                starts = [(shared, len(shared.ids)) if n < len(shared.ids) and ids[:len(shared.ids)] == shared.ids
+                          else (d, n) for ids, (d, n) in zip(prompts, starts)]
         # At least one token of each prompt is prefilled: its logits give the first new token.
         reuse = [min(n, len(ids) - 1) for ids, (_, n) in zip(prompts, starts)]
         new = [ids[r:] for ids, r in zip(prompts, reuse)]
@@ -83,8 +104,25 @@ class KVReuseDecoder:
         self.prefilled += sum(map(len, new))
         self.reused += sum(reuse)
 
-        cache = DynamicCache()
-        if past:
+        if self.in_place:
+            from etokit.slot_cache import slot_cache
+
+            cache = slot_cache(self.num_layers, past + width + self.max_new_tokens)
+            if past:
+                donor = next(d for d, _ in starts if d is not None)
+                for layer, (lay, k0) in enumerate(zip(cache.layers, donor.keys)):
+                    lay.allocate(batch, k0.shape[0], k0.shape[-1], k0.dtype, k0.device)
+                    for i, ((d, _), r) in enumerate(zip(starts, reuse)):
+                        # Pads are masked out, but a masked score times a NaN of torch.empty is NaN.
+                        lay.buf_k[i, :, :past - r].zero_()
+                        lay.buf_v[i, :, :past - r].zero_()
+                        if r:
+                            lay.buf_k[i, :, past - r:past] = d.keys[layer][:, :r]
+                            lay.buf_v[i, :, past - r:past] = d.values[layer][:, :r]
+                    lay.n = past
+        else:
+            cache = DynamicCache()
+        if past and not self.in_place:
             donor = next(d for d, _ in starts if d is not None)
             for layer, (k0, v0) in enumerate(zip(donor.keys, donor.values)):
                 k = k0.new_zeros(batch, k0.shape[0], past, k0.shape[-1])
@@ -106,7 +144,9 @@ class KVReuseDecoder:
         allowed = valid[:, None, :] & (torch.arange(past + width)[None, :] <= query)[None]
         allowed[:, torch.arange(width), query[:, 0]] = True  # a pad query sees itself: no empty softmax row
         with torch.inference_mode():
+            start = time.perf_counter()
             logits = self._forward(input_ids, positions, allowed, cache)
+            self.prefill_s += time.perf_counter() - start
             self.kept = {}
             for i, (key, ids, r, n) in enumerate(zip(keys, prompts, reuse, new)):
                 self.kept[key] = _Kept(
@@ -115,7 +155,37 @@ class KVReuseDecoder:
                           for lay in cache.layers],
                     values=[torch.cat([lay.values[i, :, past - r:past], lay.values[i, :, past + width - len(n):]], 1)
                             for lay in cache.layers])
-            return self._decode(logits, cache, valid, torch.tensor([len(ids) for ids in prompts]))
+            rngs = None
+            if self.temperature > 0:
+                seeds = seeds if seeds is not None else [self.seed + i for i in range(batch)]
+                rngs = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+            return self._decode(logits, cache, valid, torch.tensor([len(ids) for ids in prompts]), rngs)
+
+    def _shared_prefix(self, prompts: Sequence[list[int]], starts) -> _Kept | None:
+        """New episodes that start together have nothing kept to borrow, yet share the instruction
+        and the 1-shot example: prefill that common prefix once, alone, and let them all borrow it
+        (at an evaluation's first step this is most of every prompt)."""
+        import torch
+
+        fresh = [(ids, n) for ids, (_, n) in zip(prompts, starts) if n < len(ids) // 2]
+        if len(fresh) < 2:
+            return None
+        common = os.path.commonprefix([ids for ids, _ in fresh])
+        common = common[:min(len(ids) for ids, _ in fresh) - 1]  # each row prefills at least its last token
+        if len(common) < max(16, 2 * max(n for _, n in fresh)):  # not worth a forward of its own
+            return None
+        from etokit.slot_cache import slot_cache
+
+        cache = slot_cache(self.num_layers, len(common))
+        n = len(common)
+        causal = torch.ones((1, n, n), dtype=torch.bool).tril()
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self._forward(torch.tensor([common]), torch.arange(n)[None], causal, cache)
+            self.prefill_s += time.perf_counter() - start
+        self.prefilled += n
+        return _Kept(ids=list(common), keys=[lay.keys[0] for lay in cache.layers],
+                     values=[lay.values[0] for lay in cache.layers])
 
     def _donor(self, ids: list[int], key: Hashable) -> tuple[_Kept | None, int]:
         """The kept row sharing the longest prefix with ``ids`` (its own first) and that length."""
@@ -141,7 +211,7 @@ class KVReuseDecoder:
                          **{self.cache_arg: cache})
         return out.logits[:, -1].float()
 
-    def _pick(self, logits):
+    def _pick(self, logits, rngs):
         import torch
 
         if self.temperature <= 0:
@@ -152,16 +222,16 @@ class KVReuseDecoder:
             # Keep the smallest set whose mass reaches top_p (the top token always).
             drop = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
             probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        return torch.multinomial(probs, 1, generator=self.rng)[:, 0]
+        return torch.cat([torch.multinomial(p, 1, generator=rng) for p, rng in zip(probs, rngs)])
 
-    def _decode(self, logits, cache, valid, lengths) -> list[list[int]]:
+    def _decode(self, logits, cache, valid, lengths, rngs) -> list[list[int]]:
         import torch
 
         batch = logits.shape[0]
         out: list[list[int]] = [[] for _ in range(batch)]
         rows = list(range(batch))  # the batch rows still generating, in cache order
         for step in range(self.max_new_tokens):
-            tokens = self._pick(logits).tolist()
+            tokens = self._pick(logits, rngs).tolist()
             keep = []
             for j, (row, token) in enumerate(zip(rows, tokens)):
                 if token in self.eos:
@@ -176,7 +246,11 @@ class KVReuseDecoder:
                 cache.batch_select_indices(index.to(self.device))
                 valid, lengths = valid[index], lengths[index]
                 rows, tokens = [rows[j] for j in keep], [tokens[j] for j in keep]
+                rngs = rngs and [rngs[j] for j in keep]
             valid = torch.cat([valid, torch.ones((len(rows), 1), dtype=torch.bool)], 1)
             positions = (lengths + step)[:, None]
+            start = time.perf_counter()
             logits = self._forward(torch.tensor(tokens)[:, None], positions, valid[:, None, :], cache)
+            self.decode_s += time.perf_counter() - start
+            self.decoded += len(tokens)
         return out

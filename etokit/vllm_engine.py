@@ -42,7 +42,9 @@ class VLLMGenerator(Generator):
             top_p=config.top_p if sampling else 1.0, stop=list(STOP_STRINGS), skip_special_tokens=True)
         self.max_context = self.llm.llm_engine.model_config.max_model_len
 
-    def generate(self, batch: list[list[int]], keys: Sequence[Any] | None = None) -> list[str]:
+    def generate(self, batch: list[list[int]], keys: Sequence[Any] | None = None,
+                 seeds: Sequence[int] | None = None) -> list[str]:
+        # ``seeds`` is not used: vLLM draws from the engine's generator, seeded once with config.seed.
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in batch], self.params, use_tqdm=False)
         # vLLM returns the outputs in the order of the prompts; its stop strings are excluded from
         # the text, the cut is kept for replies that stop at EOS with a stop string inside.

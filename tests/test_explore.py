@@ -91,7 +91,7 @@ class ScriptedGenerator:
     def fits(self, ids):
         return True
 
-    def generate(self, batch, keys=None):
+    def generate(self, batch, keys=None, seeds=None):
         self.calls.append(len(batch))
         return [self.script(messages) for messages in batch]
 
@@ -217,6 +217,64 @@ def test_kv_reuse_sampling_is_seeded(policy, shops):
     c = _play(policy, shops[:3], tasks, seed=4, **config)
     assert [t.to_row() for t in a] == [t.to_row() for t in b]
     assert [t.messages for t in a] != [t.messages for t in c]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_in_place_cache_equals_the_concatenated_cache(policy, attention):
+    """The preallocated cache written in place (etokit/slot_cache.py) gives the token ids of
+    transformers' DynamicCache grown by concatenation, step after step: rows of different lengths,
+    a row that keeps its episode's cache, new episodes that borrow the shared prefix (refilled
+    slots, started mid-run) and rows that stop at different tokens and leave the batch."""
+    from etokit.kv_reuse import KVReuseDecoder
+
+    tok = policy.tokenizer
+    base = tok(load_instruction("webshop"), add_special_tokens=False)["input_ids"][:120]
+    words = ["shoes", "a red lamp for the desk under 30 dollars", "blue", "tea kettle, steel", "socks"]
+    steps = [[("a", 0), ("b", 1), ("c", 2)], [("a", 3), ("d", 4), ("c", 0)], [("d", 2), ("e", 1), ("a", 4)]]
+    policy.model.set_attn_implementation(attention)
+    try:
+        runs = {}
+        for in_place in (True, False):
+            decoder = KVReuseDecoder(policy.model, pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id],
+                                     max_new_tokens=14, stopped=lambda ids: ids[-1] % 7 == 0, in_place=in_place)
+            convo, out = {}, []
+            for step in steps:
+                for key, w in step:  # an episode's prompt grows by its last reply and a new turn
+                    convo[key] = convo.get(key, base) + tok(words[w], add_special_tokens=False)["input_ids"]
+                replies = decoder.generate([convo[k] for k, _ in step], [k for k, _ in step])
+                for (key, _), reply in zip(step, replies):
+                    convo[key] = convo[key] + reply
+                out.append(replies)
+            runs[in_place] = out, decoder
+    finally:
+        policy.model.set_attn_implementation("sdpa")
+    (slots, decoder), (concatenated, _) = runs[True], runs[False]
+    assert slots == concatenated
+    # The comparison has teeth: replies stop at different lengths and most prompt tokens were reused.
+    assert len({len(r) for replies in slots for r in replies}) > 2
+    assert decoder.reused > decoder.prefilled
+
+
+def test_sampled_episodes_do_not_depend_on_the_batch(policy):
+    """Each reply samples from a generator seeded by (run seed, task, sample, step): the same
+    episodes whether played alone or with seven others, in any order (issue 18, item 5)."""
+    from etokit.envs.registry import make
+
+    envs = [make("webshop") for _ in range(8)]
+    tasks = envs[0].task_ids("train")[:8]
+    config = ExploreConfig(icl=False, max_new_tokens=8, max_steps=2, temperature=1.0, seed=5)
+    jobs = [Job(t, s) for t in tasks[:4] for s in (0, 1)]
+
+    def play(n_envs, order):
+        gen = Generator(policy.model, policy.tokenizer, config)
+        got = run_episodes(gen, envs[:n_envs], [jobs[i] for i in order], split="train")
+        return [t.to_row() for t in sorted(got, key=lambda t: (t.task_id, t.extra["sample"]))]
+
+    alone = play(1, range(8))
+    assert play(8, range(8)) == alone
+    assert play(3, reversed(range(8))) == alone
+    # Samples 0 and 1 of a task differ: the seed is the reply's, not the run's.
+    assert alone[0]["messages"] != alone[1]["messages"]
 
 
 def test_kv_reuse_falls_back_where_the_cache_is_not_one_tensor_per_layer(policy):

@@ -34,7 +34,7 @@ class Scripted:
     def fits(self, ids):
         return True
 
-    def generate(self, batch, keys=None):
+    def generate(self, batch, keys=None, seeds=None):
         return [f"Thought: step.\nAction: {ACTIONS[sum(m['role'] == 'assistant' for m in ms[3:]) % len(ACTIONS)]}"
                 for ms in batch]
 

@@ -49,6 +49,9 @@ EngineOpt = Annotated[str, typer.Option(
 NoKvReuseOpt = Annotated[bool, typer.Option(
     "--no-kv-reuse", help="transformers engine: encode the whole conversation again at every step (same replies, "
                           "slower; for models whose cache cannot be kept).")]
+KvConcatOpt = Annotated[bool, typer.Option(
+    "--kv-concat", help="transformers engine with KV reuse: grow the cache by concatenation at every token (the "
+                        "engine before the in-place cache; same greedy replies, slower; a reference).")]
 NoIclOpt = Annotated[bool, typer.Option("--no-icl", help="Leave the 1-shot example out of the prompt (the paper keeps "
                                                          "it at exploration and evaluation).")]
 
@@ -262,6 +265,7 @@ def explore(
     no_kv_reuse: NoKvReuseOpt = False,
     expert_reward: ExpertRewardOpt = None,
     instruction_from: InstructionFromOpt = None,
+    kv_concat: KvConcatOpt = False,
 ) -> None:
     """Let the policy play every task of a split and record each episode as a trajectory (ETO's
     exploration phase). Episodes are batched: one generate call per step for all live episodes.
@@ -297,7 +301,8 @@ def explore(
     name, sha, make_generator = _load_engine(model, dtype, trust_remote_code, engine)
     config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            icl=not no_icl, seed=seed, max_steps=max_steps, kv_reuse=not no_kv_reuse,
-                           instruction=_instruction_from(instruction_from, env, experts and experts.values()))
+                           instruction=_instruction_from(instruction_from, env, experts and experts.values()),
+                           kv_in_place=not kv_concat)
     envs = open_envs(env, batch_size)
     try:
         done = {job_of(t) for t in read_jsonl(out, "trajectory")} if out.exists() else set()
@@ -519,6 +524,7 @@ def eval_(
     engine: EngineOpt = "transformers",
     no_kv_reuse: NoKvReuseOpt = False,
     instruction_from: InstructionFromOpt = None,
+    kv_concat: KvConcatOpt = False,
 ) -> None:
     """Evaluate a policy on a test split: greedy decoding with the 1-shot prompt (as the paper),
     reporting average reward x100, success rate, average steps and invalid-action rate."""
@@ -550,7 +556,8 @@ def eval_(
     state = process_state()
     name, sha, make_generator = _load_engine(model, dtype, trust_remote_code, engine)
     config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, icl=not no_icl, max_steps=max_steps,
-                           kv_reuse=not no_kv_reuse, instruction=_instruction_from(instruction_from, env))
+                           kv_reuse=not no_kv_reuse, kv_in_place=not kv_concat,
+                           instruction=_instruction_from(instruction_from, env))
     envs = open_envs(env, batch_size)
     try:
         tasks = _task_ids(envs, env, split, limit, wanted)
