@@ -120,6 +120,7 @@ def load_hub(repo: str) -> RunData:
     """A model repo pushed by ``etokit run``: every checkpoint is a branch (``bc``, ``iter-1``, ...)
     holding its ``train_log.jsonl`` and the run's summary up to it; the pairs are read back from
     the pairs dataset the summary names."""
+    import datasets
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
@@ -156,8 +157,6 @@ def load_hub(repo: str) -> RunData:
         k = _iteration(row["model"])
         if k is None or not pairs_repo or not (row.get("pairs") or {}).get("pairs"):
             continue
-        import datasets
-
         try:
             split = datasets.load_dataset(pairs_repo, summary["env"], split=f"iter_{k}")
         except (HfHubHTTPError, FileNotFoundError, ValueError) as e:
