@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # `make bench BENCH_ARGS=--quick` runs every benchmark in about 2 minutes each.
 BENCH_ARGS ?=
 
-.PHONY: install test test-slow bench demo smollm2 hub clean
+.PHONY: install test lint test-slow bench demo smollm2 hub clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ install:
 
 test:
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# ruff, as configured in pyproject.toml (CI runs it before the tests).
+lint:
+	$(VENV)/bin/ruff check etokit tests bench scripts setup.py
 
 test-slow:
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

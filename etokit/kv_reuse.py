@@ -62,7 +62,6 @@ class KVReuseDecoder:
     def __init__(self, model, *, pad_id: int, eos_ids: Sequence[int], max_new_tokens: int,
                  stopped: Callable[[list[int]], bool], temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, in_place: bool = True):
-        import torch
 
         self.model, self.pad_id, self.eos = model, pad_id, set(eos_ids)
         self.max_new_tokens, self.stopped = max_new_tokens, stopped

@@ -130,3 +130,15 @@ def resume_probe(monkeypatch):
 
     monkeypatch.setattr(common, "optimizer_step", recording)
     return probe
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A tiny random Llama whose replies depend on the prompt (tests.factories.build_policy)."""
+    from types import SimpleNamespace
+
+    from tests.factories import build_policy
+
+    path = tmp_path_factory.mktemp("policy") / "tiny"
+    model, tokenizer = build_policy(path)
+    return SimpleNamespace(path=path, model=model, tokenizer=tokenizer)

@@ -54,3 +54,18 @@ def write_jsonl(path, records) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r.to_row(), ensure_ascii=False) + "\n")
+
+
+def build_policy(path):
+    """A tiny random Llama saved to ``path``, re-initialized so that its replies depend on the prompt:
+    with the default init and tied embeddings it echoes the prompt's last token (the special
+    <|assistant|>) forever, which decodes to "" for every task."""
+    from etokit.agent.protocol import load_icl, load_instruction
+    from etokit.models.init_model import build_tiny_model, randomize_weights
+
+    corpus = [load_instruction(e) for e in ("webshop", "textworld-express")]
+    corpus += [m["content"] for e in ("webshop", "textworld-express") for m in load_icl(e)]
+    model, tokenizer = build_tiny_model(corpus * 5, path, max_position_embeddings=4096)
+    randomize_weights(model)
+    model.save_pretrained(path)
+    return model.eval(), tokenizer

@@ -11,7 +11,7 @@ from etokit.cli import app
 from etokit.data import read_jsonl
 from etokit.evaluate import panel, summarize
 from tests.factories import trajectory
-from tests.test_explore import build_policy
+from tests.factories import build_policy
 
 runner = CliRunner()
 

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from etokit.agent.protocol import INVALID_FORMAT_OBS, load_icl, load_instruction
+from tests.factories import build_policy  # noqa: F401 - re-exported for older imports; the fixture is in conftest
 from etokit.cli import app
 from etokit.data import read_jsonl
 from etokit.envs import Reset, Step
@@ -23,27 +24,6 @@ runner = CliRunner()
 
 
 # --------------------------------------------------------------------------------- fixtures
-
-
-def build_policy(path):
-    """A tiny random Llama saved to ``path``, re-initialized so that its replies depend on the prompt:
-    with the default init and tied embeddings it echoes the prompt's last token (the special
-    <|assistant|>) forever, which decodes to "" for every task."""
-    from etokit.models.init_model import build_tiny_model, randomize_weights
-
-    corpus = [load_instruction(e) for e in ("webshop", "textworld-express")]
-    corpus += [m["content"] for e in ("webshop", "textworld-express") for m in load_icl(e)]
-    model, tokenizer = build_tiny_model(corpus * 5, path, max_position_embeddings=4096)
-    randomize_weights(model)
-    model.save_pretrained(path)
-    return model.eval(), tokenizer
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    path = tmp_path_factory.mktemp("policy") / "tiny"
-    model, tokenizer = build_policy(path)
-    return SimpleNamespace(path=path, model=model, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")

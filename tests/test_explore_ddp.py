@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_explore import build_policy  # noqa: E402
+from factories import build_policy  # noqa: E402
 
 from etokit.data import read_jsonl  # noqa: E402
 

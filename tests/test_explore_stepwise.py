@@ -20,7 +20,7 @@ from etokit.envs import Reset, Step
 from etokit.explore import (ExploreConfig, Generator, Job, expert_steps, index_experts, job_of, plan_step_jobs,
                             run_episodes)
 from tests.factories import write_jsonl
-from tests.test_explore import ScriptedGenerator, policy  # noqa: F401  (policy: the tiny-model fixture)
+from tests.test_explore import ScriptedGenerator
 
 runner = CliRunner()
 ICL_LEN = len(load_icl("textworld-express"))

@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 from etokit.cli import app
 from etokit.data import DataError, Pair, pair_to_eto, read_jsonl
 from etokit.data.eto_format import ROLE_TO_FROM
-from etokit.data.validate import DataError
 from etokit.data.schema import Trajectory
 from etokit.pairs import PairRule, build_pairs, self_play_pairs, task_key, trajectory_pairs
 from tests.factories import trajectory, write_jsonl

@@ -18,7 +18,7 @@ from etokit.data import read_jsonl
 from etokit.explore import ExploreConfig, Job, run_episodes
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_explore import CounterEnv, policy  # noqa: E402,F401  (policy is a fixture)
+from test_explore import CounterEnv  # noqa: E402
 
 runner = CliRunner()
 

@@ -12,7 +12,6 @@ import pytest
 
 from etokit.envs.base import Env
 from etokit.envs.webshop import WebShopEnv, pages
-from etokit.envs.webshop.adapter import RealShop
 from etokit.envs.webshop.catalog import build_catalog
 from etokit.envs.webshop.reward import get_reward, normalize_color, token_set_ratio
 from etokit.errors import EtokitError

@@ -141,7 +141,6 @@ def _plain_copy(gguf_model, path: Path, dtype):
     """The same architecture without the GGUF quantization flag, holding the same weights."""
     import copy
 
-    import torch
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(gguf_model.config)
