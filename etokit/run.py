@@ -323,9 +323,16 @@ class Run:
             records = [t for t in records if t.env == cfg.env]
             if not records:
                 raise EtokitError(f"--expert-data {cfg.expert_data}: no trajectory of env {cfg.env!r}")
-            write_jsonl(out, records[: cfg.train_tasks] if cfg.train_tasks else records)
+            records = records[: cfg.train_tasks] if cfg.train_tasks else records
+            write_jsonl(out, records)
             failed = 0
+            # A policy is explored and evaluated with the instruction it was cloned on: the expert
+            # data's own when it is not etokit's (the paper's published trajectories word it otherwise).
+            from etokit.agent.protocol import instruction_of
+
+            instruction = instruction_of(records, cfg.env)
         else:
+            instruction = None  # the environment's expert speaks etokit's protocol
             from etokit.agent.protocol import expert_trajectory
             from etokit.explore import close_envs, open_envs
 
@@ -343,12 +350,6 @@ class Run:
                             failed += 1
             finally:
                 close_envs(envs)
-        # A policy is explored and evaluated with the instruction it was cloned on: the expert
-        # data's own when it is not etokit's (the paper's published trajectories word it otherwise).
-        from etokit.agent.protocol import instruction_of
-        from etokit.data import read_jsonl
-
-        instruction = instruction_of(read_jsonl(out, "trajectory"), cfg.env) if cfg.expert_data else None
         return {"file": _rel(out, self.dir), "trajectories": _count_lines(out), "expert_failed": failed,
                 "instruction": instruction}
 

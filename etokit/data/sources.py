@@ -76,8 +76,7 @@ def load_source(source: str | Path | HubDataset, kind: RecordKind | None = None,
     try:
         ds = datasets.load_dataset(source.repo, config, split=hub_split, revision=source.revision)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; each becomes one clear line
-        raise DataError(f"cannot load {option} {source}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        ) from None
+        raise DataError(f"cannot load {option} {source}: {_describe(e)}") from None
     resolved = HubDataset(source.repo, config, hub_split, source.revision)
     return records_from_rows(ds.to_list(), Path(str(resolved)), kind, env=env, split=split, formats=formats,
                              names=(hub_split, config, source.repo.split("/")[1]), expert_reward=expert_reward)
@@ -106,8 +105,7 @@ def _resolve(source: HubDataset, env: str | None) -> tuple[str | None, str]:
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"cannot read Hub dataset {source}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        ) from None
+        raise DataError(f"cannot read Hub dataset {source}: {_describe(e)}") from None
     for split in splits:
         if env is not None and env_from_names([split]) == env or split == env:
             return config, split
@@ -117,3 +115,9 @@ def _resolve(source: HubDataset, env: str | None) -> tuple[str | None, str]:
         return config, "train"
     raise DataError(f"{source} has splits {', '.join(splits)}: name one as {source.repo}:SPLIT "
                     "(or pass --env to pick the environment's)")
+
+
+def _describe(e: Exception) -> str:
+    """An error from datasets / huggingface_hub as one line: its type and its message's first line."""
+    text = str(e).splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
