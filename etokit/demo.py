@@ -12,6 +12,7 @@ ETO iterations, evaluation on test-seen / test-unseen, every dataset and checkpo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -40,6 +41,14 @@ def main(argv=None) -> None:
     if args.dir.exists():
         shutil.rmtree(args.dir)
     args.dir.mkdir(parents=True)
+    with embedded_hub(args.dir):
+        _demo(args, overrides)
+
+
+@contextlib.contextmanager
+def embedded_hub(folder: Path):
+    """An embedded Hub server on a free loopback port (data in ``folder``/hub, kept), with the HF
+    clients of this process and of the training subprocesses it starts pointed at it."""
     port = _free_port()
     # huggingface_hub, datasets and transformers read these at import: set them before any of them
     # is imported (here, and in the training subprocesses, which inherit them).
@@ -47,7 +56,7 @@ def main(argv=None) -> None:
         "HF_ENDPOINT": f"http://127.0.0.1:{port}",
         "HF_HUB_DISABLE_XET": "1",  # the embedded server speaks LFS, not Xet
         "HF_TOKEN": "hf_demo_token_for_the_embedded_hub",  # any token: the local server checks none
-        "HF_HOME": str(args.dir / "hf_home"),
+        "HF_HOME": str(folder / "hf_home"),
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -56,10 +65,10 @@ def main(argv=None) -> None:
     })
     from etokit.hub.server import HubServer
 
-    server = HubServer(data_dir=args.dir / "hub", host="127.0.0.1", port=port)
+    server = HubServer(data_dir=folder / "hub", host="127.0.0.1", port=port)
     server.start()
     try:
-        _demo(args, overrides)
+        yield server
     finally:
         server.stop()
 

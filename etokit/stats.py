@@ -209,3 +209,34 @@ def paired_diff(
         missing_in_b=tuple(only_a),
     )
 
+
+
+def seed_averaged_diff(
+    runs: Iterable[tuple[Mapping[Hashable, float], Mapping[Hashable, float]]],
+    *,
+    confidence: float = 0.95,
+    n_boot: int = 10_000,
+    seed: int = 0,
+    names: tuple[str, str] = ("A", "B"),
+) -> PairedDiff:
+    """``b - a`` over several training seeds evaluated on one task panel: each task's difference
+    averaged over the seeds, then the paired bootstrap over tasks (`paired_diff` of the averages).
+
+    Averaging first makes the unit of resampling the task, as in one comparison: the interval says
+    how much the seed-averaged gain would move on another panel of the same size. It does not
+    resample the seeds (three are too few to bootstrap); their spread is shown by the per-seed
+    differences, reported next to this one. Every seed must have evaluated the same tasks."""
+    runs = list(runs)
+    if not runs:
+        raise ValueError("seed_averaged_diff: no runs")
+    tasks = set(runs[0][0])
+    for i, (a, b) in enumerate(runs):
+        for which, rewards in ((names[0], a), (names[1], b)):
+            only_here, only_first = panel_mismatch(tasks, rewards)
+            if only_here or only_first:
+                raise PanelMismatchError(
+                    f"seed run {i}: {which} was evaluated on another task panel than the first run's "
+                    f"({len(only_here)} task(s) more: {_describe(only_here)}; {len(only_first)} fewer: "
+                    f"{_describe(only_first)}); seeds are averaged task by task")
+    mean = lambda side: {t: sum(float(r[side][t]) for r in runs) / len(runs) for t in tasks}  # noqa: E731
+    return paired_diff(mean(0), mean(1), confidence=confidence, n_boot=n_boot, seed=seed, names=names)

@@ -1,0 +1,96 @@
+"""`make experiment`'s verdict: ETO iterations against BC over several seeds on one task panel."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from run_fixtures import SPLITS, fake_run
+
+from etokit.experiment import aggregate, verdict_rows
+from etokit.stats import PanelMismatchError, paired_diff, seed_averaged_diff
+
+
+def test_seeds_are_averaged_task_by_task_before_the_bootstrap():
+    # By hand: per-task differences (b - a) of seed 0 are 1, 0, 0, -1 and of seed 1 are 0, 0, 1, 0,
+    # so the seed-averaged differences are 0.5, 0, 0.5, -0.5: mean 0.125 over 4 tasks (not 8 values).
+    a0, b0 = {"t1": 0, "t2": 1, "t3": 0, "t4": 1}, {"t1": 1, "t2": 1, "t3": 0, "t4": 0}
+    a1, b1 = {"t1": 0, "t2": 0, "t3": 0, "t4": 1}, {"t1": 0, "t2": 0, "t3": 1, "t4": 1}
+    d = seed_averaged_diff([(a0, b0), (a1, b1)])
+    assert d.n == 4 and d.mean == pytest.approx(0.125)
+    assert (d.up, d.down, d.same) == (2, 1, 1)
+    # The bootstrap of 4 values can only land on multiples of 1/8 between the extremes.
+    assert -0.5 <= d.lo <= d.mean <= d.hi <= 0.5
+
+
+def test_the_seed_averaged_interval_matches_the_normal_approximation():
+    # 400 tasks, 3 seeds: each task's averaged difference has a known spread, so the 95% interval of
+    # its mean must be close to mean +- 1.96 sd / sqrt(n), an independent formula. Pooling the 1,200
+    # (task, seed) values instead of averaging would give n = 1200 and an interval ~sqrt(3) too narrow.
+    rng = np.random.default_rng(1)
+    n, seeds = 400, 3
+    runs = []
+    for _ in range(seeds):
+        a = {f"t{i}": float(rng.integers(0, 2)) for i in range(n)}
+        b = {t: float(rng.integers(0, 2)) for t in a}
+        runs.append((a, b))
+    averaged = np.array([np.mean([b[t] - a[t] for a, b in runs]) for t in runs[0][0]])
+    d = seed_averaged_diff(runs)
+    half = 1.96 * averaged.std(ddof=1) / math.sqrt(n)
+    assert d.n == n
+    assert d.mean == pytest.approx(averaged.mean())
+    assert d.lo == pytest.approx(averaged.mean() - half, abs=0.15 * half)
+    assert d.hi == pytest.approx(averaged.mean() + half, abs=0.15 * half)
+
+
+def test_seeds_evaluated_on_other_tasks_are_refused_naming_the_run():
+    same = {"t1": 1.0, "t2": 0.0}
+    with pytest.raises(PanelMismatchError, match=r"seed run 1: B .*t3"):
+        seed_averaged_diff([(same, same), (same, {"t1": 1.0, "t3": 0.0})])
+
+
+def _rewards(run_dir, policy, split):
+    """An evaluation's rewards read straight from its episodes (not through etokit's panels)."""
+    rows = [json.loads(line) for line in (run_dir / "eval" / policy / f"{split}.jsonl").read_text().splitlines()]
+    return {r["task_id"]: 100 * r["reward"] for r in rows}
+
+
+def test_the_verdict_compares_every_iteration_with_bc_per_seed_and_over_seeds(tmp_path):
+    runs = {seed: fake_run(tmp_path / f"seed-{seed}" / "run", iterations=2, tasks=12, seed=seed) for seed in (0, 1, 2)}
+    verdict = aggregate(runs, root=tmp_path)
+
+    assert verdict["seeds"] == [0, 1, 2] and verdict["tasks"] == {s: 12 for s in SPLITS}
+    assert verdict["runs"]["1"] == "seed-1/run"
+    assert [(c["b"], c["split"]) for c in verdict["comparisons"]] == [(p, s) for p in ("iter-1", "iter-2")
+                                                                      for s in SPLITS]
+    for c in verdict["comparisons"]:
+        bc = {s: _rewards(runs[s], "bc", c["split"]) for s in runs}
+        it = {s: _rewards(runs[s], c["b"], c["split"]) for s in runs}
+        by_hand = np.mean([np.mean([it[s][t] - bc[s][t] for s in runs]) for t in bc[0]])
+        assert c["seed_averaged"]["mean"] == pytest.approx(by_hand)
+        assert c["seed_averaged"]["n"] == 12
+        for s, per_seed in zip(runs, c["per_seed"]):
+            assert per_seed["mean"] == pytest.approx(np.mean([it[s][t] - bc[s][t] for t in bc[s]]))
+            assert per_seed == paired_diff(bc[s], it[s], names=("bc", c["b"])).to_dict()
+    policy = verdict["policies"]["iter-2"]["test-unseen"]
+    assert [p["mean"] for p in policy["per_seed"]] == pytest.approx(
+        [np.mean(list(_rewards(runs[s], "iter-2", "test-unseen").values())) for s in runs])
+
+    rows = verdict_rows(verdict)
+    assert [(r["comparison"], r["split"]) for r in rows] == [(f"{p} - bc", s) for p in ("iter-1", "iter-2")
+                                                             for s in SPLITS]
+    for row, c in zip(rows, verdict["comparisons"]):
+        avg = c["seed_averaged"]
+        expected = "above zero" if avg["lo"] > 0 else "below zero" if avg["hi"] < 0 else "includes zero"
+        assert row["interval"] == expected
+        assert row["per seed"] == ", ".join(f"{d['mean']:+.1f}" for d in c["per_seed"])
+
+
+def test_a_seed_that_stopped_early_limits_the_verdict_to_the_iterations_all_seeds_have(tmp_path):
+    runs = {0: fake_run(tmp_path / "a", iterations=2, tasks=6, seed=0),
+            1: fake_run(tmp_path / "b", iterations=1, tasks=6, seed=1)}
+    verdict = aggregate(runs)
+    assert list(verdict["policies"]) == ["bc", "iter-1"]
+    assert {c["b"] for c in verdict["comparisons"]} == {"iter-1"}
