@@ -114,10 +114,10 @@ class ResumeProbe:
 
 @pytest.fixture
 def resume_probe(monkeypatch):
-    """Records every ``etokit.train.common.optimizer_step`` of the recipes run in this test."""
+    """Records every ``etokit.train.checkpointing.optimizer_step`` of the recipes run in this test."""
     import copy
 
-    from etokit.train import common
+    from etokit.train import checkpointing as common
 
     probe, real = ResumeProbe(), common.optimizer_step
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from etokit.errors import EtokitError
 from etokit.models.init_model import build_tiny_model
-from etokit.train import common
+from etokit.train import checkpointing as common
 from etokit.train.tokenize import tokenize_messages
 
 from factories import trajectory, write_jsonl

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from factories import pair, write_jsonl  # noqa: E402
 
 from etokit.errors import EtokitError  # noqa: E402
-from etokit.train.common import LOG_FILE, latest_checkpoint, read_log  # noqa: E402
+from etokit.train.checkpointing import LOG_FILE, latest_checkpoint, read_log  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_dpo.py"  # the thin launcher of a source checkout
@@ -193,7 +193,7 @@ def test_lora_merged_weights_are_the_adapted_model_and_the_next_reference_is_the
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from etokit.train import common
+    from etokit.train import checkpointing as common
 
     probe = torch.arange(3, 40).view(1, -1)
     adapted = {}

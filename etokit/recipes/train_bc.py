@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from etokit.errors import EtokitError
-from etokit.train import common
+from etokit.train import checkpointing as common
 from etokit.train.config import TrainConfig, parse_config, save_config
 from etokit.train.tokenize import tokenize_messages
 

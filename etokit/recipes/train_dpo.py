@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from etokit.errors import EtokitError
 from etokit.models.files import check_model_dir
-from etokit.train import common, prefix_attention, ref_cache
+from etokit.train import checkpointing as common, prefix_attention, ref_cache
 from etokit.train.config import parse_config, save_config
 from etokit.train.dpo import DPOConfig, step_batches, tokenize_pairs, train_step
 from etokit.train.logprobs import default_backend, default_max_tokens, sequence_logps
