@@ -151,7 +151,7 @@ def worker_etokit(a) -> dict:
 
     from etokit.data import read_jsonl
     from etokit.train.dpo import DPOConfig, step_batches, tokenize_pairs, train_step
-    from etokit.train.common import enable_gradient_checkpointing
+    from etokit.train.model_loading import enable_gradient_checkpointing
     from etokit.train.logprobs import default_backend, default_max_tokens, sequence_logps
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -76,7 +76,7 @@ def main() -> None:
             model, tokenizer = build_policy(Path(tmp) / "policy", args.size)
         env_name, name = "webshop", args.size
     else:
-        from etokit.train.common import load_model_and_tokenizer
+        from etokit.train.model_loading import load_model_and_tokenizer
 
         batched_tasks, loop_tasks = (args.batch_size, 2) if args.quick else (2 * args.batch_size, 4)
         config = ExploreConfig(batch_size=args.batch_size, max_new_tokens=48, icl=False, max_steps=20)

@@ -90,7 +90,7 @@ def main() -> None:
     steps = args.steps or (3 if args.quick else 20)
     torch.manual_seed(0)
     if (args.model / "config.json").exists():
-        from etokit.train.common import load_model_and_tokenizer
+        from etokit.train.model_loading import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(str(args.model))
         model.eval()

@@ -315,7 +315,7 @@ class Run:
         cfg, out = self.cfg, self.dir / "data" / "expert.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         if cfg.expert_data:
-            from etokit.train.common import load_training_records
+            from etokit.train.data import load_training_records
 
             records = load_training_records(cfg.expert_data, "trajectory", config=cfg.expert_data_config,
                                             split=cfg.expert_data_split, revision=cfg.expert_data_revision,
@@ -470,7 +470,7 @@ class Run:
     def push_checkpoint(self, name: str, k: int | None) -> dict[str, Any]:
         from etokit.hub.checkpoint import push_checkpoint
         from etokit.report import publish_report
-        from etokit.train.common import card_datasets
+        from etokit.hub.checkpoint import card_datasets
 
         cfg = self.cfg
         folder = self.dir / self.manifest.get(_train_stage(name))["model"]
@@ -562,7 +562,7 @@ class Run:
         from etokit.data import JsonlAppender
         from etokit.explore import (ExploreConfig, Generator, close_envs, experts_of_tasks, job_of, open_envs, plan_jobs,
                                     plan_step_jobs, run_episodes)
-        from etokit.train.common import load_model_and_tokenizer
+        from etokit.train.model_loading import load_model_and_tokenizer
 
         cfg = self.cfg
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -605,8 +605,8 @@ class Run:
         log = out / "launch.log"
         # The trainer must not outlive this process: an orphan still writing to `out` while a
         # resumed run trains there again would interleave two runs' checkpoints. Every rank
-        # watches this pid and stops itself once it is gone (etokit.train.common.make_accelerator).
-        from etokit.train.common import DRIVER_PID_ENV
+        # watches this pid and stops itself once it is gone (etokit.train.distributed.make_accelerator).
+        from etokit.train.distributed import DRIVER_PID_ENV
 
         env = {**os.environ, DRIVER_PID_ENV: str(os.getpid())}
         with open(log, "ab") as f:

@@ -3,7 +3,7 @@
 Same flags and `--config FILE.yaml`; see that module's docstring."""
 
 from etokit.recipes.train_dpo import main
-from etokit.train.common import run_recipe
+from etokit.recipes.launch import run_recipe
 
 if __name__ == "__main__":
     run_recipe(main)

@@ -114,12 +114,12 @@ class ResumeProbe:
 
 @pytest.fixture
 def resume_probe(monkeypatch):
-    """Records every ``etokit.train.common.optimizer_step`` of the recipes run in this test."""
+    """Records every ``etokit.train.optimization.optimizer_step`` of the recipes run in this test."""
     import copy
 
-    from etokit.train import common
+    from etokit.train import optimization
 
-    probe, real = ResumeProbe(), common.optimizer_step
+    probe, real = ResumeProbe(), optimization.optimizer_step
 
     def recording(accelerator, model, optimizer, scheduler, *args, **kwargs):
         if probe.steps == 0:
@@ -128,7 +128,7 @@ def resume_probe(monkeypatch):
         probe.steps += 1
         return real(accelerator, model, optimizer, scheduler, *args, **kwargs)
 
-    monkeypatch.setattr(common, "optimizer_step", recording)
+    monkeypatch.setattr(optimization, "optimizer_step", recording)
     return probe
 
 

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from factories import pair, write_jsonl  # noqa: E402
 
-from etokit.train.common import read_log  # noqa: E402
+from etokit.train.metric_logging import read_log  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

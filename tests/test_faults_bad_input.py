@@ -384,7 +384,7 @@ def invoke(runner: str, argv: list[str]) -> tuple[int, str, BaseException | None
         result = CliRunner().invoke(app, argv)
         unexpected = None if isinstance(result.exception, (SystemExit, type(None))) else result.exception
         return result.exit_code, result.output, unexpected
-    from etokit.train.common import run_recipe
+    from etokit.recipes.launch import run_recipe
 
     script = load_script({"bc": "train_bc", "dpo": "train_dpo"}[runner])
     out = io.StringIO()

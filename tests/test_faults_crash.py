@@ -291,7 +291,7 @@ def test_killed_at_every_stage_then_resumed_equals_uninterrupted_run(hub, tmp_pa
 
 def test_killed_rank_of_two_process_dpo_resumes_to_the_same_weights(tmp_path):
     from etokit.models.init_model import build_tiny_model
-    from etokit.train.common import read_log
+    from etokit.train.metric_logging import read_log
 
     pairs = [pair(f"t{i}", outcome="lose" if i % 3 else "win") for i in range(8)]
     write_jsonl(tmp_path / "pairs.jsonl", pairs)
@@ -316,7 +316,7 @@ def test_killed_rank_of_two_process_dpo_resumes_to_the_same_weights(tmp_path):
                               ETOKIT_FAULTPOINT_ONCE=str(once))
     assert once.exists() and code != 0, out[-3000:]  # rank 1 died in step 3; the job failed
     assert_nothing_left(sid, "2-process DPO with a killed rank")  # rank 0 did not hang on, nor the launcher
-    from etokit.train.common import latest_checkpoint
+    from etokit.train.checkpointing import latest_checkpoint
 
     assert latest_checkpoint(tmp_path / "killed").name == "step-2"
     assert not (tmp_path / "killed" / "model.safetensors").exists()
@@ -379,7 +379,7 @@ def test_a_run_dir_in_use_is_refused(tmp_path):
 def test_metrics_log_drops_a_line_torn_by_a_kill(tmp_path):
     from types import SimpleNamespace
 
-    from etokit.train.common import LOG_FILE, MetricsLog, read_log
+    from etokit.train.metric_logging import LOG_FILE, MetricsLog, read_log
 
     (tmp_path / LOG_FILE).write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2]

@@ -87,7 +87,7 @@ def test_full_run_never_prints_or_writes_the_token(hub_server, hub, tmp_path, mo
 
 def test_a_token_typed_into_the_wrong_option_is_not_echoed(hub, tmp_path, monkeypatch):
     from etokit.cli import app
-    from etokit.train.common import run_recipe
+    from etokit.recipes.launch import run_recipe
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     data = tmp_path / "t.jsonl"
@@ -151,7 +151,7 @@ def _remote_code_model(tiny: Path, dest: Path, marker: Path) -> Path:
 
 
 def test_custom_code_runs_only_with_trust_remote_code(tiny, tmp_path):
-    from etokit.train.common import load_model_and_tokenizer
+    from etokit.train.model_loading import load_model_and_tokenizer
 
     marker = tmp_path / "RAN"
     model_dir = _remote_code_model(tiny, tmp_path / "remote", marker)
@@ -169,7 +169,7 @@ def test_custom_code_runs_only_with_trust_remote_code(tiny, tmp_path):
 
 
 def test_a_builtin_model_type_ignores_auto_map_without_running_it(tiny, tmp_path):
-    from etokit.train.common import load_model_and_tokenizer
+    from etokit.train.model_loading import load_model_and_tokenizer
 
     marker = tmp_path / "RAN"
     model_dir = _remote_code_model(tiny, tmp_path / "remote", marker)
@@ -183,7 +183,7 @@ def test_a_builtin_model_type_ignores_auto_map_without_running_it(tiny, tmp_path
 def test_pickle_weights_are_never_loaded(tiny, tmp_path):
     import pickle
 
-    from etokit.train.common import load_model_and_tokenizer
+    from etokit.train.model_loading import load_model_and_tokenizer
 
     marker = tmp_path / "UNPICKLED"
 

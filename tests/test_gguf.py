@@ -299,7 +299,7 @@ def test_smollm2_one_dpo_step_with_lora(smollm2, tmp_path):
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"one DPO step with LoRA on SmolLM2-135M: {elapsed:.0f}s")
-    from etokit.train.common import read_log
+    from etokit.train.metric_logging import read_log
 
     log = read_log(tmp_path / "dpo")
     assert [row["step"] for row in log] == [1] and np.isfinite(log[0]["loss"])

@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from etokit.train import prefix_attention
-from etokit.train.common import enable_gradient_checkpointing
+from etokit.train.model_loading import enable_gradient_checkpointing
 from etokit.train.dpo_loss import dpo_loss
 from etokit.train.logprobs import BACKENDS, attention_for, batch_logps, collate, plan, sequence_logps
 from etokit.train.packing import collate_packed, collate_shared

@@ -141,7 +141,7 @@ def test_a_missing_split_is_one_line_naming_the_repo(paper_repo):
 def test_bc_trains_from_the_published_layout(paper_repo, tmp_path):
     import etokit.recipes.train_bc as train_bc
     from etokit.models.init_model import build_tiny_model
-    from etokit.train.common import read_log
+    from etokit.train.metric_logging import read_log
 
     texts = [m["value"] for r in sciworld_rows(["boil_12", "melt_3", "find-animal_0"]) for m in r["conversations"]]
     build_tiny_model(texts, tmp_path / "tiny", seed=0)
@@ -157,7 +157,7 @@ def test_bc_trains_from_the_published_layout(paper_repo, tmp_path):
 def test_dpo_trains_from_an_official_pm_format_pairs_repo(hub, repo_name, tmp_path):
     import etokit.recipes.train_dpo as train_dpo
     from etokit.models.init_model import build_tiny_model
-    from etokit.train.common import read_log
+    from etokit.train.metric_logging import read_log
 
     pairs = []
     for i, t in enumerate(["boil_12", "melt_3"]):

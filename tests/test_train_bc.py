@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from etokit.errors import EtokitError
 from etokit.models.init_model import build_tiny_model
-from etokit.train import common
+from etokit.train.data import pad_batch
+from etokit.train.metric_logging import LOG_FILE, read_log
 from etokit.train.tokenize import tokenize_messages
 
 from factories import trajectory, write_jsonl
@@ -44,7 +45,7 @@ def args(setup, out, *extra):
 
 
 def losses(out):
-    return [row["loss"] for row in common.read_log(out)]
+    return [row["loss"] for row in read_log(out)]
 
 
 def test_loss_decreases_and_output_reloads(setup, tmp_path):
@@ -69,14 +70,14 @@ def test_observations_get_no_gradient(setup):
     model = AutoModelForCausalLM.from_pretrained(setup / "tiny")
     messages = trajectory("t0", 1.0, n_steps=3).messages
     seqs = [tokenize_messages(tok, messages), tokenize_messages(tok, messages[:5])]
-    batch = common.pad_batch(seqs, tok.pad_token_id)
+    batch = pad_batch(seqs, tok.pad_token_id)
     # Labels: the token on the agent's turns, -100 on instruction, observations, headers, padding.
     first = seqs[0]
     assert batch["labels"][0, : len(first)].tolist() == [t if m else -100 for t, m in zip(first.input_ids, first.loss_mask)]
     assert (batch["labels"][1, len(seqs[1]):] == -100).all()
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach().requires_grad_()
-    common.causal_lm_loss_sum(logits, batch["labels"]).backward()
+    train_bc.causal_lm_loss_sum(logits, batch["labels"]).backward()
     # Position t predicts token t+1: its gradient is non-zero exactly when token t+1 is trained.
     has_grad = logits.grad.abs().sum(-1)[:, :-1] > 0
     assert torch.equal(has_grad, batch["labels"][:, 1:] != -100)
@@ -84,9 +85,9 @@ def test_observations_get_no_gradient(setup):
     relabelled = batch["labels"].clone()
     obs = (batch["labels"][0] == -100).nonzero().flatten()
     relabelled[0, obs[len(obs) // 2]] = 7
-    assert common.causal_lm_loss_sum(logits, batch["labels"]) != common.causal_lm_loss_sum(logits, relabelled)
+    assert train_bc.causal_lm_loss_sum(logits, batch["labels"]) != train_bc.causal_lm_loss_sum(logits, relabelled)
     relabelled[0, obs[len(obs) // 2]] = -100
-    assert common.causal_lm_loss_sum(logits, batch["labels"]) == common.causal_lm_loss_sum(logits, relabelled)
+    assert train_bc.causal_lm_loss_sum(logits, batch["labels"]) == train_bc.causal_lm_loss_sum(logits, relabelled)
 
 
 def test_maskless_scored_only_loss_equals_the_masked_full_logits_loss(setup):
@@ -108,11 +109,11 @@ def test_maskless_scored_only_loss_equals_the_masked_full_logits_loss(setup):
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
-    batch = common.pad_batch(seqs, tok.pad_token_id)
+    batch = pad_batch(seqs, tok.pad_token_id)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    expected, expected_grads = grads(common.causal_lm_loss_sum(logits, batch["labels"]))
+    expected, expected_grads = grads(train_bc.causal_lm_loss_sum(logits, batch["labels"]))
     for pad in (tok.pad_token_id, 5):
-        batch = common.pad_batch(seqs, pad)
+        batch = pad_batch(seqs, pad)
         loss, got_grads = grads(train_bc.trained_loss_sum(model, batch["input_ids"], batch["labels"]))
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
         for g, e in zip(got_grads, expected_grads):  # fp32 sums over ~100 tokens: ~1e-6 noise
@@ -130,15 +131,15 @@ def test_resume_after_kill_continues_bit_for_bit(setup, tmp_path, resume_probe):
     shutil.copytree(full / "checkpoints" / "step-2", killed / "checkpoints" / "step-2")
     shutil.copy(full / "etokit_config.yaml", killed)
     # Lines 1-2 are marked: a resume keeps the checkpointed steps' lines, a restart would rewrite them.
-    rows = common.read_log(full)[:3]
-    (killed / common.LOG_FILE).write_text("".join(
+    rows = read_log(full)[:3]
+    (killed / LOG_FILE).write_text("".join(
         json.dumps({**row, "killed_run": True} if row["step"] <= 2 else row) + "\n" for row in rows))
 
     resume_probe.steps = 0  # count only the resumed run's steps
     train_bc.main(args(setup, killed, "--num-epochs", "2", "--save-steps", "2", "--resume"))
     resume_probe.assert_continued(full / "checkpoints" / "step-2", total_steps=6)  # the copy it resumed from
-    assert [row["step"] for row in common.read_log(killed)] == [1, 2, 3, 4, 5, 6]
-    assert [row.get("killed_run") for row in common.read_log(killed)] == [True, True, None, None, None, None]
+    assert [row["step"] for row in read_log(killed)] == [1, 2, 3, 4, 5, 6]
+    assert [row.get("killed_run") for row in read_log(killed)] == [True, True, None, None, None, None]
     assert losses(killed) == reference  # exact float equality: same batches, RNG, optimizer state
     a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -208,7 +209,7 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(setup, tmp_path
     assert (two / "checkpoints" / "step-2" / "random_states_1.pkl").exists()  # rank 1 existed and saved its RNG
     assert len(losses(one)) == 2 and losses(two) == pytest.approx(losses(one), rel=1e-4)
     # AdamW hides a gradient off by a constant factor from the weights; the norm does not.
-    norms = [[row["grad_norm"] for row in common.read_log(out)] for out in (one, two)]
+    norms = [[row["grad_norm"] for row in read_log(out)] for out in (one, two)]
     assert norms[1] == pytest.approx(norms[0], rel=1e-4)
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     for name in a:

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from factories import pair, write_jsonl  # noqa: E402
 
 from etokit.errors import EtokitError  # noqa: E402
-from etokit.train.common import LOG_FILE, latest_checkpoint, read_log  # noqa: E402
+from etokit.train.checkpointing import latest_checkpoint  # noqa: E402
+from etokit.train.metric_logging import LOG_FILE, read_log  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_dpo.py"  # the thin launcher of a source checkout
@@ -193,11 +194,11 @@ def test_lora_merged_weights_are_the_adapted_model_and_the_next_reference_is_the
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from etokit.train import common
+    from etokit.train import checkpointing
 
     probe = torch.arange(3, 40).view(1, -1)
     adapted = {}
-    real_save = common.save_model
+    real_save = checkpointing.save_model
 
     def save_model(accelerator, model, *args, **kwargs):  # the adapted (unmerged) model's outputs
         peft_model = accelerator.unwrap_model(model)
@@ -207,7 +208,7 @@ def test_lora_merged_weights_are_the_adapted_model_and_the_next_reference_is_the
                 adapted["base_logits"] = peft_model(input_ids=probe).logits.clone()
         return real_save(accelerator, model, *args, **kwargs)
 
-    monkeypatch.setattr(common, "save_model", save_model)
+    monkeypatch.setattr(checkpointing, "save_model", save_model)
     cache = tmp_path / "cache"
     it1, it2 = tmp_path / "iter-1", tmp_path / "iter-2"
     log1 = run(assets, it1, "--lora", "--lora-r", "4", "--learning-rate", "2e-2", "--max-steps", "3", cache=cache)

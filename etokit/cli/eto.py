@@ -128,7 +128,8 @@ def _resolve_model(model: str) -> tuple[str, str | None, str]:
 def _load_policy(model: str, dtype: str, trust_remote_code: bool = False):
     import torch
 
-    from etokit.train.common import load_model_and_tokenizer, process_state
+    from etokit.train.distributed import process_state
+    from etokit.train.model_loading import load_model_and_tokenizer
 
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
@@ -152,7 +153,7 @@ def _load_engine(model: str, dtype: str, trust_remote_code: bool, engine: str):
         raise EtokitError(f"--engine {engine!r}: expected transformers or vllm")
     import importlib.util
 
-    from etokit.train.common import process_state
+    from etokit.train.distributed import process_state
 
     if importlib.util.find_spec("vllm") is None:
         raise EtokitError("--engine vllm needs vLLM (a CUDA host): pip install 'etokit[vllm]'")
@@ -271,7 +272,7 @@ def explore(
     exploration phase). Episodes are batched: one generate call per step for all live episodes.
     Re-running skips the (task, sample, step) episodes already in --out. Under `accelerate launch`
     the tasks are sharded across processes and merged into --out by the main process."""
-    from etokit.train.common import process_state
+    from etokit.train.distributed import process_state
 
     from etokit.data import JsonlAppender, read_jsonl
     from etokit.explore import (ExploreConfig, close_envs, index_experts, job_of, open_envs, plan_jobs,
@@ -528,7 +529,7 @@ def eval_(
 ) -> None:
     """Evaluate a policy on a test split: greedy decoding with the 1-shot prompt (as the paper),
     reporting average reward x100, success rate, average steps and invalid-action rate."""
-    from etokit.train.common import process_state
+    from etokit.train.distributed import process_state
     from accelerate.utils import gather_object
 
     from etokit.data import atomic_write, write_jsonl

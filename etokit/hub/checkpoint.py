@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -171,6 +171,14 @@ def _tag(api, repo_id: str, tag: str, sha: str) -> None:
             raise
 
     retry.run(step, what=f"tagging {sha[:8]} as '{tag}' in '{repo_id}'")
+
+
+def card_datasets(entries: Iterable[tuple[str, str | None, str | None, str | None]]) -> list[dict]:
+    """Model-card data rows from (source, config, split, revision); local files are marked local."""
+    return [
+        {"repo": src, "config": cfg, "split": split, "revision": rev, "local": Path(src).exists()}
+        for src, cfg, split, rev in entries
+    ]
 
 
 def render_model_card(repo_id: str, revision: str, card: dict[str, Any]) -> str:

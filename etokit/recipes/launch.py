@@ -1,4 +1,5 @@
-"""How a training recipe is started: the one command line both `etokit train` and `etokit run` use."""
+"""How a training recipe is started: the one command line both `etokit train` and `etokit run` use,
+and the entry point the started recipe process runs under."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import sys
 from typing import Sequence
 
 from etokit.configs import resolve
+from etokit.errors import EtokitError
 from etokit.recipes import RECIPES
 
 
@@ -30,3 +32,15 @@ def recipe_command(recipe: str, args: Sequence[str], *, accelerate_config: str |
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)] + (["--multi_gpu"] if num_processes > 1 else [])
     return [*cmd, "-m", module, *args]
+
+
+def run_recipe(main) -> None:
+    """A recipe script's entry point: a user error is one ``Error:`` line and its exit code, never
+    a traceback."""
+    from etokit.train.config import redact
+
+    try:
+        main()
+    except EtokitError as e:
+        print(f"Error: {redact(str(e))}", file=sys.stderr)  # a token typed in the wrong place is not echoed
+        sys.exit(e.exit_code)

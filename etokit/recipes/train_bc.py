@@ -22,7 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from etokit.errors import EtokitError
-from etokit.train import common
+from etokit.faults import faultpoint
+from etokit.recipes.launch import run_recipe
+from etokit.train import checkpointing, data, distributed, metric_logging, model_loading, optimization
 from etokit.train.config import TrainConfig, parse_config, save_config
 from etokit.train.tokenize import tokenize_messages
 
@@ -41,19 +43,19 @@ def main(argv=None) -> None:
     cfg = parse_config(BCConfig, argv)
 
     # --- setup: processes and seeds (nothing is written before the model and data are checked) ---
-    accelerator = common.make_accelerator(cfg.output_dir, mixed_precision=cfg.mixed_precision,
-                                          report_to=cfg.report_to, seed=cfg.seed)
+    accelerator = distributed.make_accelerator(cfg.output_dir, mixed_precision=cfg.mixed_precision,
+                                               report_to=cfg.report_to, seed=cfg.seed)
 
     # --- model and data -----------------------------------------------------------------------
-    model, tokenizer = common.load_model_and_tokenizer(
+    model, tokenizer = model_loading.load_model_and_tokenizer(
         cfg.model, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
     )
-    model = common.adapt_for_training(model, cfg)  # LoRA, gradient checkpointing
+    model = model_loading.adapt_for_training(model, cfg)  # LoRA, gradient checkpointing
 
-    trajectories = common.load_training_records(cfg.data, "trajectory", config=cfg.data_config,
-                                                split=cfg.data_split, revision=cfg.data_revision, env=cfg.data_env,
-                                                expert_reward=cfg.expert_reward)
+    trajectories = data.load_training_records(cfg.data, "trajectory", config=cfg.data_config,
+                                              split=cfg.data_split, revision=cfg.data_revision, env=cfg.data_env,
+                                              expert_reward=cfg.expert_reward)
     examples = [tokenize_messages(tokenizer, t.messages, max_length=cfg.max_length) for t in trajectories]
     truncated = sum(e.truncated for e in examples)
     examples = [e for e in examples if any(e.loss_mask)]
@@ -65,53 +67,56 @@ def main(argv=None) -> None:
     if accelerator.is_main_process:
         save_config(cfg, cfg.output_dir)
 
-    schedule = common.step_schedule(
+    schedule = data.step_schedule(
         len(examples), batch_size=cfg.per_device_batch_size, grad_accum=cfg.gradient_accumulation_steps,
         world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed, epochs=cfg.num_epochs,
     )
     total_steps = min(len(schedule), cfg.max_steps or len(schedule))
 
     # --- optimizer, schedule, resumable state -------------------------------------------------
-    model, optimizer, scheduler, state, metrics_log = common.prepare_training(
+    model, optimizer, scheduler, state, metrics_log = optimization.prepare_training(
         accelerator, model, cfg, total_steps, "train_bc", asdict(cfg))
 
     # --- training loop --------------------------------------------------------------------------
     model.train()
-    throughput = common.Throughput()
+    throughput = metric_logging.Throughput()
     bar = tqdm(total=total_steps, initial=state.step, desc="BC", disable=not accelerator.is_local_main_process)
     while state.step < total_steps:
         micro_batches = schedule[state.step]
         # Token-level mean over the whole step: every micro-batch on every process divides by the
         # step's total number of trained tokens (DDP then averages gradients over processes).
-        step_tokens = common.reduce_sum(accelerator, sum(sum(examples[i].loss_mask) for mb in micro_batches for i in mb))
+        step_tokens = distributed.reduce_sum(accelerator,
+                                             sum(sum(examples[i].loss_mask) for mb in micro_batches for i in mb))
         step_loss = 0.0
         for k, indices in enumerate(micro_batches):
             batch = {key: v.to(accelerator.device) for key, v in
-                     common.pad_batch([examples[i] for i in indices], tokenizer.pad_token_id).items()}
+                     data.pad_batch([examples[i] for i in indices], tokenizer.pad_token_id).items()}
             sync = k == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 loss_sum = trained_loss_sum(model, batch["input_ids"], batch["labels"])
                 accelerator.backward(loss_sum * accelerator.num_processes / step_tokens)
             step_loss += loss_sum.item()
             throughput.add(int(batch["attention_mask"].sum()))
-        common.faultpoint("bc.mid-step")  # crash tests (etokit/faults.py): gradients computed, step not taken
-        grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+        faultpoint("bc.mid-step")  # crash tests (etokit/faults.py): gradients computed, step not taken
+        grad_norm = optimization.optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
         state.step += 1
         state.tokens += int(step_tokens)
 
         if state.step % cfg.logging_steps == 0 or state.step == total_steps:
-            loss = common.reduce_sum(accelerator, step_loss) / step_tokens
+            loss = distributed.reduce_sum(accelerator, step_loss) / step_tokens
             metrics = {"loss": loss, "learning_rate": scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm, "tokens_per_s": common.reduce_sum(accelerator, throughput.rate()),
+                       "grad_norm": grad_norm,
+                       "tokens_per_s": distributed.reduce_sum(accelerator, throughput.rate()),
                        "trained_tokens": state.tokens}
             metrics_log.log(metrics, step=state.step)
             bar.set_postfix(loss=f"{loss:.4f}")
-        common.save_state_if_due(accelerator, cfg, state.step, total_steps)
+        checkpointing.save_state_if_due(accelerator, cfg, state.step, total_steps)
         bar.update(1)
     bar.close()
 
     # --- output: state, model + tokenizer (safetensors), then the Hub -------------------------
-    common.finish(accelerator, model, tokenizer, cfg, state.step, commit_message=f"BC checkpoint {cfg.revision}", card={
+    checkpointing.finish(accelerator, model, tokenizer, cfg, state.step,
+                         commit_message=f"BC checkpoint {cfg.revision}", card={
         "stage": "behavioral cloning (SFT)",
         "hyperparameters": _card_hyperparameters(cfg, accelerator.num_processes, len(examples), total_steps),
     })
@@ -126,13 +131,20 @@ def trained_loss_sum(model, input_ids, labels):
     a mask SDPA runs its fused ``is_causal`` kernel instead of materialising a ``[B, 1, T, T]`` mask
     (about 1.3x faster per step on CPU). Only positions that predict a trained token get logits
     (``logits_to_keep``), so observations and padding skip the vocabulary projection. The same sum
-    as ``common.causal_lm_loss_sum`` over full logits (tests/test_train_bc.py)."""
+    as ``causal_lm_loss_sum`` over full logits (tests/test_train_bc.py)."""
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != -100
     logits = model(input_ids=input_ids, logits_to_keep=keep).logits
     if logits.dim() == 3:  # a model that ignores a boolean logits_to_keep returns every position
         logits = logits[keep]
     return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum")
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over positions whose label is not -100 (in float32)."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
 
 
 def _card_hyperparameters(cfg: BCConfig, world_size: int, n_examples: int, steps: int) -> dict:
@@ -151,4 +163,4 @@ def _card_hyperparameters(cfg: BCConfig, world_size: int, n_examples: int, steps
 
 
 if __name__ == "__main__":
-    common.run_recipe(main)
+    run_recipe(main)

@@ -25,8 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from etokit.errors import EtokitError
+from etokit.faults import faultpoint
 from etokit.models.files import check_model_dir
-from etokit.train import common, prefix_attention, ref_cache
+from etokit.recipes.launch import run_recipe
+from etokit.train import (checkpointing, data, distributed, metric_logging, model_loading, optimization,
+                          prefix_attention, ref_cache)
 from etokit.train.config import parse_config, save_config
 from etokit.train.dpo import DPOConfig, step_batches, tokenize_pairs, train_step
 from etokit.train.logprobs import default_backend, default_max_tokens, sequence_logps
@@ -36,18 +39,18 @@ def main(argv=None) -> None:
     cfg = parse_config(DPOConfig, argv)
 
     # --- setup: processes, trackers, resolved config next to the checkpoint -----------------------
-    accelerator = common.make_accelerator(cfg.output_dir, mixed_precision=cfg.mixed_precision,
-                                          report_to=cfg.report_to, seed=cfg.seed)
+    accelerator = distributed.make_accelerator(cfg.output_dir, mixed_precision=cfg.mixed_precision,
+                                               report_to=cfg.report_to, seed=cfg.seed)
     # The budget depends on the device; the written config records the one that ran.
     cfg.max_tokens_per_micro_batch = cfg.max_tokens_per_micro_batch or default_max_tokens(accelerator.device)
 
     # --- model and pairs ----------------------------------------------------------------------
-    model, tokenizer = common.load_model_and_tokenizer(
+    model, tokenizer = model_loading.load_model_and_tokenizer(
         cfg.model, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
     )
-    pairs = common.load_training_records(cfg.data, "pair", config=cfg.data_config, split=cfg.data_split,
-                                         revision=cfg.data_revision, env=cfg.data_env)
+    pairs = data.load_training_records(cfg.data, "pair", config=cfg.data_config, split=cfg.data_split,
+                                       revision=cfg.data_revision, env=cfg.data_env)
     tokens = tokenize_pairs(tokenizer, pairs, cfg.max_length, progress=accelerator.is_local_main_process)
     if tokens.truncated:
         accelerator.print(f"{tokens.truncated} of {len(tokens)} pairs were longer than {cfg.max_length} tokens; "
@@ -83,9 +86,10 @@ def main(argv=None) -> None:
     def compute_reference() -> torch.Tensor:
         ref = model
         if cfg.ref_model:
-            ref, _ = common.load_model_and_tokenizer(cfg.ref_model, revision=cfg.ref_model_revision,
-                                                     trust_remote_code=cfg.trust_remote_code,
-                                                     attn_implementation=cfg.attn_implementation, option="--ref-model")
+            ref, _ = model_loading.load_model_and_tokenizer(cfg.ref_model, revision=cfg.ref_model_revision,
+                                                            trust_remote_code=cfg.trust_remote_code,
+                                                            attn_implementation=cfg.attn_implementation,
+                                                            option="--ref-model")
         ref.to(accelerator.device).eval()
         # Every backend gives the same numbers: a reference the tree kernels cannot run goes unshared.
         ref_backend = "bucketed" if backend == "shared" and prefix_attention.unsupported(ref.config, longest) else backend
@@ -106,17 +110,17 @@ def main(argv=None) -> None:
         raise EtokitError(f"reference log-prob cache {cache_dir} is not readable by every process; "
                           "set --ref-cache-dir to a shared folder")
 
-    model = common.adapt_for_training(model, cfg)  # LoRA, gradient checkpointing
+    model = model_loading.adapt_for_training(model, cfg)  # LoRA, gradient checkpointing
 
     # --- schedule, optimizer, resumable state -------------------------------------------------
     schedule = step_batches(len(tokens), cfg.batch_size, cfg.num_epochs, cfg.seed, accelerator.num_processes)
     total_steps = min(len(schedule), cfg.max_steps or len(schedule))
-    model, optimizer, scheduler, state, metrics_log = common.prepare_training(
+    model, optimizer, scheduler, state, metrics_log = optimization.prepare_training(
         accelerator, model, cfg, total_steps, "train_dpo", {**asdict(cfg), "resolved_backend": backend})
 
     # --- training loop --------------------------------------------------------------------------
     model.train()
-    throughput = common.Throughput()
+    throughput = metric_logging.Throughput()
     bar = tqdm(total=total_steps, initial=state.step, desc=f"DPO ({backend})",
                disable=not accelerator.is_local_main_process)
     while state.step < total_steps:
@@ -124,8 +128,8 @@ def main(argv=None) -> None:
         mine = step_pairs[accelerator.process_index::accelerator.num_processes]
         sums = train_step(accelerator, model, tokens, ref_logps, mine, len(step_pairs), backend, cfg,
                           tokenizer.pad_token_id)
-        common.faultpoint("dpo.mid-step")  # crash tests (etokit/faults.py): gradients computed, step not taken
-        grad_norm = common.optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+        faultpoint("dpo.mid-step")  # crash tests (etokit/faults.py): gradients computed, step not taken
+        grad_norm = optimization.optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
         state.step += 1
         throughput.add(int(sums["num_tokens"]))
 
@@ -135,15 +139,17 @@ def main(argv=None) -> None:
         if state.step % cfg.logging_steps == 0 or state.step == total_steps:
             metrics = {k: v.item() / len(step_pairs) for k, v in sums.items()}
             metrics.update(learning_rate=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                           tokens_per_s=common.reduce_sum(accelerator, throughput.rate()), trained_tokens=state.tokens)
+                           tokens_per_s=distributed.reduce_sum(accelerator, throughput.rate()),
+                           trained_tokens=state.tokens)
             metrics_log.log(metrics, step=state.step)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-        common.save_state_if_due(accelerator, cfg, state.step, total_steps)
+        checkpointing.save_state_if_due(accelerator, cfg, state.step, total_steps)
         bar.update(1)
     bar.close()
 
     # --- output: state, model + tokenizer (safetensors), then the Hub -------------------------
-    common.finish(accelerator, model, tokenizer, cfg, state.step, commit_message=f"DPO checkpoint {cfg.revision}", card={
+    checkpointing.finish(accelerator, model, tokenizer, cfg, state.step,
+                         commit_message=f"DPO checkpoint {cfg.revision}", card={
         "stage": "ETO (DPO on contrastive trajectory pairs)",
         "iteration": cfg.iteration,
         "hyperparameters": {
@@ -157,4 +163,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    common.run_recipe(main)
+    run_recipe(main)

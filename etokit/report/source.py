@@ -61,7 +61,7 @@ def load_local(run_dir: Path, *, upto: str | None = None) -> RunData:
     """The run in ``run_dir`` as recorded in its manifest so far (a live run: its finished
     stages), up to and including the evaluation of stage ``upto``."""
     from etokit.data import read_jsonl
-    from etokit.train.common import read_log
+    from etokit.train.metric_logging import read_log
     from etokit.train.config import CONFIG_FILENAME
 
     manifest_path = run_dir / "manifest.json"

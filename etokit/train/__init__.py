@@ -1,1 +1,3 @@
-"""Training: chat-template loss masks, configs, and the helpers the BC and DPO recipes share."""
+"""Training: chat-template loss masks, configs, the DPO loss and log-prob backends, and the pieces
+the BC and DPO recipes share, one module per purpose (distributed, data, model_loading,
+optimization, checkpointing, metric_logging)."""

@@ -104,7 +104,7 @@ def step_batches(num_pairs: int, batch_size: int, num_epochs: int, seed: int, wo
     """Global pair indices of every optimizer step: one seeded permutation per epoch, cut into
     batches. A last batch with fewer pairs than processes cannot be shared and is dropped (and
     counted by the caller); any other partial batch is kept."""
-    from etokit.train.common import epoch_order
+    from etokit.train.data import epoch_order
 
     steps = []
     for epoch in range(num_epochs):
