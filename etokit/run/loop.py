@@ -25,15 +25,12 @@ their distributed setup, and this loop stays a plain single process that drives 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,190 +38,12 @@ from rich.console import Console
 
 from etokit.errors import EtokitError, ServiceUnavailable
 from etokit.faults import faultpoint
+from etokit.run.config import RunConfig, config_hash
+from etokit.run.manifest import LOCK, RESULTS, Manifest, _remove_stale_temps, _RunLock, write_json_atomic
+from etokit.run.report import (CARD_EVAL_NOTE, EVAL_SPLITS, _card_row, _eval_outputs, _metrics, _summary, result_rows,
+                               reward_chart)
 
 console = Console(highlight=False)
-
-MANIFEST = "manifest.json"
-RESULTS = "results.json"
-LOCK = ".lock"
-EVAL_SPLITS = ("test-seen", "test-unseen")
-
-
-@dataclass
-class RunConfig:
-    """`etokit run` options. ETO's defaults (paper / official scripts) unless noted."""
-
-    run_dir: str = field(default="", metadata={"help": "local folder of this run: manifest, data, checkpoints"})
-    push_to: str = field(default="", metadata={"help": "Hub model repo NAMESPACE/NAME; every checkpoint is a "
-                                                       "branch + tag of it (bc, iter-1, ...)"})
-    dataset_prefix: str | None = field(default=None, metadata={"help": "datasets go to PREFIX-expert, PREFIX-explore, "
-                                                                       "PREFIX-pairs (default: push_to)"})
-    env: str = field(default="textworld-express", metadata={"help": "webshop, scienceworld, alfworld, textworld-express"})
-    env_options: dict = field(default_factory=dict, metadata={"help": "keyword options of the environment"})
-    base_model: str = field(default="", metadata={"help": "model to clone the expert into (folder or Hub repo); "
-                                                          "empty: a tiny Llama built by init-model from the expert text"})
-    base_model_revision: str | None = None
-    init_model_size: str = field(default="tiny", metadata={"choices": ["tiny", "small"]})
-    expert_data: str | None = field(default=None, metadata={"help": "expert trajectories: local file or Hub dataset "
-                                                                    "repo; empty: play the env's expert on train"})
-    expert_data_config: str | None = None
-    expert_data_split: str | None = field(default=None, metadata={"help": "Hub split (default: the env's, e.g. "
-                                                                          "scienceworld of the paper's data)"})
-    expert_data_revision: str | None = None
-    expert_reward: float | None = field(default=None, metadata={"min": 0, "max": 1, "help": "reward stated for "
-                                        "official expert rows without one (WebShop's Hub copy); recorded in the cards"})
-    train_tasks: int | None = field(default=None, metadata={"gt": 0, "help": "first N train tasks (expert + "
-                                                                             "exploration); default all"})
-    eval_tasks: int | None = field(default=None, metadata={"gt": 0, "help": "first N tasks of each test split"})
-    iterations: int = field(default=3, metadata={"help": "ETO iterations after BC"})
-    early_stopping: bool = field(default=False, metadata={"help": "stop once test-unseen reward drops vs the "
-                                                                  "previous iteration"})
-    seed: int = 0
-    # exploration and evaluation: greedy, 1-shot prompt (the paper)
-    explore_batch_size: int = field(default=16, metadata={"gt": 0})
-    max_new_tokens: int = field(default=256, metadata={"gt": 0})
-    max_steps: int | None = field(default=None, metadata={"gt": 0, "help": "agent turns per episode (env default)"})
-    icl: bool = field(default=True, metadata={"help": "the 1-shot example in exploration/evaluation prompts (paper: "
-                                                      "on)"})
-    # behavioral cloning (official SFT script: lr 2e-5, 3 epochs, global batch 64, 3% warmup, cosine)
-    bc_learning_rate: float = field(default=2e-5, metadata={"gt": 0})
-    bc_num_epochs: int = field(default=3, metadata={"gt": 0})
-    bc_per_device_batch_size: int = field(default=4, metadata={"gt": 0})
-    bc_gradient_accumulation_steps: int = field(default=16, metadata={"gt": 0})
-    bc_warmup_ratio: float = 0.03
-    bc_lr_scheduler: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "constant",
-                                                                         "constant_with_warmup"]})
-    bc_max_steps: int | None = field(default=None, metadata={"gt": 0})
-    bc_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for the BC recipe (etokit.recipes.train_bc)"})
-    # DPO: per-iteration beta / lr lists, the last value repeats (ETO: 0.1 / 1e-6, then 0.5 / 5e-7)
-    dpo_beta: list[float] = field(default_factory=lambda: [0.1, 0.5], metadata={"gt": 0})
-    dpo_learning_rate: list[float] = field(default_factory=lambda: [1e-6, 5e-7], metadata={"gt": 0})
-    dpo_num_epochs: int = field(default=3, metadata={"gt": 0})
-    dpo_batch_size: int = field(default=32, metadata={"gt": 0})
-    dpo_warmup_ratio: float = 0.1
-    dpo_max_steps: int | None = field(default=None, metadata={"gt": 0})
-    dpo_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for the DPO recipe (etokit.recipes.train_dpo)"})
-    # contrastive pairs (paper App. B): "step" plays step-wise episodes from the expert's first t-1 steps
-    # instead of whole episodes, "mixture" plays both and pairs both
-    pairs_mode: str = field(default="trajectory", metadata={"choices": ["trajectory", "step", "mixture"]})
-    # the pair rule (etokit.pairs.PairRule): the defaults are construct_preference.py's, the others
-    # documented deviations recorded on the pairs and in the dataset card
-    pairs_rewards: str = field(default="official", metadata={"choices": ["official", "stored"],
-                                                             "help": "official: ScienceWorld/ALFWorld experts "
-                                                                     "score 1.0; stored: compare stored rewards"})
-    pairs_expert_observation: str = field(default="drop-pair", metadata={
-        "choices": ["drop-pair", "trim"], "help": "an expert ending on an observation: drop the pair (official) "
-                                                  "or trim it"})
-    steps_per_task: int | None = field(default=None, metadata={"gt": 0, "help": "step-wise episodes per task and "
-                                                                                "iteration (None: every step t)"})
-    max_length: int = field(default=4096, metadata={"gt": 0, "help": "training tokens per sequence"})
-    accelerate_config: str | None = field(default=None, metadata={"help": "accelerate config file for training"})
-    private: bool = False
-
-    def __post_init__(self):
-        for name in ("run_dir", "push_to"):
-            if not getattr(self, name):
-                raise EtokitError(f"--{name.replace('_', '-')} is required")
-        if self.push_to.count("/") != 1:
-            raise EtokitError(f"--push-to must be NAMESPACE/NAME, got {self.push_to!r}")
-        for name in ("dpo_beta", "dpo_learning_rate"):
-            if not getattr(self, name):
-                raise EtokitError(f"--{name.replace('_', '-')} needs at least one value")
-        if self.accelerate_config:
-            from etokit.configs import resolve
-
-            try:
-                resolve(self.accelerate_config, "accelerate")
-            except EtokitError as e:
-                raise EtokitError(f"--accelerate-config: {e}") from None
-        from etokit.envs.registry import ENV_CLASSES
-
-        if self.env not in ENV_CLASSES:
-            raise EtokitError(f"--env {self.env!r}: expected one of {', '.join(ENV_CLASSES)}")
-        # Local inputs are checked now, before the run dir is made, not when their stage comes.
-        if self.base_model:
-            from etokit.models.files import check_model_dir
-
-            check_model_dir(self.base_model, option="--base-model")
-        if self.expert_data and Path(self.expert_data).exists():
-            from etokit.data.sources import load_source
-
-            load_source(self.expert_data, "trajectory", env=self.env, expert_reward=self.expert_reward,
-                        option="--expert-data")
-
-    @property
-    def datasets(self) -> dict[str, str]:
-        prefix = self.dataset_prefix or self.push_to
-        return {kind: f"{prefix}-{kind}" for kind in ("expert", "explore", "pairs")}
-
-    def dpo_hparams(self, k: int) -> tuple[float, float]:
-        """(beta, learning rate) of iteration ``k`` (1-based)."""
-        pick = lambda values: values[min(k, len(values)) - 1]  # noqa: E731
-        return pick(self.dpo_beta), pick(self.dpo_learning_rate)
-
-
-def config_hash(cfg: RunConfig) -> str:
-    """What the stages' outputs depend on. ``iterations`` and ``early_stopping`` are left out: a
-    finished run can be extended with more iterations on --resume."""
-    data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("iterations", "early_stopping")}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------ manifest
-
-
-class Manifest:
-    """``manifest.json``: the config hash and, in order, each completed stage with its outputs."""
-
-    def __init__(self, path: Path, cfg_hash: str):
-        self.path = path
-        self.data: dict[str, Any] = {"config_hash": cfg_hash, "stages": []}
-
-    @classmethod
-    def open(cls, run_dir: Path, cfg_hash: str, resume: bool) -> "Manifest":
-        path = run_dir / MANIFEST
-        manifest = cls(path, cfg_hash)
-        if path.exists():
-            if not resume:
-                raise EtokitError(f"{run_dir} already holds a run ({MANIFEST}); pass --resume to continue it or "
-                                  "choose another --run-dir")
-            try:
-                manifest.data = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise EtokitError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-            if manifest.data.get("config_hash") != cfg_hash:
-                raise EtokitError(f"--resume: the config differs from the one {run_dir} was started with "
-                                  f"(hash {cfg_hash} vs {manifest.data.get('config_hash')}); see "
-                                  f"{run_dir / 'etokit_config.yaml'}")
-        return manifest
-
-    def get(self, name: str) -> dict[str, Any] | None:
-        return next((s["outputs"] for s in self.data["stages"] if s["name"] == name), None)
-
-    def done(self, name: str, outputs: dict[str, Any], seconds: float) -> None:
-        self.data["stages"].append({"name": name, "outputs": outputs, "seconds": round(seconds, 2),
-                                    "config_hash": self.data["config_hash"]})
-        write_json_atomic(self.path, self.data, point="manifest.before-rename")
-
-    @property
-    def names(self) -> list[str]:
-        return [s["name"] for s in self.data["stages"]]
-
-
-def write_json_atomic(path: Path, data: Any, point: str | None = None) -> None:
-    """Temp file, fsync, rename, fsync of the folder: a crash leaves the old file or the new one,
-    and a recorded stage stays recorded after a power cut. ``point``: a fault point between the
-    temp file and the rename."""
-    from etokit.data.io import atomic_write
-
-    with atomic_write(path) as f:
-        f.write((json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
-        if point:
-            f.flush()
-            faultpoint(point)
-
-
-# --------------------------------------------------------------------------------------- loop
 
 
 StageHook = Callable[[str], None]
@@ -522,36 +341,8 @@ class Run:
         return self.manifest.get(f"eval-{name}")["test-unseen"]["avg_reward"]
 
     def results(self, upto: str | None = None) -> list[dict[str, Any]]:
-        """One row per evaluated policy (BC, iter-1, ...) in order, ending at ``upto``: per split
-        the averages with their 95% intervals over tasks, the per-task results and, after BC, the
-        paired difference from BC (``vs_bc``, reward x100, on the same tasks)."""
-        rows = []
-        for stage in self.manifest.data["stages"]:
-            if not stage["name"].startswith("eval-"):
-                continue
-            name = stage["name"][len("eval-"):]
-            row = {"model": name}
-            for split in EVAL_SPLITS:
-                out = stage["outputs"][split]
-                if "per_task" not in out:  # recorded before per-task results were kept: from its episodes
-                    from etokit.data import read_jsonl
-
-                    out = {**out, **_eval_outputs(read_jsonl(self.dir / out["file"], "trajectory"))}
-                row[split] = {k: out[k] for k in ("avg_reward", "success_rate", "episodes", "avg_reward_ci",
-                                                  "success_rate_ci", "per_task")}
-                if rows:
-                    row[split]["vs_bc"] = _vs(rows[0][split]["per_task"], out["per_task"], rows[0]["model"], name,
-                                              split)
-            rows.append(row)
-            if name == upto:
-                break
-        for stage in self.manifest.data["stages"]:
-            if stage["name"].startswith("pairs-"):
-                name = f"iter-{stage['name'][len('pairs-'):]}"
-                for row in rows:
-                    if row["model"] == name:
-                        row["pairs"] = stage["outputs"]["stats"]
-        return rows
+        """One row per evaluated policy so far, ending at ``upto`` (etokit.run.report.result_rows)."""
+        return result_rows(self.manifest.data["stages"], self.dir, upto)
 
     def _play(self, policy: str, split: str, out: Path, limit: int | None, what: str,
               step_wise: tuple[dict, int] | None = None) -> None:
@@ -620,37 +411,6 @@ class Run:
             raise error(f"the {recipe.upper()} recipe failed (exit {done.returncode}): {tail[0]} (full log: {log})")
 
 
-# ------------------------------------------------------------------------------------ helpers
-
-
-def run_eval_panels(run_dir: Path, name: str) -> dict[str, Any]:
-    """The evaluations of policy ``name`` (bc, iter-1, ...) recorded in ``run_dir``'s manifest, as
-    comparison panels by split (`etokit compare --run`)."""
-    from etokit.data import read_jsonl
-    from etokit.evaluate import panel_from_per_task, per_task
-
-    run_dir = Path(run_dir)
-    path = run_dir / MANIFEST
-    if not path.is_file():
-        raise EtokitError(f"{run_dir}: no {MANIFEST} (not an `etokit run` folder)")
-    try:
-        stages = json.loads(path.read_text())["stages"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise EtokitError(f"{path}: not a run manifest ({e})") from None
-    evaluated = {s["name"][len("eval-"):]: s["outputs"] for s in stages if s["name"].startswith("eval-")}
-    if name not in evaluated:
-        raise EtokitError(f"{run_dir} has no evaluation of {name!r} (evaluated: {', '.join(evaluated) or 'none yet'})")
-    panels = {}
-    for split in EVAL_SPLITS:
-        out = evaluated[name][split]
-        rows = out.get("per_task")
-        if rows is None:  # recorded before per-task results were kept
-            rows = per_task(read_jsonl(run_dir / out["file"], "trajectory"))
-        panels[split] = panel_from_per_task(f"{run_dir}:{name}", None, split, rows)
-    return panels
-
-
-
 def _published(repo: str, config: str, split: str, records) -> str | None:
     """The head commit of dataset ``repo`` if it already holds exactly ``records`` as
     ``config``/``split`` with its card entry, else None."""
@@ -673,46 +433,6 @@ def _published(repo: str, config: str, split: str, records) -> str | None:
     return head if remote.to_list() == to_dataset(records).to_list() else None
 
 
-_TEMP_NAME = re.compile(r"^\..+\.([0-9a-f]{8}\.tmp|tmp-\d+)$")  # atomic_write's temp files (and older ones)
-
-
-class _RunLock:
-    """An exclusive lock on the run folder for as long as this process runs it: two `etokit run
-    --resume` on one folder would both append the same episodes. The kernel drops the lock when
-    the process dies, however it dies, so a crash never leaves the folder locked."""
-
-    def __init__(self, path: Path):
-        self.path, self.fd = path, None
-
-    def __enter__(self) -> "_RunLock":
-        import fcntl
-
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise EtokitError(f"{self.path.parent} is in use by another etokit run (pid {holder}); wait for it to "
-                              "finish or stop it before --resume") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)  # releases the lock
-
-
-def _remove_stale_temps(run_dir: Path) -> None:
-    """Temp files of atomic writes that a crash left before their rename: never read, only clutter.
-    Only called with the run lock held, so no live writer owns them."""
-    for root, dirs, files in os.walk(run_dir):
-        dirs[:] = [d for d in dirs if d != "checkpoints"]  # the trainers' own business
-        for name in files:
-            if _TEMP_NAME.match(name):
-                Path(root, name).unlink(missing_ok=True)
-
-
 def _train_stage(policy: str) -> str:
     return "bc" if policy == "bc" else f"dpo-{policy.split('-')[1]}"
 
@@ -723,36 +443,6 @@ def _rel(path: Path, root: Path) -> str:
 
 def _count_lines(path: Path) -> int:
     return sum(1 for line in path.read_bytes().splitlines() if line.strip()) if path.exists() else 0
-
-
-def _metrics(result) -> dict[str, Any]:
-    def rounded(v):  # floats at any depth (the intervals are nested)
-        if isinstance(v, dict):
-            return {k: rounded(x) for k, x in v.items()}
-        return round(v, 6) if isinstance(v, float) else v
-
-    return rounded(result.to_dict())
-
-
-def _eval_outputs(played) -> dict[str, Any]:
-    """An evaluation's record: the summary (with intervals) and each task's result. The model is
-    the stage's (PUSH_TO@stage, its commit in the push stage), not repeated here: the record must
-    not depend on the repo, so that a resumed run's equals an uninterrupted one's."""
-    from etokit.evaluate import per_task, summarize
-
-    return {**_metrics(summarize(played)), "per_task": per_task(played)}
-
-
-def _vs(base: list[dict[str, Any]], other: list[dict[str, Any]], base_name: str, name: str,
-        split: str) -> dict[str, Any]:
-    """``name`` against ``base`` task for task (reward x100): the paired-bootstrap difference."""
-    from etokit.evaluate import compare_panels, panel_from_per_task
-
-    a = panel_from_per_task(base_name, None, split, base)
-    b = panel_from_per_task(name, None, split, other)
-    # A run's evaluations share their panel (same config, env errors stop the stage); were one to
-    # differ, the record lists the tasks left out rather than ending a finished run.
-    return _metrics(compare_panels(a, b, allow_mismatch=True).diff)
 
 
 def _weights_digest(folder: Path) -> str:
@@ -784,94 +474,3 @@ def _track(items, what: str, *, total: int | None = None, skip=frozenset()):
 
     items = [i for i in items if i not in skip] if not hasattr(items, "__next__") else items
     return track(items, description=what, total=total, console=console, transient=True)
-
-
-def _summary(outputs: dict[str, Any]) -> str:
-    if "stats" in outputs:
-        s = outputs["stats"]
-        return f"pairs {s['pairs']} (win {s['win']} / tie {s['tie']} / lose {s['lose']})"
-    if "test-unseen" in outputs:
-        from etokit.evaluate import format_ci
-
-        return " ".join(f"{split} {format_ci(outputs[split].get('avg_reward_ci'), outputs[split]['avg_reward'])}"
-                        for split in EVAL_SPLITS)
-    if "commit" in outputs:
-        return f"{outputs['repo']}@{outputs['revision']} {outputs['commit'][:12]}"
-    if "data_commit" in outputs:
-        return f"{outputs['repo']} {outputs['split']}: {outputs['rows']} rows"
-    if "avg_reward" in outputs:
-        return f"avg reward {outputs['avg_reward']:.1f}, success {outputs['success_rate']:.0%}"
-    return ""
-
-
-def _reward(entry: dict[str, Any]) -> str:
-    from etokit.evaluate import format_ci
-
-    return format_ci(entry.get("avg_reward_ci"), entry["avg_reward"])
-
-
-def _success(entry: dict[str, Any]) -> str:
-    from etokit.evaluate import format_ci
-
-    return format_ci(entry.get("success_rate_ci"), entry["success_rate"], percent=True)
-
-
-def _vs_bc(entry: dict[str, Any]) -> str:
-    """``+3.1 [+0.4, +5.9] 7/2/41``: the paired difference from BC and the tasks up / down / same."""
-    d = entry.get("vs_bc")
-    if not d:
-        return "-"
-    return f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}] {d['up']}/{d['down']}/{d['same']}"
-
-
-def _card_row(row: dict[str, Any], vs_bc: bool = True) -> dict[str, str]:
-    """One row of a model card's eval table; ``vs_bc``: with the columns of the difference from BC
-    (a card with iterations; BC's own cell is "-")."""
-    out = {"Stage": "BC" if row["model"] == "bc" else row["model"]}
-    for split, label in (("test-seen", "seen"), ("test-unseen", "unseen")):
-        out[f"{label} reward x100 [95% CI]"] = _reward(row[split])
-        out[f"{label} success [95% CI]"] = _success(row[split])
-        if vs_bc:
-            out[f"{label} vs BC [95% CI] up/down/same"] = _vs_bc(row[split])
-    return out
-
-
-CARD_EVAL_NOTE = ("Means over the test tasks (one greedy episode each) with their 95% percentile-bootstrap "
-                  "interval over tasks (10,000 resamples). *vs BC*: the mean per-task difference in reward x100 "
-                  "from the BC checkpoint on the same tasks, its 95% paired-bootstrap interval, and how many tasks "
-                  "went up / down / stayed the same.")
-
-
-def reward_chart(rows: list[dict[str, Any]], width: int = 40) -> str:
-    """Average reward (x100) per stage as a text bar chart (no plotting dependency), each value
-    followed by its 95% interval over tasks."""
-    lines = []
-    for row in rows:
-        label = "BC" if row["model"] == "bc" else row["model"]
-        for split in EVAL_SPLITS:
-            value = row[split]["avg_reward"]
-            bar = "#" * round(width * max(0.0, min(value, 100.0)) / 100)
-            ci = row[split].get("avg_reward_ci")
-            tail = f" [{ci['lo']:.1f}, {ci['hi']:.1f}]" if ci else ""
-            lines.append(f"{label:<8} {split:<12} {bar:<{width}} {value:5.1f}{tail}")
-    return "\n".join(lines)
-
-
-def results_table(rows: list[dict[str, Any]]):
-    from rich.table import Table
-
-    table = Table(title="ETO results (average reward x100 / success rate, 95% bootstrap intervals over tasks; "
-                        "vs BC: paired difference, tasks up/down/same)")
-    table.add_column("stage", style="bold")
-    for split in EVAL_SPLITS:
-        table.add_column(f"{split} reward", justify="right")
-        table.add_column(f"{split} success", justify="right")
-        table.add_column(f"{split} vs BC", justify="right")
-    table.add_column("pairs win/tie/lose", justify="right")
-    for row in rows:
-        p = row.get("pairs")
-        table.add_row("BC" if row["model"] == "bc" else row["model"],
-                      *[v for split in EVAL_SPLITS for v in (_reward(row[split]), _success(row[split]),
-                                                             _vs_bc(row[split]))],
-                      f"{p['win']}/{p['tie']}/{p['lose']}" if p else "-")
-    return table
