@@ -41,6 +41,8 @@ _SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
 
 SCHEDULERS = ["constant_with_warmup", "cosine", "linear", "constant"]
+# DPO's log-prob layouts (etokit.train.logprobs); named here so that configs load without torch.
+BACKENDS = ("padded", "bucketed", "packed", "shared")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -97,6 +99,50 @@ class TrainConfig:
             raise EtokitError(f"warmup_ratio must be within [0, 1], got {self.warmup_ratio}")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise EtokitError(f"--output-dir {self.output_dir} exists and is not a folder")
+
+
+@dataclasses.dataclass(kw_only=True)
+class BCConfig(TrainConfig):
+    """`etokit train bc` (etokit.recipes.train_bc): behavioral cloning on expert trajectories."""
+
+    model: str = dataclasses.field(default="", metadata={"help": "base model: local folder or Hub repo"})
+    data: str = dataclasses.field(default="", metadata={"help": "trajectories: local .jsonl/.json/.parquet or Hub dataset repo"})
+    data_config: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset config (e.g. the env)"})
+    per_device_batch_size: int = dataclasses.field(default=4, metadata={"gt": 0})
+    gradient_accumulation_steps: int = dataclasses.field(default=1, metadata={"gt": 0})
+    revision: str = dataclasses.field(default="bc", metadata={"help": "branch + tag the checkpoint is pushed as"})
+
+
+@dataclasses.dataclass(kw_only=True)
+class DPOConfig(TrainConfig):
+    """`etokit train dpo` (etokit.recipes.train_dpo): DPO on contrastive pairs, ETO iteration 1's defaults."""
+
+    model: str = dataclasses.field(default="", metadata={"help": "policy to train: local folder or Hub repo (also the reference by default)"})
+    data: str = dataclasses.field(default="", metadata={"help": "pairs: local .jsonl/.json/.parquet file or Hub dataset repo"})
+    ref_model: str | None = dataclasses.field(default=None, metadata={"help": "reference if not --model (ETO: the policy that explored)"})
+    ref_model_revision: str | None = None
+    beta: float = dataclasses.field(default=0.1, metadata={"gt": 0, "help": "ETO: 0.1 at iteration 1, 0.5 later"})
+    learning_rate: float = dataclasses.field(default=1e-6, metadata={"gt": 0, "help": "ETO: 1e-6 at iteration 1, 5e-7 later"})
+    lr_scheduler: str = dataclasses.field(default="constant_with_warmup", metadata={"choices": SCHEDULERS})
+    warmup_ratio: float = dataclasses.field(default=0.1, metadata={"help": "fraction of steps"})
+    batch_size: int = dataclasses.field(default=32, metadata={"gt": 0, "help": "pairs per optimizer step, all processes together"})
+    backend: str = dataclasses.field(default="auto", metadata={"choices": ["auto", *BACKENDS],
+                                                   "help": "log-prob layout (auto: packed on CUDA, shared on CPU: each "
+                                                           "pair's common prefix computed once; bucketed = no sharing)"})
+    max_tokens_per_micro_batch: int | None = dataclasses.field(default=None, metadata={"gt": 0,
+                                                   "help": "token budget of one forward (padded size for bucketed, "
+                                                           "prefix counted once for shared); default 2048 on CPU, "
+                                                           "16384 on CUDA"})
+    micro_batch_size: int = dataclasses.field(default=2, metadata={"gt": 0, "help": "pairs per forward with --backend padded"})
+    lora_dropout: float = 0.0
+    ref_cache_dir: str | None = dataclasses.field(default=None, metadata={"help": "reference log-prob cache (default $HF_HOME/etokit/ref-logps)"})
+    revision: str | None = dataclasses.field(default=None, metadata={"help": "branch + tag of the pushed checkpoint, e.g. iter-1"})
+    iteration: int | None = dataclasses.field(default=None, metadata={"help": "ETO iteration, for the model card"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.push_to and not self.revision:
+            raise EtokitError("--push-to needs --revision (e.g. iter-1): each ETO iteration is its own revision")
 
 
 def parse_config(cls, argv=None):
