@@ -8,8 +8,90 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 from etokit.errors import EtokitError
+from etokit.train.config import BCConfig, DPOConfig
+
+# Recipe options the run sets for each stage, and where their value comes from: a section that sets
+# one is refused (the run would silently override it).
+RUN_SETS = {
+    "model": "the base model (base_model) for BC, the previous policy for DPO",
+    "model_revision": "base_model_revision",
+    "data": "the run's expert data (BC) and pairs of the iteration (DPO)",
+    **{name: "the run's own data files" for name in ("data_config", "data_split", "data_env", "data_revision")},
+    "expert_reward": "the run-level expert_reward",
+    "output_dir": "<run_dir>/models/<stage>",
+    "max_length": "the run-level max_length (both recipes)",
+    "seed": "the run-level seed",
+    "resume": "always on: a resumed run continues the stage's training",
+    **{name: "the run pushes each checkpoint itself (push_to, private)" for name in ("push_to", "revision", "private")},
+}
+DPO_RUN_SETS = {
+    **RUN_SETS,
+    "ref_model": "the policy that explored (ETO)", "ref_model_revision": "the policy that explored (ETO)",
+    "ref_cache_dir": "<run_dir>/ref-cache", "iteration": "the iteration",
+    "beta": "dpo_schedule.beta, per iteration", "learning_rate": "dpo_schedule.learning_rate, per iteration",
+}
+
+
+def _refuse_run_set(section, name: str, run_sets: dict[str, str]) -> None:
+    """The stage's fields that ``run_sets`` names must keep their defaults: the run sets them."""
+    for f in dataclasses.fields(section):
+        if f.name in run_sets and getattr(section, f.name) != (
+                f.default if f.default is not dataclasses.MISSING else f.default_factory()):
+            raise EtokitError(f"config key {name}.{f.name}: the run sets it ({run_sets[f.name]}); remove it")
+
+
+@dataclass(kw_only=True)
+class BCStage(BCConfig):
+    """The run's BC stage: the BC recipe's config with ETO's global batch of 64 (4 x 16) and no
+    tracker. Its RUN_SETS fields are the run's; they are filled in per stage (RunConfig.bc_config),
+    where the recipe's own checks run."""
+
+    gradient_accumulation_steps: int = field(default=16, metadata={"gt": 0})
+    report_to: str = "none"
+
+    def __post_init__(self):
+        _refuse_run_set(self, "bc", RUN_SETS)
+
+
+@dataclass(kw_only=True)
+class DPOStage(DPOConfig):
+    """The run's DPO stages: the DPO recipe's config with no tracker; beta and learning rate come
+    from the run's dpo_schedule, the other DPO_RUN_SETS fields from the run (RunConfig.dpo_config)."""
+
+    beta: float | None = field(default=None, metadata={"help": "per iteration: dpo_schedule.beta"})
+    learning_rate: float | None = field(default=None, metadata={"help": "per iteration: dpo_schedule.learning_rate"})
+    report_to: str = "none"
+
+    def __post_init__(self):
+        _refuse_run_set(self, "dpo", DPO_RUN_SETS)
+
+
+@dataclass
+class DPOSchedule:
+    """DPO's values per iteration: iteration k takes the k-th, the last one repeats (ETO: beta 0.1 and
+    lr 1e-6 at iteration 1, then 0.5 and 5e-7)."""
+
+    beta: list[float] = field(default_factory=lambda: [0.1, 0.5], metadata={"gt": 0})
+    learning_rate: list[float] = field(default_factory=lambda: [1e-6, 5e-7], metadata={"gt": 0})
+
+    def __post_init__(self):
+        for name in ("beta", "learning_rate"):
+            if not getattr(self, name):
+                raise EtokitError(f"--dpo-schedule.{name.replace('_', '-')} needs at least one value")
+
+    def at(self, k: int) -> tuple[float, float]:
+        """(beta, learning rate) of iteration ``k`` (1-based)."""
+        pick = lambda values: values[min(k, len(values)) - 1]  # noqa: E731
+        return pick(self.beta), pick(self.learning_rate)
+
+
+def _recipe_config(cls, section, **stage: Any):
+    """``cls`` (the recipe's config) from the run's ``section`` and the values the run sets for the
+    stage; the recipe's own checks run here."""
+    return cls(**{**dataclasses.asdict(section), **stage})
 
 
 @dataclass
@@ -48,24 +130,17 @@ class RunConfig:
     max_steps: int | None = field(default=None, metadata={"gt": 0, "help": "agent turns per episode (env default)"})
     icl: bool = field(default=True, metadata={"help": "the 1-shot example in exploration/evaluation prompts (paper: "
                                                       "on)"})
-    # behavioral cloning (official SFT script: lr 2e-5, 3 epochs, global batch 64, 3% warmup, cosine)
-    bc_learning_rate: float = field(default=2e-5, metadata={"gt": 0})
-    bc_num_epochs: int = field(default=3, metadata={"gt": 0})
-    bc_per_device_batch_size: int = field(default=4, metadata={"gt": 0})
-    bc_gradient_accumulation_steps: int = field(default=16, metadata={"gt": 0})
-    bc_warmup_ratio: float = 0.03
-    bc_lr_scheduler: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "constant",
-                                                                         "constant_with_warmup"]})
-    bc_max_steps: int | None = field(default=None, metadata={"gt": 0})
-    bc_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for the BC recipe (etokit.recipes.train_bc)"})
-    # DPO: per-iteration beta / lr lists, the last value repeats (ETO: 0.1 / 1e-6, then 0.5 / 5e-7)
-    dpo_beta: list[float] = field(default_factory=lambda: [0.1, 0.5], metadata={"gt": 0})
-    dpo_learning_rate: list[float] = field(default_factory=lambda: [1e-6, 5e-7], metadata={"gt": 0})
-    dpo_num_epochs: int = field(default=3, metadata={"gt": 0})
-    dpo_batch_size: int = field(default=32, metadata={"gt": 0})
-    dpo_warmup_ratio: float = 0.1
-    dpo_max_steps: int | None = field(default=None, metadata={"gt": 0})
-    dpo_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for the DPO recipe (etokit.recipes.train_dpo)"})
+    # The training stages: each recipe's own config (`etokit train bc` / `etokit train dpo` options, YAML
+    # sections `bc:` / `dpo:`, flags --bc.NAME / --dpo.NAME) with ETO's values; the run sets the data,
+    # models, output folders and pushes of each stage itself (RUN_SETS).
+    bc: BCStage = field(default_factory=lambda: BCStage(), metadata={
+        "help": "the BC recipe's options (etokit.recipes.train_bc; ETO's SFT script: lr 2e-5, 3 epochs, global "
+                "batch 4 x 16, 3% warmup, cosine)"})
+    dpo: DPOStage = field(default_factory=lambda: DPOStage(), metadata={
+        "help": "the DPO recipe's options (etokit.recipes.train_dpo; ETO: 3 epochs, 32 pairs a step, 10% warmup); "
+                "beta and learning rate per iteration in dpo_schedule"})
+    dpo_schedule: DPOSchedule = field(default_factory=lambda: DPOSchedule(), metadata={
+        "help": "DPO's beta and learning rate per iteration"})
     # contrastive pairs (paper App. B): "step" plays step-wise episodes from the expert's first t-1 steps
     # instead of whole episodes, "mixture" plays both and pairs both
     pairs_mode: str = field(default="trajectory", metadata={"choices": ["trajectory", "step", "mixture"]})
@@ -83,15 +158,21 @@ class RunConfig:
     accelerate_config: str | None = field(default=None, metadata={"help": "accelerate config file for training"})
     private: bool = False
 
+    # Keys of the flat config before the recipes' configs became its sections: an old YAML names the new key.
+    RENAMED: ClassVar[dict[str, str]] = {
+        **{f"bc_{name}": f"bc.{name}" for name in ("learning_rate", "num_epochs", "per_device_batch_size",
+                                                   "gradient_accumulation_steps", "warmup_ratio", "max_steps")},
+        "bc_lr_scheduler": "bc.lr_scheduler", "bc_args": "bc.*",
+        **{f"dpo_{name}": f"dpo.{name}" for name in ("num_epochs", "batch_size", "warmup_ratio", "max_steps")},
+        "dpo_beta": "dpo_schedule.beta", "dpo_learning_rate": "dpo_schedule.learning_rate", "dpo_args": "dpo.*",
+    }
+
     def __post_init__(self):
         for name in ("run_dir", "push_to"):
             if not getattr(self, name):
                 raise EtokitError(f"--{name.replace('_', '-')} is required")
         if self.push_to.count("/") != 1:
             raise EtokitError(f"--push-to must be NAMESPACE/NAME, got {self.push_to!r}")
-        for name in ("dpo_beta", "dpo_learning_rate"):
-            if not getattr(self, name):
-                raise EtokitError(f"--{name.replace('_', '-')} needs at least one value")
         if self.accelerate_config:
             from etokit.configs import resolve
 
@@ -121,8 +202,19 @@ class RunConfig:
 
     def dpo_hparams(self, k: int) -> tuple[float, float]:
         """(beta, learning rate) of iteration ``k`` (1-based)."""
-        pick = lambda values: values[min(k, len(values)) - 1]  # noqa: E731
-        return pick(self.dpo_beta), pick(self.dpo_learning_rate)
+        return self.dpo_schedule.at(k)
+
+    def bc_config(self, **stage: Any) -> BCConfig:
+        """The BC recipe's config for the run's BC stage: the ``bc`` section, the run-level
+        ``max_length`` / ``seed``, resumable, and ``stage`` (model, data, output_dir, ...)."""
+        return _recipe_config(BCConfig, self.bc, max_length=self.max_length, seed=self.seed, resume=True, **stage)
+
+    def dpo_config(self, k: int, **stage: Any) -> DPOConfig:
+        """The DPO recipe's config for iteration ``k``: the ``dpo`` section with the iteration's beta and
+        learning rate, the run-level ``max_length`` / ``seed``, resumable, and ``stage``."""
+        beta, learning_rate = self.dpo_hparams(k)
+        return _recipe_config(DPOConfig, self.dpo, beta=beta, learning_rate=learning_rate, iteration=k,
+                              max_length=self.max_length, seed=self.seed, resume=True, **stage)
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -190,17 +190,9 @@ class Run:
         cfg, out = self.cfg, self.dir / "models" / "bc"
         model = str(self.dir / base["model"]) if not Path(base["model"]).is_absolute() and \
             (self.dir / base["model"]).exists() else base["model"]
-        args = ["--model", model, "--data", str(self.dir / self.manifest.get("expert")["file"]),
-                "--output-dir", str(out), "--learning-rate", repr(cfg.bc_learning_rate),
-                "--num-epochs", str(cfg.bc_num_epochs), "--per-device-batch-size", str(cfg.bc_per_device_batch_size),
-                "--gradient-accumulation-steps", str(cfg.bc_gradient_accumulation_steps),
-                "--warmup-ratio", repr(cfg.bc_warmup_ratio), "--lr-scheduler", cfg.bc_lr_scheduler,
-                "--max-length", str(cfg.max_length), "--seed", str(cfg.seed), "--report-to", "none", "--resume"]
-        if base.get("revision"):
-            args += ["--model-revision", base["revision"]]
-        if cfg.bc_max_steps:
-            args += ["--max-steps", str(cfg.bc_max_steps)]
-        self._launch("bc", args + list(cfg.bc_args), out)
+        recipe = cfg.bc_config(model=model, model_revision=base.get("revision"),
+                               data=str(self.dir / self.manifest.get("expert")["file"]), output_dir=str(out))
+        self._launch("bc", recipe, out)
         return {"model": _rel(out, self.dir), "weights_sha256": _weights_digest(out)}
 
     def explore(self, k: int, policy: str) -> dict[str, Any]:
@@ -265,14 +257,9 @@ class Run:
             return {"model": _rel(out, self.dir), "reference": previous, "beta": beta, "learning_rate": lr,
                     "skipped": "no pairs", "weights_sha256": _weights_digest(out)}
         # The reference is the policy that explored (train_dpo's default: --model itself).
-        args = ["--model", str(policy), "--data", str(self.dir / pairs["file"]), "--output-dir", str(out),
-                "--beta", repr(beta), "--learning-rate", repr(lr), "--num-epochs", str(cfg.dpo_num_epochs),
-                "--batch-size", str(cfg.dpo_batch_size), "--warmup-ratio", repr(cfg.dpo_warmup_ratio),
-                "--max-length", str(cfg.max_length), "--seed", str(cfg.seed), "--iteration", str(k),
-                "--ref-cache-dir", str(self.dir / "ref-cache"), "--report-to", "none", "--resume"]
-        if cfg.dpo_max_steps:
-            args += ["--max-steps", str(cfg.dpo_max_steps)]
-        self._launch("dpo", args + list(cfg.dpo_args), out)
+        recipe = cfg.dpo_config(k, model=str(policy), data=str(self.dir / pairs["file"]), output_dir=str(out),
+                                ref_cache_dir=str(self.dir / "ref-cache"))
+        self._launch("dpo", recipe, out)
         return {"model": _rel(out, self.dir), "reference": previous, "beta": beta, "learning_rate": lr,
                 "weights_sha256": _weights_digest(out)}
 
@@ -301,16 +288,16 @@ class Run:
             f.write((chart + "\n").encode())
         if k is None:
             stage, data = "behavioral cloning (SFT)", [(cfg.datasets["expert"], cfg.env, "train", None)]
-            hp = {"learning_rate": cfg.bc_learning_rate, "num_epochs": cfg.bc_num_epochs,
-                  "global_batch_size": cfg.bc_per_device_batch_size * cfg.bc_gradient_accumulation_steps,
-                  "warmup_ratio": cfg.bc_warmup_ratio, "lr_scheduler": cfg.bc_lr_scheduler}
+            hp = {"learning_rate": cfg.bc.learning_rate, "num_epochs": cfg.bc.num_epochs,
+                  "global_batch_size": cfg.bc.per_device_batch_size * cfg.bc.gradient_accumulation_steps,
+                  "warmup_ratio": cfg.bc.warmup_ratio, "lr_scheduler": cfg.bc.lr_scheduler}
             base = cfg.base_model or None  # the card says "initialized from scratch" for init-model
         else:
             trained = self.manifest.get(f"dpo-{k}")
             stage, data = "ETO (DPO on contrastive trajectory pairs)", [(cfg.datasets["pairs"], cfg.env, f"iter_{k}", None)]
-            hp = {"beta": trained["beta"], "learning_rate": trained["learning_rate"], "num_epochs": cfg.dpo_num_epochs,
-                  "batch_size": cfg.dpo_batch_size, "warmup_ratio": cfg.dpo_warmup_ratio,
-                  "lr_scheduler": "constant_with_warmup", "reference_model": f"{cfg.push_to}@{trained['reference']}"}
+            hp = {"beta": trained["beta"], "learning_rate": trained["learning_rate"], "num_epochs": cfg.dpo.num_epochs,
+                  "batch_size": cfg.dpo.batch_size, "warmup_ratio": cfg.dpo.warmup_ratio,
+                  "lr_scheduler": cfg.dpo.lr_scheduler, "reference_model": f"{cfg.push_to}@{trained['reference']}"}
             if trained.get("skipped"):
                 hp["note"] = "no contrastive pairs: weights of the previous iteration"
             base = f"{cfg.push_to}@{trained['reference']}"
@@ -387,12 +374,17 @@ class Run:
         faultpoint("play.before-sort")
         _sort_by_task(out, tasks)
 
-    def _launch(self, recipe: str, args: list[str], out: Path) -> None:
+    def _launch(self, recipe: str, config, out: Path) -> None:
+        """Train ``recipe`` ("bc" / "dpo") with its ``config`` into ``out``: the config is written
+        next to the stage's folder (``models/<stage>.yaml``) and the recipe reads it with --config."""
         from etokit.recipes.launch import recipe_command
+        from etokit.train.config import write_config
 
-        # One process needs no launcher (Accelerator() alone sets it up); an accelerate config gets it.
-        cmd = recipe_command(recipe, args, accelerate_config=self.cfg.accelerate_config, launcher=False)
         out.mkdir(parents=True, exist_ok=True)
+        config_file = write_config(config, out.parent / f"{out.name}.yaml")
+        # One process needs no launcher (Accelerator() alone sets it up); an accelerate config gets it.
+        cmd = recipe_command(recipe, ["--config", str(config_file)], accelerate_config=self.cfg.accelerate_config,
+                             launcher=False)
         log = out / "launch.log"
         # The trainer must not outlive this process: an orphan still writing to `out` while a
         # resumed run trains there again would interleave two runs' checkpoints. Every rank
