@@ -26,7 +26,6 @@ their distributed setup, and this loop stays a plain single process that drives 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -236,10 +235,7 @@ class Run:
         if not _count_lines(path):  # e.g. an iteration whose episodes all tied with the expert
             return {"repo": repo, "split": split, "rows": 0, "skipped": "no rows"}
         records = load_records(path, "pair" if card == "pairs" else "trajectory")
-        head = _published(repo, self.cfg.env, split, records.records)
-        if head is not None:  # pushed before a crash, not yet recorded: pushing again would add a card commit
-            return {"repo": repo, "config": self.cfg.env, "split": split, "rows": len(records), "data_commit": head,
-                    "card_commit": head}
+        # Pushed before a crash but not recorded: push_dataset finds it on the Hub and commits nothing.
         result = push_dataset(records, repo, card=card, config_name=self.cfg.env, split=split,
                               private=self.cfg.private, ties=ties)
         return {"repo": repo, "config": result.config_name, "split": split, "rows": result.rows,
@@ -401,28 +397,6 @@ class Run:
             # An outage in the recipe (its push) stays an outage for whoever runs the loop.
             error = ServiceUnavailable if done.returncode == ServiceUnavailable.exit_code else EtokitError
             raise error(f"the {recipe.upper()} recipe failed (exit {done.returncode}): {tail[0]} (full log: {log})")
-
-
-def _published(repo: str, config: str, split: str, records) -> str | None:
-    """The head commit of dataset ``repo`` if it already holds exactly ``records`` as
-    ``config``/``split`` with its card entry, else None."""
-    import datasets
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from etokit.data import to_dataset
-    from etokit.hub.publish import STATS_FILE
-
-    api = HfApi()
-    try:
-        head = api.dataset_info(repo).sha
-        stats = json.loads(Path(api.hf_hub_download(repo, STATS_FILE, repo_type="dataset", revision=head)).read_text())
-        if split not in stats.get(config, {}):
-            return None
-        remote = datasets.load_dataset(repo, config, split=split, revision=head)
-    except (HfHubHTTPError, OSError, ValueError):  # no repo, no card, no such split yet
-        return None
-    return head if remote.to_list() == to_dataset(records).to_list() else None
 
 
 def _train_stage(policy: str) -> str:
