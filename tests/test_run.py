@@ -255,8 +255,6 @@ def test_resume_refuses_a_changed_config(tmp_path):
     ("push_to: ns/agent\nrun_dir: r\nenv: nethack\n", [], "--env 'nethack'"),
     ("run_dir: r\n", [], "--push-to is required"),
     # the keys of the flat config before the recipes' configs became sections name their new place
-    ("push_to: ns/agent\nrun_dir: r\nbc_learning_rate: 1.0e-5\n", [],
-     "config key 'bc_learning_rate' in "),
     ("push_to: ns/agent\nrun_dir: r\nbc_learning_rate: 1.0e-5\n", [], "is now 'bc.learning_rate' (YAML `bc: {learning_rate: ...}`)"),
     ("push_to: ns/agent\nrun_dir: r\n", ["--dpo-beta", "0.1"], "--dpo-beta on the command line is now --dpo-schedule.beta"),
     ("push_to: ns/agent\nrun_dir: r\ndpo_args: [--lora]\n", [], "every option of that recipe is a key of the 'dpo' section"),
