@@ -1,5 +1,10 @@
-"""`etokit run`'s config: what the run does (env, data, iterations, exploration, pairs) and the
-config hash a resumed run must match."""
+"""`etokit run`'s config: what the run does (env, data, iterations, exploration, pairs), the
+training recipes' own configs as its sections ``bc`` / ``dpo`` with DPO's per-iteration
+``dpo_schedule``, and the config hash a resumed run must match.
+
+The run makes each stage's recipe config from its section (:meth:`RunConfig.bc_config`,
+:meth:`RunConfig.dpo_config`) and launches the recipe on it; the fields it fills in itself
+(``RUN_SETS``) are refused in a section."""
 
 from __future__ import annotations
 
@@ -133,13 +138,13 @@ class RunConfig:
     # The training stages: each recipe's own config (`etokit train bc` / `etokit train dpo` options, YAML
     # sections `bc:` / `dpo:`, flags --bc.NAME / --dpo.NAME) with ETO's values; the run sets the data,
     # models, output folders and pushes of each stage itself (RUN_SETS).
-    bc: BCStage = field(default_factory=lambda: BCStage(), metadata={
+    bc: BCStage = field(default_factory=BCStage, metadata={
         "help": "the BC recipe's options (etokit.recipes.train_bc; ETO's SFT script: lr 2e-5, 3 epochs, global "
                 "batch 4 x 16, 3% warmup, cosine)"})
-    dpo: DPOStage = field(default_factory=lambda: DPOStage(), metadata={
+    dpo: DPOStage = field(default_factory=DPOStage, metadata={
         "help": "the DPO recipe's options (etokit.recipes.train_dpo; ETO: 3 epochs, 32 pairs a step, 10% warmup); "
                 "beta and learning rate per iteration in dpo_schedule"})
-    dpo_schedule: DPOSchedule = field(default_factory=lambda: DPOSchedule(), metadata={
+    dpo_schedule: DPOSchedule = field(default_factory=DPOSchedule, metadata={
         "help": "DPO's beta and learning rate per iteration"})
     # contrastive pairs (paper App. B): "step" plays step-wise episodes from the expert's first t-1 steps
     # instead of whole episodes, "mixture" plays both and pairs both
@@ -218,7 +223,8 @@ class RunConfig:
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """What the stages' outputs depend on. ``iterations`` and ``early_stopping`` are left out: a
-    finished run can be extended with more iterations on --resume."""
+    """What the stages' outputs depend on: every key, the options of the `bc` / `dpo` sections and the
+    DPO schedule included. ``iterations`` and ``early_stopping`` are left out: a finished run can be
+    extended with more iterations on --resume."""
     data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("iterations", "early_stopping")}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
