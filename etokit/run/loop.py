@@ -7,10 +7,11 @@ DPO, each policy evaluated on test-seen / test-unseen and published to the Hub.
 Every stage, once done, is recorded in ``<run_dir>/manifest.json`` (written atomically) with its
 outputs (files, commit shas, metrics). ``resume=True`` skips the recorded stages and re-runs the
 first incomplete one, which picks up its own partial work: trajectory files are appended to and
-skip the episodes already in them, and the training scripts are always launched with ``--resume``
-(no state checkpoint means a fresh start). Every stage is deterministic given the seeds, so a
+skip the episodes already in them, and the training recipes always run with ``resume`` on (their
+config, made from the run's ``bc`` / ``dpo`` section, is written to ``models/<stage>.yaml``; no
+state checkpoint means a fresh start). Every stage is deterministic given the seeds, so a
 resumed run ends with the outputs of an uninterrupted one, and re-pushing the same content makes
-no new Hub commit.
+no new Hub commit (etokit.hub.publish.on_hub, the check every push makes).
 
 Crash safety (tests/test_faults_crash.py SIGKILLs the run at points in every stage): every file a
 later stage or a resumed run reads is either written atomically (temp file, fsync, rename: the
