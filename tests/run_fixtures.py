@@ -1,5 +1,5 @@
 """A fake `etokit run` folder (manifest, config, evaluation episodes, pair files, training logs),
-written in the layout etokit/run.py makes, for report tests that must not train anything."""
+written in the layout etokit/run/ makes, for report tests that must not train anything."""
 
 from __future__ import annotations
 

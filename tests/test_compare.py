@@ -136,7 +136,7 @@ def fake_run(tmp_path: Path, stages: dict[str, dict[str, dict[str, float]]], *, 
             played = [trajectory(t, r, split=split, source="explore") for t, r in rewards.items()]
             file = run.dir / "eval" / name / f"{split}.jsonl"
             write_jsonl(file, played)
-            from etokit.run import _eval_outputs
+            from etokit.run.report import _eval_outputs
 
             outputs[split] = {"file": f"eval/{name}/{split}.jsonl", **_eval_outputs(played)}
             if not per_task_in_manifest:  # as recorded before per-task results and intervals were kept
@@ -147,7 +147,7 @@ def fake_run(tmp_path: Path, stages: dict[str, dict[str, dict[str, float]]], *, 
 
 @pytest.mark.parametrize("per_task_in_manifest", [True, False])
 def test_run_rows_carry_per_task_results_and_the_paired_difference_from_bc(tmp_path, per_task_in_manifest):
-    from etokit.run import _card_row, reward_chart, results_table
+    from etokit.run.report import _card_row, reward_chart, results_table
 
     a, b = two_point_panels()
     unseen = {t: 0.5 for t in a}

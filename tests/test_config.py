@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -103,3 +104,47 @@ def test_help_lists_fields(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--learning-rate" in out and "--gradient-checkpointing" in out
+
+
+@dataclass
+class Outer:
+    """A config with a section (a field holding a config class) and a key that was renamed."""
+
+    name: str = "run"
+    train: Cfg = field(default_factory=Cfg)
+    RENAMED: ClassVar[dict[str, str]] = {"train_learning_rate": "train.learning_rate", "train_args": "train.*"}
+
+
+def test_sections_take_yaml_mappings_and_dotted_flags(tmp_path):
+    path = write(tmp_path, {"name": "x", "train": {"learning_rate": "1e-5", "num_epochs": 5, "lora": True}})
+    cfg = parse_config(Outer, ["--config", path, "--train.num-epochs", "7", "--train.no-lora", "--train.targets", "a",
+                               "b", "--train.max_steps=4"])
+    assert isinstance(cfg.train, Cfg) and cfg.name == "x"
+    assert cfg.train.learning_rate == 1e-5      # YAML over the section's default
+    assert cfg.train.num_epochs == 7            # flag over YAML, the YAML's other keys kept
+    assert cfg.train.lora is False and cfg.train.targets == ["a", "b"] and cfg.train.max_steps == 4
+    assert cfg.train.warmup_ratio == 0.03 and cfg.train.model == "base"  # untouched defaults
+    assert parse_config(Outer, []).train == Cfg()
+    # the resolved config round-trips, section included
+    assert load_config(Outer, save_config(cfg, tmp_path / "out")) == cfg
+
+
+@pytest.mark.parametrize("argv, data, match", [
+    (["--train.learning-rat", "1e-5"], None, r"unknown config key --train.learning-rat .*did you mean --train.learning-rate"),
+    (["--train.num-epochs", "2.5"], None, r"--train.num-epochs.*must be an integer"),
+    (["--train.learning-rate", "0"], None, r"--train.learning-rate.*must be > 0"),
+    (["--train", "1"], None, r"--train is a section: set its keys as --train.NAME VALUE"),
+    (["--train.no-model"], None, r"--train.no-model only applies to a boolean"),
+    ([], {"train": {"epochs": 3}}, r"unknown config key 'train.epochs' in .*c.yaml"),
+    ([], {"train": {"scheduler": "linear"}}, r"'train.scheduler' in .*c.yaml must be one of cosine, constant"),
+    ([], {"train": 3}, r"'train' in .*c.yaml must be a mapping of Cfg keys"),
+    # keys that were renamed name their new place
+    ([], {"train_learning_rate": 1e-5}, r"'train_learning_rate' in .*c.yaml is now 'train.learning_rate' "
+                                        r"\(YAML `train: \{learning_rate: ...\}`\)"),
+    (["--train-learning-rate", "1e-5"], None, r"--train-learning-rate on the command line is now --train.learning-rate"),
+    ([], {"train_args": ["--lora"]}, r"'train_args' in .*c.yaml was removed: every option of that recipe is a key of "
+                                     r"the 'train' section"),
+])
+def test_bad_section_keys_name_the_key(tmp_path, argv, data, match):
+    with pytest.raises(EtokitError, match=match):
+        parse_config(Outer, (["--config", write(tmp_path, data)] if data is not None else []) + argv)

@@ -368,7 +368,8 @@ def test_a_run_dir_in_use_is_refused(tmp_path):
     from test_run import make_config
 
     from etokit.errors import EtokitError
-    from etokit.run import LOCK, Run, _RunLock
+    from etokit.run import Run
+    from etokit.run.manifest import LOCK, _RunLock
 
     run = Run(make_config(tmp_path / "r", "ns/x"))
     with _RunLock(tmp_path / "r" / LOCK):  # as another live `etokit run` holds it

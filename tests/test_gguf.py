@@ -322,7 +322,7 @@ def test_smollm2_one_short_eto_iteration(smollm2, hub, repo_name, tmp_path):
         "--config", str(ROOT / "etokit" / "configs" / "demo-smollm2.yaml"), "--base-model", str(smollm2),
         "--run-dir", str(tmp_path / "run"), "--push-to", repo_name, "--train-tasks", "2", "--eval-tasks", "1",
         "--iterations", "1", "--max-steps", "3", "--max-new-tokens", "24", "--explore-batch-size", "2",
-        "--bc-num-epochs", "1", "--dpo-batch-size", "2", "--max-length", "1536"])
+        "--bc.num-epochs", "1", "--dpo.batch-size", "2", "--max-length", "1536"])
     start = time.monotonic()
     rows = Run(cfg).run()
     print(f"one ETO iteration on SmolLM2-135M (LoRA): {time.monotonic() - start:.0f}s")

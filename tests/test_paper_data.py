@@ -201,9 +201,9 @@ def test_etokit_run_takes_the_published_data_and_explores_with_its_instruction(h
     cfg = parse_config(RunConfig, [
         "--env", "scienceworld", "--expert-data", data_repo, "--run-dir", str(tmp_path / "run"), "--push-to", repo_name,
         "--train-tasks", "2", "--eval-tasks", "1", "--iterations", "1", "--max-steps", "2", "--max-new-tokens", "8",
-        "--explore-batch-size", "2", "--no-icl", "--bc-num-epochs", "1", "--bc-per-device-batch-size", "2",
-        "--bc-gradient-accumulation-steps", "1", "--bc-learning-rate", "1e-3", "--dpo-num-epochs", "1",
-        "--dpo-batch-size", "2", "--dpo-learning-rate", "1e-3", "--max-length", "1024"])
+        "--explore-batch-size", "2", "--no-icl", "--bc.num-epochs", "1", "--bc.per-device-batch-size", "2",
+        "--bc.gradient-accumulation-steps", "1", "--bc.learning-rate", "1e-3", "--dpo.num-epochs", "1",
+        "--dpo.batch-size", "2", "--dpo-schedule.learning-rate", "1e-3", "--max-length", "1024"])
     run = Run(cfg)
     run.run()
     experts = read_jsonl(tmp_path / "run" / run.manifest.get("expert")["file"], "trajectory")

@@ -189,3 +189,62 @@ def test_help_shows_examples():
         r = runner.invoke(app, [cmd, "--help"])
         assert r.exit_code == 0
         assert "Examples" in r.output and f"etokit {cmd}" in r.output
+
+
+def test_a_split_is_published_only_with_its_rows_its_card_and_its_stats_entry(hub, repo_name, tmp_path):
+    """`etokit push-*` and `etokit run` (which re-pushes whatever a crash left unrecorded) ask the Hub
+    one question, etokit.hub.publish.on_hub: the same rows, the split in the card's configs and our
+    stats entry. Rows without the entry (a crash before the card commit) or rows and entry without
+    the card's config (a card edited since) are not published: the push completes what is missing."""
+    from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, HfApi, hf_hub_download
+
+    from etokit.data import load_records, to_dataset
+    from etokit.hub.publish import STATS_FILE, _split_entry, on_hub
+    from etokit.run import Run, RunConfig
+
+    env = "textworld-express"
+    api = HfApi()
+    path = tmp_path / "expert.jsonl"
+    write_jsonl(path, [trajectory(f"t{i}", reward=1.0, n_steps=2) for i in range(3)])
+    records = load_records(path, "trajectory")
+    run = Run(RunConfig(run_dir=str(tmp_path / "run"), push_to=repo_name, env=env))
+    repo = run.cfg.datasets["expert"]
+
+    def state():
+        return on_hub(api, repo, "main", env, "train", to_dataset(records.records), _split_entry(records, "expert", None))
+
+    def read(filename):
+        return open(hf_hub_download(repo, filename, repo_type="dataset"), encoding="utf-8").read()
+
+    def replace(filename, text):
+        api.create_commit(repo, [CommitOperationAdd(filename, text.encode())], commit_message=f"edit {filename}",
+                          repo_type="dataset")
+
+    first = run.push("expert", path, "train")
+    assert state().published and state().head == first["card_commit"]
+    commits = api.list_repo_commits(repo, repo_type="dataset")
+    repeat = run.push("expert", path, "train")  # published: nothing committed, the head recorded
+    assert repeat["data_commit"] == repeat["card_commit"] == first["card_commit"]
+    assert api.list_repo_commits(repo, repo_type="dataset") == commits
+
+    # The rows, not the stats entry: the push makes the card commit only.
+    stats = json.loads(read(STATS_FILE))
+    del stats[env]["train"]
+    replace(STATS_FILE, json.dumps(stats))
+    broken = state()
+    assert broken.rows and not broken.card and not broken.published
+    again = run.push("expert", path, "train")
+    assert again["data_commit"] == broken.head != again["card_commit"]
+    assert state().published
+
+    # The rows and the stats entry, the split gone from the card's configs: pushed again.
+    card = DatasetCard(read("README.md"))
+    meta = card.data.to_dict()
+    meta["configs"] = [c for c in meta["configs"] if c["config_name"] != env]
+    card.data = DatasetCardData(**meta)
+    replace("README.md", str(card))
+    broken = state()
+    assert broken.card and not broken.rows and not broken.published
+    third = run.push("expert", path, "train")
+    assert third["data_commit"] != broken.head and state().published
+    assert from_dataset(load(repo, env, "train"), "trajectory") == records.records

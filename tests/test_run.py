@@ -21,10 +21,10 @@ ENV = "textworld-express"
 # Small enough for CI (~1 minute a run on 2 cores), large enough that every stage does real work.
 # A state checkpoint after every training step (of 2), so a killed BC/DPO resumes mid-training.
 FLAGS = ["--train-tasks", "3", "--eval-tasks", "1", "--iterations", "1", "--max-steps", "2", "--max-new-tokens", "16",
-         "--explore-batch-size", "1", "--no-icl", "--bc-num-epochs", "1", "--bc-per-device-batch-size", "2",
-         "--bc-gradient-accumulation-steps", "1", "--bc-learning-rate", "1e-3", "--dpo-num-epochs", "1",
-         "--dpo-batch-size", "2", "--dpo-learning-rate", "1e-3", "--max-length", "1024",
-         "--bc-args=--save-steps,1", "--dpo-args=--save-steps,1"]
+         "--explore-batch-size", "1", "--no-icl", "--bc.num-epochs", "1", "--bc.per-device-batch-size", "2",
+         "--bc.gradient-accumulation-steps", "1", "--bc.learning-rate", "1e-3", "--dpo.num-epochs", "1",
+         "--dpo.batch-size", "2", "--dpo-schedule.learning-rate", "1e-3", "--max-length", "1024",
+         "--bc.save-steps", "1", "--dpo.save-steps", "1"]
 STAGES = ["expert", "push-expert", "init-model", "bc", "eval-bc", "push-bc", "explore-1", "pairs-1", "push-explore-1",
           "push-pairs-1", "dpo-1", "eval-iter-1", "push-iter-1"]
 
@@ -250,10 +250,18 @@ def test_resume_refuses_a_changed_config(tmp_path):
 @pytest.mark.parametrize("yaml_text, flags, message", [
     ("push_to: ns/agent\nrun_dir: r\nbogus_key: 1\n", [], "unknown config key 'bogus_key'"),
     ("push_to: ns/agent\nrun_dir: r\n", ["--dpo-betas", "0.1"], "unknown config key --dpo-betas"),
-    ("push_to: ns/agent\nrun_dir: r\ndpo_beta: [0.1, 0]\n", [], "must be > 0, got 0"),
+    ("push_to: ns/agent\nrun_dir: r\ndpo_schedule: {beta: [0.1, 0]}\n", [], "must be > 0, got 0"),
     ("push_to: agent\nrun_dir: r\n", [], "--push-to must be NAMESPACE/NAME"),
     ("push_to: ns/agent\nrun_dir: r\nenv: nethack\n", [], "--env 'nethack'"),
     ("run_dir: r\n", [], "--push-to is required"),
+    # the keys of the flat config before the recipes' configs became sections name their new place
+    ("push_to: ns/agent\nrun_dir: r\nbc_learning_rate: 1.0e-5\n", [], "is now 'bc.learning_rate' (YAML `bc: {learning_rate: ...}`)"),
+    ("push_to: ns/agent\nrun_dir: r\n", ["--dpo-beta", "0.1"], "--dpo-beta on the command line is now --dpo-schedule.beta"),
+    ("push_to: ns/agent\nrun_dir: r\ndpo_args: [--lora]\n", [], "every option of that recipe is a key of the 'dpo' section"),
+    # what the run sets for each stage is not a key of its section
+    ("push_to: ns/agent\nrun_dir: r\nbc: {output_dir: elsewhere}\n", [], "config key bc.output_dir: the run sets it"),
+    ("push_to: ns/agent\nrun_dir: r\n", ["--dpo.beta", "0.3"], "config key dpo.beta: the run sets it (dpo_schedule.beta"),
+    ("push_to: ns/agent\nrun_dir: r\ndpo_schedule: {beta: []}\n", [], "--dpo-schedule.beta needs at least one value"),
 ])
 def test_config_errors_are_one_line_exit_2(tmp_path, yaml_text, flags, message):
     from typer.testing import CliRunner
@@ -270,10 +278,97 @@ def test_config_errors_are_one_line_exit_2(tmp_path, yaml_text, flags, message):
 
 
 def test_dpo_hyperparameters_per_iteration():
+    from etokit.run.config import DPOSchedule
+
     cfg = RunConfig(run_dir="r", push_to="ns/a")
     assert [cfg.dpo_hparams(k) for k in (1, 2, 3)] == [(0.1, 1e-6), (0.5, 5e-7), (0.5, 5e-7)]
-    cfg = RunConfig(run_dir="r", push_to="ns/a", dpo_beta=[0.2], dpo_learning_rate=[1e-5, 2e-6, 3e-7])
+    cfg = RunConfig(run_dir="r", push_to="ns/a", dpo_schedule=DPOSchedule(beta=[0.2], learning_rate=[1e-5, 2e-6, 3e-7]))
     assert [cfg.dpo_hparams(k) for k in (1, 2, 4)] == [(0.2, 1e-5), (0.2, 2e-6), (0.2, 3e-7)]
+
+
+def test_the_run_launches_each_recipe_with_its_section(tmp_path, monkeypatch):
+    """The `bc` / `dpo` sections reach the recipes as their own config (models/<stage>.yaml, read
+    with --config), with what the run sets per stage: data, model, output folder, the iteration's
+    beta / learning rate, the run's max_length and seed, --resume. No training here: the launch is
+    caught."""
+    import subprocess
+
+    from etokit.train.config import BCConfig, DPOConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("bc: {learning_rate: 1.0e-4, lora: true, save_steps: 3}\ndpo: {batch_size: 8, backend: bucketed}\n"
+                    "dpo_schedule: {beta: [0.2, 0.4], learning_rate: [1.0e-5, 2.0e-6]}\nmax_length: 1024\nseed: 7\n")
+    cfg = parse_config(RunConfig, ["--config", str(path), "--run-dir", str(tmp_path / "r"), "--push-to", "ns/a",
+                                   "--bc.num-epochs", "5", "--dpo.no-lora", "--dpo.warmup-ratio", "0"])
+    launched = []
+
+    def launch(cmd, **kwargs):
+        launched.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr("etokit.run.loop.subprocess.run", launch)
+    run = Run(cfg)
+    run.manifest.done("expert", {"file": "data/expert.jsonl"}, 0.0)
+    run.manifest.done("dpo-1", {"model": "models/iter-1"}, 0.0)
+    run.bc({"model": "me/base", "revision": "v1"})
+    run.dpo(2, "iter-1", {"file": "data/pairs_iter2.jsonl", "stats": {"pairs": 4}})
+
+    (bc_cmd, dpo_cmd) = launched
+    assert bc_cmd[-2:] == ["--config", str(tmp_path / "r" / "models" / "bc.yaml")]
+    bc = parse_config(BCConfig, bc_cmd[-2:])
+    assert (bc.learning_rate, bc.num_epochs, bc.lora, bc.save_steps) == (1e-4, 5, True, 3)  # the section
+    assert (bc.per_device_batch_size, bc.gradient_accumulation_steps, bc.warmup_ratio, bc.lr_scheduler,
+            bc.report_to) == (4, 16, 0.03, "cosine", "none")  # ETO's, as before
+    assert (bc.model, bc.model_revision, bc.data, bc.output_dir) == (
+        "me/base", "v1", str(tmp_path / "r" / "data" / "expert.jsonl"), str(tmp_path / "r" / "models" / "bc"))
+    assert (bc.max_length, bc.seed, bc.resume, bc.push_to) == (1024, 7, True, None)
+
+    assert dpo_cmd[-2:] == ["--config", str(tmp_path / "r" / "models" / "iter-2.yaml")]
+    dpo = parse_config(DPOConfig, dpo_cmd[-2:])
+    assert (dpo.beta, dpo.learning_rate, dpo.iteration) == (0.4, 2e-6, 2)  # dpo_schedule at iteration 2
+    assert (dpo.batch_size, dpo.backend, dpo.lora, dpo.warmup_ratio, dpo.num_epochs, dpo.lr_scheduler) == (
+        8, "bucketed", False, 0.0, 3, "constant_with_warmup")
+    assert (dpo.model, dpo.ref_model, dpo.data, dpo.ref_cache_dir) == (
+        str(tmp_path / "r" / "models" / "iter-1"), None, str(tmp_path / "r" / "data" / "pairs_iter2.jsonl"),
+        str(tmp_path / "r" / "ref-cache"))
+    assert (dpo.max_length, dpo.seed, dpo.resume, dpo.report_to) == (1024, 7, True, "none")
+
+
+def _changed(value, f):
+    """Another valid value of field ``f``."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1 if f.metadata.get("max") is None and f.metadata.get("lt") is None else value / 2 + 0.01
+    if isinstance(value, list):
+        return [*value, value[-1] if value else "x"]
+    choices = f.metadata.get("choices")
+    if choices:
+        return next(c for c in choices if c != value)
+    return "eager" if value is None else value + "x"
+
+
+def test_config_hash_changes_with_every_training_hyperparameter():
+    """A resumed run must match its config: a change to any option of the BC / DPO sections or of the
+    DPO schedule is a different config (only what the run sets itself is left out)."""
+    import dataclasses
+
+    from etokit.run.config import DPO_RUN_SETS, RUN_SETS, config_hash
+
+    cfg = RunConfig(run_dir="r", push_to="ns/a")
+    base = config_hash(cfg)
+    checked = []
+    for section, run_sets in (("bc", RUN_SETS), ("dpo", DPO_RUN_SETS), ("dpo_schedule", {})):
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(values):
+            if f.name in run_sets:
+                continue
+            changed = dataclasses.replace(values, **{f.name: _changed(getattr(values, f.name), f)})
+            assert config_hash(dataclasses.replace(cfg, **{section: changed})) != base, f"{section}.{f.name}"
+            checked.append(f"{section}.{f.name}")
+    assert {"bc.learning_rate", "bc.num_epochs", "bc.gradient_accumulation_steps", "bc.lora", "dpo.batch_size",
+            "dpo.warmup_ratio", "dpo_schedule.beta", "dpo_schedule.learning_rate"} <= set(checked)
+    assert config_hash(dataclasses.replace(cfg, iterations=5)) == base  # more iterations: the same run, extended
 
 
 def test_paper_configs_parse():
@@ -284,7 +379,7 @@ def test_paper_configs_parse():
         cfg = parse_config(RunConfig, ["--config", str(shipped()[name]), "--push-to", "ns/a", "--run-dir", "r"])
         if name != "demo":
             assert cfg.dpo_hparams(1) == (0.1, 1e-6) and cfg.dpo_hparams(2) == (0.5, 5e-7)
-            assert cfg.bc_per_device_batch_size * cfg.bc_gradient_accumulation_steps == 64
+            assert cfg.bc.per_device_batch_size * cfg.bc.gradient_accumulation_steps == 64
 
 
 def test_two_iterations_explore_with_and_reference_the_previous_policy(hub, tmp_path, monkeypatch):
@@ -312,12 +407,12 @@ def test_two_iterations_explore_with_and_reference_the_previous_policy(hub, tmp_
     monkeypatch.setattr(Run, "_unseen", lambda self, name: unseen[name])
     # FLAGS with 2 train tasks, 3 iterations, no mid-training checkpoints (not what is tested here) and no
     # warmup (2 pairs make one DPO step, which a warmup would take at learning rate 0).
-    flags = [f for f in FLAGS if not f.startswith(("--bc-args", "--dpo-args"))]
+    flags = FLAGS[:FLAGS.index("--bc.save-steps")]  # FLAGS end with the two save-steps options
     for name, value in (("--train-tasks", "2"), ("--iterations", "3")):
         flags[flags.index(name) + 1] = value
-    flags.insert(flags.index("--dpo-learning-rate") + 2, "5e-4")  # a list: 1e-3 at iteration 1, then 5e-4
+    flags.insert(flags.index("--dpo-schedule.learning-rate") + 2, "5e-4")  # a list: 1e-3 at iteration 1, then 5e-4
     cfg = parse_config(RunConfig, [*flags, "--run-dir", str(tmp_path / "two"), "--push-to", new_repo("two"),
-                                   "--early-stopping", "--dpo-beta", "0.1", "0.5", "--dpo-warmup-ratio", "0",
+                                   "--early-stopping", "--dpo-schedule.beta", "0.1", "0.5", "--dpo.warmup-ratio", "0",
                                    "--pairs-expert-observation", "trim"])
     assert (cfg.dpo_hparams(1), cfg.dpo_hparams(2)) == ((0.1, 1e-3), (0.5, 5e-4))
     rows = Run(cfg).run()

@@ -14,7 +14,8 @@ _EXAMPLES = """
 [bold]Examples[/bold]
 
   $ etokit run --config textworld-express --run-dir runs/twx --push-to me/twx-agent   [dim]# a shipped config[/dim]
-  $ etokit run --config my-run.yaml --iterations 1 --dpo-beta 0.1 --dpo-learning-rate 1e-6
+  $ etokit run --config my-run.yaml --iterations 1 --dpo-schedule.beta 0.1 --dpo-schedule.learning-rate 1e-6
+  $ etokit run --config demo --bc.learning-rate 1e-3 --bc.lora --dpo.batch-size 16   [dim]# the recipes' options[/dim]
   $ etokit run --config webshop --accelerate-config ddp
   $ etokit run --config demo --resume   [dim]# after a crash: continues at the first unfinished stage[/dim]
 
@@ -24,14 +25,22 @@ demo-smollm2; shipped accelerate configs: ddp, fsdp, deepspeed_zero3, cpu_2proc.
 
 
 def _options_help() -> str:
-    from etokit.run import RunConfig
+    from etokit.run.config import DPO_RUN_SETS, RunConfig
+    from etokit.train.config import section_class
 
     hints = typing.get_type_hints(RunConfig)
     lines = ["[bold]Config keys[/bold] (YAML keys, or flags --key-name VALUE; lists: --key a b c)", ""]
     for f in dataclasses.fields(RunConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
-        lines.append(f"  --{f.name.replace('_', '-')} ({kind}, default {default!r}) {f.metadata.get('help', '')}".rstrip())
+        section = section_class(hints[f.name])
+        if section is None:
+            kind = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
+            lines.append(f"  --{f.name.replace('_', '-')} ({kind}, default {default!r}) {f.metadata.get('help', '')}".rstrip())
+            continue
+        # A section: YAML `bc: {learning_rate: 1e-5}`, flags --bc.learning-rate 1e-5 (--bc.no-lora, ...).
+        keys = ", ".join(f"{k.name.replace('_', '-')} {getattr(default, k.name)!r}" for k in dataclasses.fields(section)
+                         if k.name not in DPO_RUN_SETS or f.name == "dpo_schedule")
+        lines.append(f"  --{f.name.replace('_', '-')}.KEY VALUE  {f.metadata.get('help', '')}: {keys}")
     return "\n".join(lines).replace("[", r"\[").replace(r"\[bold]Config keys\[/bold]", "[bold]Config keys[/bold]")
 
 
@@ -47,7 +56,8 @@ def run(
     test-seen / test-unseen -> N iterations of exploration, contrastive pairs (vs the expert), DPO
     (reference = the policy that explored) and evaluation. Every dataset and checkpoint goes to the
     Hub (checkpoints as branch + tag `bc`, `iter-1`, ...). Config: defaults < --config YAML < flags.
-    Each finished stage is recorded in <run-dir>/manifest.json; results go to <run-dir>/results.json,
+    The BC and DPO recipes' options are the sections `bc:` / `dpo:` (flags --bc.NAME, --dpo.NAME);
+    DPO's beta and learning rate per iteration are `dpo_schedule:`. Each finished stage is recorded in <run-dir>/manifest.json; results go to <run-dir>/results.json,
     plots and a pair viewer to <run-dir>/report.html (rewritten as each checkpoint is pushed)."""
     from etokit.cli._console import print_unwrapped
     from etokit.run import Run, RunConfig, console, results_table

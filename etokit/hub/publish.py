@@ -83,7 +83,10 @@ def push_dataset(
         # are created only if missing, and push_to_hub / the card commit leave out files the Hub
         # already has, so a step whose response was lost adds no second commit when re-run.
         _ensure_repo(api, repo_id, branch, private)
-        data_commit = _already_pushed(api, repo_id, branch, config_name, split, dataset)
+        there = on_hub(api, repo_id, branch, config_name, split, dataset, entry)
+        if there.published:  # a re-push, or a resumed run whose push was not recorded: nothing to commit
+            return there.head, there.head
+        data_commit = there.head if there.rows else None
         if data_commit is None:
             data_commit = dataset.push_to_hub(
                 repo_id,
@@ -114,38 +117,57 @@ def _ensure_repo(api, repo_id: str, branch: str, private: bool) -> None:
                   what=f"creating branch '{branch}' of dataset '{repo_id}'")
 
 
-def _already_pushed(api, repo_id: str, branch: str, config_name: str, split: str, dataset) -> str | None:
-    """The head of ``branch`` if it already holds exactly this split: the same rows in its Parquet
-    shards, and the split in the card's ``configs`` and ``dataset_info``. push_to_hub is then
-    skipped: run again for an existing split it is not a no-op (datasets moves the split to the end
-    of ``dataset_info``, a commit that only reorders YAML), which would make a re-run after a lost
-    response, or a re-push, add a second commit."""
+@dataclass
+class OnHub:
+    """What the head of a dataset branch already holds of one split (:func:`on_hub`)."""
+
+    head: str
+    rows: bool  # its Parquet shards hold exactly these rows, and the card's configs / dataset_info list it
+    card: bool  # etokit_stats.json holds the split's entry as this push would write it
+
+    @property
+    def published(self) -> bool:
+        """The split is on the Hub, card included: pushing it again would commit nothing."""
+        return self.rows and self.card
+
+
+def on_hub(api, repo_id: str, branch: str, config_name: str, split: str, dataset, entry: dict[str, Any]) -> OnHub:
+    """Is this split already on the Hub? The one check of every push (`etokit push-*` and `etokit
+    run`'s, which re-pushes after a crash whatever it had not recorded).
+
+    ``rows``: the same rows in the split's Parquet shards, and the split in the card's ``configs`` and
+    ``dataset_info``. push_to_hub is then skipped: run again for an existing split it is not a no-op
+    (datasets moves the split to the end of ``dataset_info``, a commit that only reorders YAML), which
+    would make a re-run after a lost response, or a re-push, add a second commit. ``card``: our entry
+    in ``etokit_stats.json`` (which the card is rendered from); without it the data was pushed but
+    its card commit was not made (a crash in between), and the push completes it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from huggingface_hub import DatasetCard
 
     head = api.dataset_info(repo_id, revision=branch).sha
+    stats = json.loads(_read(api, repo_id, STATS_FILE, head) or "{}")
+    card = stats.get(config_name, {}).get(split) == json.loads(json.dumps(entry))
     shard = re.compile(rf"^{re.escape(config_name)}/{re.escape(split)}-(\d{{5}})-of-(\d{{5}})\.parquet$")
     shards = sorted(p for p in api.list_repo_files(repo_id, repo_type="dataset", revision=head) if shard.match(p))
     if not shards or [shard.match(p).groups() for p in shards] != [(f"{i:05d}", f"{len(shards):05d}")
                                                                      for i in range(len(shards))]:
-        return None
+        return OnHub(head, False, card)
     meta = DatasetCard(_read(api, repo_id, "README.md", head) or "").data.to_dict()
     files = next((c.get("data_files") for c in meta.get("configs") or [] if c.get("config_name") == config_name), None)
     if not isinstance(files, list) or {"split": split, "path": f"{config_name}/{split}-*"} not in files:
-        return None
+        return OnHub(head, False, card)
     infos = meta.get("dataset_info")
     infos = [infos] if isinstance(infos, dict) else infos or []
     info = next((i for i in infos if i.get("config_name", "default") == config_name), {})
     if not any(s.get("name") == split and s.get("num_examples") == len(dataset) for s in info.get("splits") or []):
-        return None
+        return OnHub(head, False, card)
     remote = pa.concat_tables(
         [pq.read_table(api.hf_hub_download(repo_id, p, repo_type="dataset", revision=head)) for p in shards]
     )
     local = dataset.data.table
-    if remote.schema.remove_metadata() != local.schema.remove_metadata():
-        return None
-    return head if remote.equals(local, check_metadata=False) else None
+    same = remote.schema.remove_metadata() == local.schema.remove_metadata() and remote.equals(local, check_metadata=False)
+    return OnHub(head, same, card)
 
 
 def _split_entry(records: Records, card: str, ties: int | None) -> dict[str, Any]:

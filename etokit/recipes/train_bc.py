@@ -16,7 +16,7 @@ state checkpoint with the same loss sequence as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 from tqdm.auto import tqdm
@@ -25,18 +25,8 @@ from etokit.errors import EtokitError
 from etokit.faults import faultpoint
 from etokit.recipes.launch import run_recipe
 from etokit.train import checkpointing, data, distributed, metric_logging, model_loading, optimization
-from etokit.train.config import TrainConfig, parse_config, save_config
+from etokit.train.config import BCConfig, parse_config, save_config
 from etokit.train.tokenize import tokenize_messages
-
-
-@dataclass(kw_only=True)
-class BCConfig(TrainConfig):
-    model: str = field(default="", metadata={"help": "base model: local folder or Hub repo"})
-    data: str = field(default="", metadata={"help": "trajectories: local .jsonl/.json/.parquet or Hub dataset repo"})
-    data_config: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. the env)"})
-    per_device_batch_size: int = field(default=4, metadata={"gt": 0})
-    gradient_accumulation_steps: int = field(default=1, metadata={"gt": 0})
-    revision: str = field(default="bc", metadata={"help": "branch + tag the checkpoint is pushed as"})
 
 
 def main(argv=None) -> None:

@@ -41,6 +41,8 @@ _SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
 
 SCHEDULERS = ["constant_with_warmup", "cosine", "linear", "constant"]
+# DPO's log-prob layouts (etokit.train.logprobs); named here so that configs load without torch.
+BACKENDS = ("padded", "bucketed", "packed", "shared")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -99,43 +101,132 @@ class TrainConfig:
             raise EtokitError(f"--output-dir {self.output_dir} exists and is not a folder")
 
 
+@dataclasses.dataclass(kw_only=True)
+class BCConfig(TrainConfig):
+    """`etokit train bc` (etokit.recipes.train_bc): behavioral cloning on expert trajectories."""
+
+    model: str = dataclasses.field(default="", metadata={"help": "base model: local folder or Hub repo"})
+    data: str = dataclasses.field(default="", metadata={"help": "trajectories: local .jsonl/.json/.parquet or Hub dataset repo"})
+    data_config: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset config (e.g. the env)"})
+    per_device_batch_size: int = dataclasses.field(default=4, metadata={"gt": 0})
+    gradient_accumulation_steps: int = dataclasses.field(default=1, metadata={"gt": 0})
+    revision: str = dataclasses.field(default="bc", metadata={"help": "branch + tag the checkpoint is pushed as"})
+
+
+@dataclasses.dataclass(kw_only=True)
+class DPOConfig(TrainConfig):
+    """`etokit train dpo` (etokit.recipes.train_dpo): DPO on contrastive pairs, ETO iteration 1's defaults."""
+
+    model: str = dataclasses.field(default="", metadata={"help": "policy to train: local folder or Hub repo (also the reference by default)"})
+    data: str = dataclasses.field(default="", metadata={"help": "pairs: local .jsonl/.json/.parquet file or Hub dataset repo"})
+    ref_model: str | None = dataclasses.field(default=None, metadata={"help": "reference if not --model (ETO: the policy that explored)"})
+    ref_model_revision: str | None = None
+    beta: float = dataclasses.field(default=0.1, metadata={"gt": 0, "help": "ETO: 0.1 at iteration 1, 0.5 later"})
+    learning_rate: float = dataclasses.field(default=1e-6, metadata={"gt": 0, "help": "ETO: 1e-6 at iteration 1, 5e-7 later"})
+    lr_scheduler: str = dataclasses.field(default="constant_with_warmup", metadata={"choices": SCHEDULERS})
+    warmup_ratio: float = dataclasses.field(default=0.1, metadata={"help": "fraction of steps"})
+    batch_size: int = dataclasses.field(default=32, metadata={"gt": 0, "help": "pairs per optimizer step, all processes together"})
+    backend: str = dataclasses.field(default="auto", metadata={"choices": ["auto", *BACKENDS],
+                                                   "help": "log-prob layout (auto: packed on CUDA, shared on CPU: each "
+                                                           "pair's common prefix computed once; bucketed = no sharing)"})
+    max_tokens_per_micro_batch: int | None = dataclasses.field(default=None, metadata={"gt": 0,
+                                                   "help": "token budget of one forward (padded size for bucketed, "
+                                                           "prefix counted once for shared); default 2048 on CPU, "
+                                                           "16384 on CUDA"})
+    micro_batch_size: int = dataclasses.field(default=2, metadata={"gt": 0, "help": "pairs per forward with --backend padded"})
+    lora_dropout: float = 0.0
+    ref_cache_dir: str | None = dataclasses.field(default=None, metadata={"help": "reference log-prob cache (default $HF_HOME/etokit/ref-logps)"})
+    revision: str | None = dataclasses.field(default=None, metadata={"help": "branch + tag of the pushed checkpoint, e.g. iter-1"})
+    iteration: int | None = dataclasses.field(default=None, metadata={"help": "ETO iteration, for the model card"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.push_to and not self.revision:
+            raise EtokitError("--push-to needs --revision (e.g. iter-1): each ETO iteration is its own revision")
+
+
 def parse_config(cls, argv=None):
     """Build a ``cls`` instance from ``--config FILE`` (YAML) and ``--field value`` flags.
 
     Flags accept ``--name`` or ``--name_with_underscores``, and ``--name=value``. Booleans:
     ``--flag`` / ``--no-flag`` / ``--flag false``. Lists: ``--items a b c``. ``-h`` prints the fields.
+    A field that holds a config dataclass is a section: a YAML mapping of that class's keys, and
+    flags ``--section.name value`` (``--section.no-flag``), each key checked like a top-level one.
+    ``cls.RENAMED`` (optional) maps keys that are gone to their new name, for the error.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    fields = {f.name: _with_base_checks(cls, f) for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    fields, hints = _schema(cls)
     if "-h" in argv or "--help" in argv:
         print(_help(cls, fields, hints))
         raise SystemExit(0)
 
-    flags = _split_flags(argv, fields, hints)
+    renamed = getattr(cls, "RENAMED", {})
+    flags = _split_flags(argv, fields, hints, renamed)
     values: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
     config_file = flags.pop("config", None)
     if config_file is not None:
         path = Path(config_file[0] if isinstance(config_file, list) else config_file)
         for key, value in _read_yaml(path).items():
             name = str(key).replace("-", "_")
-            _check_known(name, fields, f"in {path}")
-            values[name] = _check_name(name, _coerce(value, hints[name], fields[name], f"{name!r} in {path}"),
-                                       f" (in {path})")
+            _check_known(name, fields, f"in {path}", renamed=renamed)
+            section = section_class(hints[name])
+            if section is None:
+                values[name] = _check_name(name, _coerce(value, hints[name], fields[name], f"{name!r} in {path}"),
+                                           f" (in {path})")
+                continue
+            if not isinstance(value, dict):
+                raise EtokitError(f"config key {name!r} in {path} must be a mapping of {section.__name__} keys, "
+                                  f"got {value!r}")
+            sub_fields, sub_hints = _schema(section)
+            for sub_key, sub_value in value.items():
+                sub = str(sub_key).replace("-", "_")
+                _check_known(sub, sub_fields, f"in {path}", prefix=f"{name}.")
+                sections.setdefault(name, {})[sub] = _check_name(
+                    sub, _coerce(sub_value, sub_hints[sub], sub_fields[sub], f"'{name}.{sub}' in {path}"), f" (in {path})")
     for name, raw in flags.items():
-        values[name] = _check_name(name, _coerce_flag(raw, hints[name], fields[name], f"--{name.replace('_', '-')}"))
+        section, dot, sub = name.partition(".")
+        if dot:
+            sub_fields, sub_hints = _schema(section_class(hints[section]))
+            sections.setdefault(section, {})[sub] = _check_name(
+                sub, _coerce_flag(raw, sub_hints[sub], sub_fields[sub], f"--{name.replace('_', '-')}"))
+        else:
+            values[name] = _check_name(name, _coerce_flag(raw, hints[name], fields[name], f"--{name.replace('_', '-')}"))
+    for name, section_values in sections.items():
+        values[name] = _build(section_class(hints[name]), section_values)
+    return _build(cls, values)
+
+
+def _build(cls, values: dict[str, Any]):
     try:
         return cls(**values)
     except TypeError as e:  # a required field with no default, missing from both sources
         raise EtokitError(f"{cls.__name__}: {e}") from None
 
 
+def _schema(cls) -> tuple[dict[str, dataclasses.Field], dict[str, Any]]:
+    """The fields of config class ``cls`` (with their base classes' checks) and their types."""
+    return {f.name: _with_base_checks(cls, f) for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
+
+
+def section_class(tp):
+    """The config class a field of type ``tp`` holds (a section), or None for a plain value."""
+    tp, _ = _optional(tp)
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
 def save_config(cfg, out_dir) -> Path:
     """Write the resolved config as YAML in ``out_dir`` (atomically); secrets are left out."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    return write_config(cfg, out_dir / CONFIG_FILENAME)
+
+
+def write_config(cfg, path) -> Path:
+    """Write ``cfg`` as the YAML file ``path`` (atomically, secrets left out): what ``--config``
+    reads back into the same config."""
+    path = Path(path)
     data = redact(dataclasses.asdict(cfg))
-    path = out_dir / CONFIG_FILENAME
     write_bytes_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode("utf-8"))
     return path
 
@@ -162,8 +253,9 @@ def redact(data):
 # --- parsing helpers -------------------------------------------------------------------------
 
 
-def _split_flags(argv, fields, hints) -> dict[str, Any]:
-    """Group argv into {field: raw value}; raw is a str, a list of str (lists), or a bool."""
+def _split_flags(argv, fields, hints, renamed=None) -> dict[str, Any]:
+    """Group argv into {field: raw value} (a section's fields as ``section.name``); raw is a str, a
+    list of str (lists), or a bool."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -171,17 +263,14 @@ def _split_flags(argv, fields, hints) -> dict[str, Any]:
         if not token.startswith("--"):
             raise EtokitError(f"unexpected argument {token!r} (options look like --name value)")
         key, eq, inline = token[2:].partition("=")
-        name = key.replace("-", "_")
-        negated = False
-        if name not in fields and name != "config" and name.startswith("no_") and name[3:] in fields:
-            name, negated = name[3:], True
+        name, negated, hint = key.replace("-", "_"), False, str
         if name != "config":
-            _check_known(name, fields, "on the command line", flag=True)
+            name, negated, hint = _flag_field(name, fields, hints, renamed)
         i += 1
-        kind = _base_type(hints[name]) if name != "config" else str
+        kind = _base_type(hint)
         if negated:
             if kind is not bool or eq:
-                raise EtokitError(f"--no-{key[3:]} only applies to a boolean option")
+                raise EtokitError(f"--{key} only applies to a boolean option")
             out[name] = False
         elif eq:
             out[name] = inline
@@ -233,13 +322,40 @@ def _check_name(name: str, value, source: str = ""):
         raise EtokitError(f"{e}{source}") from None
 
 
-def _check_known(name, fields, where, flag=False) -> None:
+def _flag_field(name, fields, hints, renamed) -> tuple[str, bool, Any]:
+    """(field name, negated, type) of flag ``--name``: ``--no-name`` negates a boolean, and
+    ``--section.name`` / ``--section.no-name`` name a field of a section."""
+    section, dot, sub = name.partition(".")
+    if dot and section in fields and section_class(hints[section]) is not None:
+        sub_fields, sub_hints = _schema(section_class(hints[section]))
+        negated = sub not in sub_fields and sub.startswith("no_") and sub[3:] in sub_fields
+        sub = sub[3:] if negated else sub
+        _check_known(sub, sub_fields, "on the command line", flag=True, prefix=f"{section}.")
+        return f"{section}.{sub}", negated, sub_hints[sub]
+    negated = name not in fields and name.startswith("no_") and name[3:] in fields
+    name = name[3:] if negated else name
+    _check_known(name, fields, "on the command line", flag=True, renamed=renamed)
+    if section_class(hints[name]) is not None:
+        raise EtokitError(f"--{name.replace('_', '-')} is a section: set its keys as --{name.replace('_', '-')}.NAME VALUE")
+    return name, negated, hints[name]
+
+
+def _check_known(name, fields, where, flag=False, renamed=None, prefix="") -> None:
     if name in fields:
         return
-    shown = f"--{name.replace('_', '-')}" if flag else repr(name)
+    show = (lambda key: f"--{key.replace('_', '-')}") if flag else repr
+    new = (renamed or {}).get(name)
+    if new is not None and new.endswith(".*"):
+        section = new[:-2]
+        raise EtokitError(f"config key {show(prefix + name)} {where} was removed: every option of that recipe is a key "
+                          f"of the {section!r} section now (YAML `{section}: {{save_steps: 1}}`, flag "
+                          f"--{section}.save-steps 1)")
+    if new is not None:
+        section, _, sub = new.partition(".")
+        raise EtokitError(f"config key {show(prefix + name)} {where} is now {show(new)} (YAML `{section}: {{{sub}: ...}}`)")
     close = difflib.get_close_matches(name, list(fields), n=1)
-    hint = f" (did you mean {('--' + close[0].replace('_', '-')) if flag else repr(close[0])}?)" if close else ""
-    raise EtokitError(f"unknown config key {shown} {where}{hint}")
+    hint = f" (did you mean {show(prefix + close[0])}?)" if close else ""
+    raise EtokitError(f"unknown config key {show(prefix + name)} {where}{hint}")
 
 
 def _read_yaml(path: Path) -> dict:

@@ -11,46 +11,16 @@ processes (and any micro-batching) take the same step.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from etokit.errors import EtokitError
-from etokit.train.config import SCHEDULERS, TrainConfig
+from etokit.train.config import DPOConfig
 from etokit.train.dpo_loss import dpo_loss, dpo_metrics
-from etokit.train.logprobs import BACKENDS, attention_for, batch_logps, collate, plan
+from etokit.train.logprobs import attention_for, batch_logps, collate, plan
 from etokit.train.packing import shared_length
-
-
-@dataclass(kw_only=True)
-class DPOConfig(TrainConfig):
-    model: str = field(default="", metadata={"help": "policy to train: local folder or Hub repo (also the reference by default)"})
-    data: str = field(default="", metadata={"help": "pairs: local .jsonl/.json/.parquet file or Hub dataset repo"})
-    ref_model: str | None = field(default=None, metadata={"help": "reference if not --model (ETO: the policy that explored)"})
-    ref_model_revision: str | None = None
-    beta: float = field(default=0.1, metadata={"gt": 0, "help": "ETO: 0.1 at iteration 1, 0.5 later"})
-    learning_rate: float = field(default=1e-6, metadata={"gt": 0, "help": "ETO: 1e-6 at iteration 1, 5e-7 later"})
-    lr_scheduler: str = field(default="constant_with_warmup", metadata={"choices": SCHEDULERS})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps"})
-    batch_size: int = field(default=32, metadata={"gt": 0, "help": "pairs per optimizer step, all processes together"})
-    backend: str = field(default="auto", metadata={"choices": ["auto", *BACKENDS],
-                                                   "help": "log-prob layout (auto: packed on CUDA, shared on CPU: each "
-                                                           "pair's common prefix computed once; bucketed = no sharing)"})
-    max_tokens_per_micro_batch: int | None = field(default=None, metadata={"gt": 0,
-                                                   "help": "token budget of one forward (padded size for bucketed, "
-                                                           "prefix counted once for shared); default 2048 on CPU, "
-                                                           "16384 on CUDA"})
-    micro_batch_size: int = field(default=2, metadata={"gt": 0, "help": "pairs per forward with --backend padded"})
-    lora_dropout: float = 0.0
-    ref_cache_dir: str | None = field(default=None, metadata={"help": "reference log-prob cache (default $HF_HOME/etokit/ref-logps)"})
-    revision: str | None = field(default=None, metadata={"help": "branch + tag of the pushed checkpoint, e.g. iter-1"})
-    iteration: int | None = field(default=None, metadata={"help": "ETO iteration, for the model card"})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.push_to and not self.revision:
-            raise EtokitError("--push-to needs --revision (e.g. iter-1): each ETO iteration is its own revision")
 
 
 # ----------------------------------------------------------------------------------------- data
