@@ -142,3 +142,14 @@ def policy(tmp_path_factory):
     path = tmp_path_factory.mktemp("policy") / "tiny"
     model, tokenizer = build_policy(path)
     return SimpleNamespace(path=path, model=model, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def reference_run(hub_server, tmp_path_factory):
+    """(config, rows) of one uninterrupted `etokit run` of tests.run_fixtures.FLAGS, made once per
+    session: test_run.py and test_faults_crash.py compare their crashed-and-resumed runs with it."""
+    from etokit.run import Run
+    from tests.run_fixtures import make_config, new_repo
+
+    cfg = make_config(tmp_path_factory.mktemp("run") / "a", new_repo("a"))
+    return cfg, Run(cfg).run()

@@ -1,10 +1,14 @@
-"""Small, deterministic trajectory and pair builders for tests (ETO's message layout)."""
+"""Small, deterministic builders for tests: trajectories and pairs (ETO's message layout), a tiny
+policy, stand-ins for an environment and a generator, and exact binomial quantiles."""
 
 from __future__ import annotations
 
+import math
 import random
 
 from etokit.data.schema import Pair, Trajectory
+from etokit.envs import Reset, Step
+from etokit.explore import ExploreConfig
 
 INSTRUCTION = "You are in a text world. Answer with 'Thought: ...' then 'Action: ...'."
 
@@ -69,3 +73,61 @@ def build_policy(path):
     randomize_weights(model)
     model.save_pretrained(path)
     return model.eval(), tokenizer
+
+
+class CounterEnv:
+    """Say the task's name to win: ``say t3`` on task t3. Uses the TWX prompts."""
+
+    name = "textworld-express"
+    max_steps = 4
+
+    @classmethod
+    def check(cls):
+        return True, "test env"
+
+    def task_ids(self, split):
+        return [f"{split[0]}{i}" for i in range(10)]
+
+    def reset(self, task_id, max_steps=None):
+        self.task, self.n = task_id, 0
+        return Reset(task_id=task_id, instruction=f"Your task is to say {task_id}.", observation="You are in a room.")
+
+    def step(self, action):
+        self.n += 1
+        reward = 1.0 if action == f"say {self.task}" else 0.0
+        return Step(observation=f"You said {action}.", reward=reward, done=reward == 1.0 or self.n >= self.max_steps)
+
+    def close(self):
+        pass
+
+
+class ScriptedGenerator:
+    """Stands in for Generator: the reply is a function of the conversation so far."""
+
+    def __init__(self, script, **config):
+        self.script, self.config, self.calls = script, ExploreConfig(**config), []
+
+    def encode(self, messages):
+        return list(messages)
+
+    def fits(self, ids):
+        return True
+
+    def generate(self, batch, keys=None, seeds=None):
+        self.calls.append(len(batch))
+        return [self.script(messages) for messages in batch]
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k), X ~ Binomial(n, p), summed exactly."""
+    return math.fsum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(0, k + 1))
+
+
+def exact_quantile_count(n: int, p: float, q: float) -> tuple[int, float]:
+    """The q-quantile j of Binomial(n, p) and how far the CDF is from q on either side of it
+    (the margin that makes a 10k-resample estimate land on j with overwhelming probability)."""
+    for j in range(n + 1):
+        if binomial_cdf(j, n, p) >= q:
+            below = binomial_cdf(j - 1, n, p) if j else 0.0
+            return j, min(q - below, binomial_cdf(j, n, p) - q)
+    raise AssertionError("unreachable")

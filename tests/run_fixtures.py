@@ -1,19 +1,66 @@
-"""A fake `etokit run` folder (manifest, config, evaluation episodes, pair files, training logs),
-written in the layout etokit/run/ makes, for report tests that must not train anything."""
+"""`etokit run` helpers for tests: the tiny configuration of a real run (FLAGS, the STAGES it
+records, the Hub commits it made; the run itself is the `reference_run` fixture in conftest.py), and
+a fake run folder (manifest, config, evaluation episodes, pair files, training logs), written in the
+layout etokit/run/ makes, for report tests that must not train anything."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from factories import pair, trajectory, write_jsonl
+from tests.factories import pair, trajectory, write_jsonl
+
+if TYPE_CHECKING:
+    from etokit.run import RunConfig
 
 ENV = "textworld-express"
 SPLITS = ("test-seen", "test-unseen")
+# Small enough for CI (~1 minute a run on 2 cores), large enough that every stage does real work.
+# A state checkpoint after every training step (of 2), so a killed BC/DPO resumes mid-training.
+FLAGS = ["--train-tasks", "3", "--eval-tasks", "1", "--iterations", "1", "--max-steps", "2", "--max-new-tokens", "16",
+         "--explore-batch-size", "1", "--no-icl", "--bc.num-epochs", "1", "--bc.per-device-batch-size", "2",
+         "--bc.gradient-accumulation-steps", "1", "--bc.learning-rate", "1e-3", "--dpo.num-epochs", "1",
+         "--dpo.batch-size", "2", "--dpo-schedule.learning-rate", "1e-3", "--max-length", "1024",
+         "--bc.save-steps", "1", "--dpo.save-steps", "1"]
+STAGES = ["expert", "push-expert", "init-model", "bc", "eval-bc", "push-bc", "explore-1", "pairs-1", "push-explore-1",
+          "push-pairs-1", "dpo-1", "eval-iter-1", "push-iter-1"]
+
+
+def make_config(run_dir: Path, repo: str, *extra: str) -> RunConfig:
+    from etokit.run import RunConfig
+    from etokit.train.config import parse_config
+
+    return parse_config(RunConfig, [*FLAGS, "--run-dir", str(run_dir), "--push-to", repo, *extra])
+
+
+def new_repo(tag: str) -> str:
+    return f"etokit-tests/run-{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def commits(cfg: RunConfig) -> dict[str, list[str]]:
+    """Commit ids of every repo and branch the run pushes to."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    api = HfApi()
+    out = {}
+    for repo in cfg.datasets.values():
+        try:
+            out[repo] = [c.commit_id for c in api.list_repo_commits(repo, repo_type="dataset")]
+        except RepositoryNotFoundError:  # not pushed yet
+            out[repo] = []
+    refs = api.list_repo_refs(cfg.push_to)
+    for branch in refs.branches:
+        out[f"{cfg.push_to}@{branch.name}"] = [c.commit_id for c in
+                                               api.list_repo_commits(cfg.push_to, revision=branch.name)]
+    out["tags"] = sorted((t.name, t.target_commit) for t in refs.tags)
+    return out
 
 
 def fake_run(run_dir: Path, *, iterations: int = 2, tasks: int = 12, pairs_per_iteration: int = 9,

@@ -10,8 +10,8 @@ import torch
 from etokit.hub.checkpoint import push_checkpoint, render_model_card
 from etokit.models.init_model import build_tiny_model
 
-from conftest import HF_TEST_TOKEN
-from factories import trajectory
+from tests.conftest import HF_TEST_TOKEN
+from tests.factories import trajectory
 
 CARD = {
     "stage": "dpo",

@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 from etokit.cli import app
 from etokit.data import write_jsonl
 from etokit.evaluate import compare_panels, eval_report, load_eval_results, per_task, summarize
-from tests.factories import trajectory
-from tests.test_stats import exact_quantile_count
+from tests.factories import exact_quantile_count, trajectory
 
 runner = CliRunner()
 N, K = 40, 10  # a two-point difference: +100 on K of N tasks, 0 on the others

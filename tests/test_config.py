@@ -11,7 +11,7 @@ import yaml
 from etokit.errors import EtokitError
 from etokit.train.config import load_config, parse_config, save_config
 
-from conftest import HF_TEST_TOKEN
+from tests.conftest import HF_TEST_TOKEN
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import factories
+from tests import factories
 from etokit.cli import app
 from etokit.data import load_records, write_jsonl
 

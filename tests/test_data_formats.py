@@ -13,7 +13,7 @@ from etokit.data import (DataError, JsonlAppender, from_dataset, load_records, p
                          pair_stats, pair_to_eto, read_jsonl, to_dataset, to_eto_rows, trajectory_from_eto,
                          trajectory_stats, trajectory_to_eto, write_jsonl)
 from etokit.data.schema import PAIR_COLUMNS, TRAJECTORY_COLUMNS, pair_features, trajectory_features
-import factories
+from tests import factories
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eto"
 # file, env to pass (None: inferred), expected format, expected env

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-import factories
+from tests import factories
 from etokit.data import DataError, load_records, validate_pair, validate_trajectory
 from etokit.errors import EtokitError
 

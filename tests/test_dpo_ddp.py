@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from factories import pair, write_jsonl  # noqa: E402
+from tests.factories import pair, write_jsonl
 
 from etokit.train.metric_logging import read_log  # noqa: E402
 

@@ -10,8 +10,7 @@ from typer.testing import CliRunner
 from etokit.cli import app
 from etokit.data import read_jsonl
 from etokit.evaluate import panel, summarize
-from tests.factories import trajectory
-from tests.factories import build_policy
+from tests.factories import build_policy, trajectory
 
 runner = CliRunner()
 

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from run_fixtures import SPLITS, fake_run
+from tests.run_fixtures import SPLITS, fake_run
 
 from etokit.experiment import aggregate, verdict_rows
 from etokit.stats import PanelMismatchError, paired_diff, seed_averaged_diff

@@ -13,10 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from etokit.agent.protocol import INVALID_FORMAT_OBS, load_icl, load_instruction
-from tests.factories import build_policy  # noqa: F401 - re-exported for older imports; the fixture is in conftest
+from tests.factories import CounterEnv, ScriptedGenerator
 from etokit.cli import app
 from etokit.data import read_jsonl
-from etokit.envs import Reset, Step
 from etokit.explore import (EMPTY_REPLY, ExploreConfig, Generator, Job, cut_at_stop, merge_shards, plan_jobs,
                             run_episodes, shard)
 
@@ -31,49 +30,6 @@ def shops():
     from etokit.envs.registry import make
 
     return [make("webshop") for _ in range(4)]
-
-
-class CounterEnv:
-    """Say the task's name to win: ``say t3`` on task t3. Uses the TWX prompts."""
-
-    name = "textworld-express"
-    max_steps = 4
-
-    @classmethod
-    def check(cls):
-        return True, "test env"
-
-    def task_ids(self, split):
-        return [f"{split[0]}{i}" for i in range(10)]
-
-    def reset(self, task_id, max_steps=None):
-        self.task, self.n = task_id, 0
-        return Reset(task_id=task_id, instruction=f"Your task is to say {task_id}.", observation="You are in a room.")
-
-    def step(self, action):
-        self.n += 1
-        reward = 1.0 if action == f"say {self.task}" else 0.0
-        return Step(observation=f"You said {action}.", reward=reward, done=reward == 1.0 or self.n >= self.max_steps)
-
-    def close(self):
-        pass
-
-
-class ScriptedGenerator:
-    """Stands in for Generator: the reply is a function of the conversation so far."""
-
-    def __init__(self, script, **config):
-        self.script, self.config, self.calls = script, ExploreConfig(**config), []
-
-    def encode(self, messages):
-        return list(messages)
-
-    def fits(self, ids):
-        return True
-
-    def generate(self, batch, keys=None, seeds=None):
-        self.calls.append(len(batch))
-        return [self.script(messages) for messages in batch]
 
 
 def _task(messages):

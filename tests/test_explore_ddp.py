@@ -14,10 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from factories import build_policy  # noqa: E402
-
-from etokit.data import read_jsonl  # noqa: E402
+from etokit.data import read_jsonl
+from tests.factories import build_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

@@ -19,8 +19,7 @@ from etokit.data.schema import Trajectory
 from etokit.envs import Reset, Step
 from etokit.explore import (ExploreConfig, Generator, Job, expert_steps, index_experts, job_of, plan_step_jobs,
                             run_episodes)
-from tests.factories import write_jsonl
-from tests.test_explore import ScriptedGenerator
+from tests.factories import ScriptedGenerator, write_jsonl
 
 runner = CliRunner()
 ICL_LEN = len(load_icl("textworld-express"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
+import importlib
 import io
 import json
 import shutil
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-import factories
+from tests import factories
 
 pytestmark = pytest.mark.faults
 
@@ -370,10 +370,6 @@ def existing_repo(hub_server):
     return repo
 
 
-def load_script(name):
-    return importlib.import_module(f"etokit.recipes.{name}")
-
-
 def invoke(runner: str, argv: list[str]) -> tuple[int, str, BaseException | None]:
     """(exit code, everything printed, an unexpected exception) of one command."""
     if runner == "cli":
@@ -386,7 +382,7 @@ def invoke(runner: str, argv: list[str]) -> tuple[int, str, BaseException | None
         return result.exit_code, result.output, unexpected
     from etokit.recipes.launch import run_recipe
 
-    script = load_script({"bc": "train_bc", "dpo": "train_dpo"}[runner])
+    script = importlib.import_module({"bc": "etokit.recipes.train_bc", "dpo": "etokit.recipes.train_dpo"}[runner])
     out = io.StringIO()
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):

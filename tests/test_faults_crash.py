@@ -1,13 +1,13 @@
 """Crash and resume with real SIGKILLs.
 
-One run directory of `etokit run` (tests/test_run.py's tiny FLAGS) is killed at every point of CHAIN
+One run directory of `etokit run` (tests/run_fixtures.py's tiny FLAGS) is killed at every point of CHAIN
 in turn, by the fault point itself (etokit/faults.py: a real SIGKILL of the process, of its whole
 process group, or of its parent, never an exception), and resumed with `--resume` and the next
 point armed; then resumed to the end. After every kill: the kill came from the point, no process
 of the run is left, the manifest and every visible file parse (nothing half-written is visible),
 the manifest stops where the point is. At the end: trajectories (expert, exploration, evaluation),
 pairs, BC/DPO/base weights, evaluation results and the Hub's datasets, commits and tags equal the
-uninterrupted reference run's (test_run.reference_run, shared with test_run.py), with no
+uninterrupted reference run's (the reference_run fixture, shared with test_run.py), with no
 trajectory duplicated or lost. Separately, one rank of a 2-process DPO (torchrun, gloo) is killed
 mid-step and --resume ends with the weights of an uninterrupted 2-process run.
 """
@@ -29,9 +29,8 @@ import psutil
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-from factories import pair, write_jsonl  # noqa: E402
-from test_run import ENV, FLAGS, STAGES, commits, new_repo, reference_run  # noqa: E402
+from tests.factories import pair, write_jsonl
+from tests.run_fixtures import ENV, FLAGS, STAGES, commits, make_config, new_repo
 
 pytestmark = pytest.mark.faults
 
@@ -209,8 +208,8 @@ def _commit_counts(cfg) -> dict[str, int]:
     return out
 
 
-def test_killed_at_every_stage_then_resumed_equals_uninterrupted_run(hub, tmp_path_factory, tmp_path):
-    reference, reference_rows = reference_run(tmp_path_factory)
+def test_killed_at_every_stage_then_resumed_equals_uninterrupted_run(hub, reference_run, tmp_path):
+    reference, reference_rows = reference_run
     ref_dir = Path(reference.run_dir)
     run_dir, repo = tmp_path / "chain", new_repo("chain")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ETOKIT_FAULTPOINT")}
@@ -365,8 +364,6 @@ def test_faultpoint_spec_rank_and_counting(monkeypatch):
 
 
 def test_a_run_dir_in_use_is_refused(tmp_path):
-    from test_run import make_config
-
     from etokit.errors import EtokitError
     from etokit.run import Run
     from etokit.run.manifest import LOCK, _RunLock

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from factories import pair, trajectory, write_jsonl
+from tests.factories import pair, trajectory, write_jsonl
 from typer.testing import CliRunner
 
 from etokit.cli import app

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import factories
+from tests import factories
 from etokit.errors import EtokitError
 
 pytestmark = pytest.mark.faults

@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import HF_TEST_TOKEN
+from tests.conftest import HF_TEST_TOKEN
 
 from etokit.hub.server import HubServer
 

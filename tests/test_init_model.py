@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from etokit.errors import EtokitError
 from etokit.models.init_model import END_OF_TURN, ROLE_TOKENS, SIZES, build_tiny_model
 
-from factories import trajectory, write_jsonl
+from tests.factories import trajectory, write_jsonl
 
 def random_corpus(n_lines: int, seed: int = 0) -> list[str]:
     """Varied enough text for SentencePiece to fill a few hundred pieces."""

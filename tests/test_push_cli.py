@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import HF_TEST_TOKEN
-from factories import pair, trajectory, write_jsonl
+from tests.conftest import HF_TEST_TOKEN
+from tests.factories import pair, trajectory, write_jsonl
 from typer.testing import CliRunner
 
 from etokit.cli import app

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from browser import Chromium, find_chromium
-from run_fixtures import ENV, fake_run
+from tests.browser import Chromium, find_chromium
+from tests.run_fixtures import ENV, fake_run
 
 from etokit.report import REPORT_FILE, SUMMARY_FILE, build_report, publish_report
 from etokit.report.html import pair_payload
@@ -217,14 +217,12 @@ def test_cli(run_dir, tmp_path):
     assert no_run.exit_code == 2 and "no manifest.json" in no_run.output
 
 
-def test_etokit_run_writes_the_report_and_pushes_figures(hub_server, tmp_path_factory):
-    """The real loop (tests/test_run.py's small run, shared with it): report.html in the run folder,
+def test_etokit_run_writes_the_report_and_pushes_figures(reference_run):
+    """The real loop (the reference_run fixture, shared with tests/test_run.py): report.html in the run folder,
     and each checkpoint carries the figures, the results and a model-index the Hub reads."""
     from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
-    from test_run import reference_run
-
-    cfg, rows = reference_run(tmp_path_factory)
+    cfg, rows = reference_run
     run_dir = Path(cfg.run_dir)
     assert "iter-1" in (run_dir / REPORT_FILE).read_text()
     files = set(HfApi().list_repo_files(cfg.push_to, revision="iter-1"))

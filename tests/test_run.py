@@ -6,7 +6,6 @@ errors are one line, exit 2."""
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import pytest
@@ -16,49 +15,11 @@ from etokit.data import read_jsonl
 from etokit.errors import EtokitError
 from etokit.run import Run, RunConfig
 from etokit.train.config import parse_config
-
-ENV = "textworld-express"
-# Small enough for CI (~1 minute a run on 2 cores), large enough that every stage does real work.
-# A state checkpoint after every training step (of 2), so a killed BC/DPO resumes mid-training.
-FLAGS = ["--train-tasks", "3", "--eval-tasks", "1", "--iterations", "1", "--max-steps", "2", "--max-new-tokens", "16",
-         "--explore-batch-size", "1", "--no-icl", "--bc.num-epochs", "1", "--bc.per-device-batch-size", "2",
-         "--bc.gradient-accumulation-steps", "1", "--bc.learning-rate", "1e-3", "--dpo.num-epochs", "1",
-         "--dpo.batch-size", "2", "--dpo-schedule.learning-rate", "1e-3", "--max-length", "1024",
-         "--bc.save-steps", "1", "--dpo.save-steps", "1"]
-STAGES = ["expert", "push-expert", "init-model", "bc", "eval-bc", "push-bc", "explore-1", "pairs-1", "push-explore-1",
-          "push-pairs-1", "dpo-1", "eval-iter-1", "push-iter-1"]
+from tests.run_fixtures import ENV, FLAGS, STAGES, commits, make_config, new_repo
 
 
 class Crash(Exception):
     pass
-
-
-def make_config(run_dir: Path, repo: str, *extra: str) -> RunConfig:
-    return parse_config(RunConfig, [*FLAGS, "--run-dir", str(run_dir), "--push-to", repo, *extra])
-
-
-def new_repo(tag: str) -> str:
-    return f"etokit-tests/run-{tag}-{uuid.uuid4().hex[:8]}"
-
-
-def commits(cfg: RunConfig) -> dict[str, list[str]]:
-    """Commit ids of every repo and branch the run pushes to."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    api = HfApi()
-    out = {}
-    for repo in cfg.datasets.values():
-        try:
-            out[repo] = [c.commit_id for c in api.list_repo_commits(repo, repo_type="dataset")]
-        except RepositoryNotFoundError:  # not pushed yet
-            out[repo] = []
-    refs = api.list_repo_refs(cfg.push_to)
-    for branch in refs.branches:
-        out[f"{cfg.push_to}@{branch.name}"] = [c.commit_id for c in
-                                               api.list_repo_commits(cfg.push_to, revision=branch.name)]
-    out["tags"] = sorted((t.name, t.target_commit) for t in refs.tags)
-    return out
 
 
 def pair_rows(path: Path) -> list[tuple]:
@@ -66,28 +27,11 @@ def pair_rows(path: Path) -> list[tuple]:
     return [(r["task_id"], r["chosen"], r["rejected"], r["chosen_reward"], r["rejected_reward"]) for r in rows]
 
 
-_REFERENCE: dict[str, tuple[RunConfig, list]] = {}
-
-
-def reference_run(tmp_path_factory) -> tuple[RunConfig, list]:
-    """The uninterrupted run of FLAGS, made once per session: tests/test_faults_crash.py compares
-    its killed-and-resumed run with the same one (this module's global is shared by both)."""
-    if "run" not in _REFERENCE:
-        cfg = make_config(tmp_path_factory.mktemp("run") / "a", new_repo("a"))
-        _REFERENCE["run"] = (cfg, Run(cfg).run())
-    return _REFERENCE["run"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(hub_server, tmp_path_factory):
-    return reference_run(tmp_path_factory)
-
-
-def test_loop_records_every_stage_and_publishes_everything(uninterrupted, hub):
+def test_loop_records_every_stage_and_publishes_everything(reference_run, hub):
     from huggingface_hub import HfApi
     from transformers import AutoModelForCausalLM
 
-    cfg, rows = uninterrupted
+    cfg, rows = reference_run
     run_dir = Path(cfg.run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [s["name"] for s in manifest["stages"]] == STAGES
@@ -154,8 +98,8 @@ def test_loop_records_every_stage_and_publishes_everything(uninterrupted, hub):
     assert results["rows"][1]["pairs"] == stats
 
 
-def test_crash_then_resume_equals_uninterrupted_run(uninterrupted, hub, tmp_path):
-    reference, reference_rows = uninterrupted
+def test_crash_then_resume_equals_uninterrupted_run(reference_run, hub, tmp_path):
+    reference, reference_rows = reference_run
     cfg = make_config(tmp_path / "b", new_repo("b"))
 
     def crash_after_pairs(stage):

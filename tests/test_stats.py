@@ -9,21 +9,7 @@ import numpy as np
 import pytest
 
 from etokit.stats import Interval, PanelMismatchError, mean_ci, paired_diff
-
-
-def binomial_cdf(k: int, n: int, p: float) -> float:
-    """P(X <= k), X ~ Binomial(n, p), summed exactly."""
-    return math.fsum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(0, k + 1))
-
-
-def exact_quantile_count(n: int, p: float, q: float) -> tuple[int, float]:
-    """The q-quantile j of Binomial(n, p) and how far the CDF is from q on either side of it
-    (the margin that makes a 10k-resample estimate land on j with overwhelming probability)."""
-    for j in range(n + 1):
-        if binomial_cdf(j, n, p) >= q:
-            below = binomial_cdf(j - 1, n, p) if j else 0.0
-            return j, min(q - below, binomial_cdf(j, n, p) - q)
-    raise AssertionError("unreachable")
+from tests.factories import exact_quantile_count
 
 
 # 10k resamples: the count of resample means at or below a value is Binomial(10_000, cdf), whose sd

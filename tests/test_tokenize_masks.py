@@ -10,7 +10,7 @@ from etokit.errors import EtokitError
 from etokit.models.init_model import CHAT_TEMPLATE, train_tokenizer
 from etokit.train.tokenize import tokenize_messages, tokenize_pair
 
-from factories import pair, trajectory
+from tests.factories import pair, trajectory
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"

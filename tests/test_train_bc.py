@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -14,20 +13,14 @@ from safetensors.torch import load_file
 
 from etokit.errors import EtokitError
 from etokit.models.init_model import build_tiny_model
+from etokit.recipes import train_bc
 from etokit.train.data import pad_batch
 from etokit.train.metric_logging import LOG_FILE, read_log
 from etokit.train.tokenize import tokenize_messages
 
-from factories import trajectory, write_jsonl
+from tests.factories import trajectory, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    return importlib.import_module(f"etokit.recipes.{name}")
-
-
-train_bc = load_script("train_bc")
 
 
 @pytest.fixture(scope="module")

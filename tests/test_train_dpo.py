@@ -16,21 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from factories import pair, write_jsonl  # noqa: E402
+from tests.factories import pair, write_jsonl
 
 from etokit.errors import EtokitError  # noqa: E402
-from etokit.train.checkpointing import latest_checkpoint  # noqa: E402
-from etokit.train.metric_logging import LOG_FILE, read_log  # noqa: E402
+from etokit.recipes import train_dpo
+from etokit.train.checkpointing import latest_checkpoint
+from etokit.train.metric_logging import LOG_FILE, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_dpo.py"  # the thin launcher of a source checkout
-
-
-def _load_script():
-    import etokit.recipes.train_dpo
-
-    return etokit.recipes.train_dpo
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def run(assets, out, *extra, cache=None):
     args = ["--model", str(assets / "tiny"), "--data", str(assets / "pairs.jsonl"), "--output-dir", str(out),
             "--batch-size", "4", "--learning-rate", "1e-3", "--warmup-ratio", "0", "--num-epochs", "1",
             "--ref-cache-dir", str(cache or assets / "cache"), "--report-to", "none", *extra]
-    _load_script().main(args)
+    train_dpo.main(args)
     return read_log(out)
 
 
@@ -88,7 +82,7 @@ def test_reference_logps_cached_and_keyed(assets, tmp_path, capsys, hub, repo_na
         args = ["--model", model_arg, "--data", str(assets / "pairs.jsonl"), "--output-dir",
                 str(tmp_path / f"out{len(list(tmp_path.glob('out*')))}"), "--batch-size", "4", "--max-steps", "1",
                 "--ref-cache-dir", str(cache), "--report-to", "none", *extra]
-        _load_script().main(args)
+        train_dpo.main(args)
         out = capsys.readouterr().out
         assert ("cache hit" in out) != ("computed" in out), out
         return "hit" if "cache hit" in out else "computed"
@@ -166,10 +160,10 @@ def test_model_the_tree_kernels_cannot_run_goes_unshared(assets, tmp_path, capsy
     tok.save_pretrained(tmp_path / "mistral")
     args = ["--model", str(tmp_path / "mistral"), "--data", str(assets / "pairs.jsonl"), "--batch-size", "4",
             "--max-steps", "1", "--ref-cache-dir", str(tmp_path / "cache"), "--report-to", "none"]
-    log = _load_script().main([*args, "--output-dir", str(tmp_path / "auto")]) or read_log(tmp_path / "auto")
+    log = train_dpo.main([*args, "--output-dir", str(tmp_path / "auto")]) or read_log(tmp_path / "auto")
     assert "log-prob backend bucketed" in capsys.readouterr().out and len(log) == 1
     with pytest.raises(EtokitError, match=r"--backend shared: .* sliding-window attention \(16 tokens\).*--backend bucketed"):
-        _load_script().main([*args, "--output-dir", str(tmp_path / "shared"), "--backend", "shared"])
+        train_dpo.main([*args, "--output-dir", str(tmp_path / "shared"), "--backend", "shared"])
 
 
 def _reference_logps_of(model_dir, assets):
@@ -221,7 +215,7 @@ def test_lora_merged_weights_are_the_adapted_model_and_the_next_reference_is_the
 
     # Iteration 2 from the merged iteration-1 policy (the explorer), LoRA again.
     first = set(cache.glob("*.safetensors"))
-    _load_script().main(["--model", str(it1), "--data", str(assets / "pairs.jsonl"), "--output-dir", str(it2),
+    train_dpo.main(["--model", str(it1), "--data", str(assets / "pairs.jsonl"), "--output-dir", str(it2),
                          "--batch-size", "4", "--max-steps", "1", "--lora", "--lora-r", "4", "--ref-cache-dir",
                          str(cache), "--report-to", "none"])
     assert read_log(it2)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts at its reference

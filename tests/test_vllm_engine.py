@@ -17,8 +17,7 @@ from etokit.cli import app
 from etokit.data import read_jsonl
 from etokit.explore import ExploreConfig, Job, run_episodes
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_explore import CounterEnv  # noqa: E402
+from tests.factories import CounterEnv
 
 runner = CliRunner()
 
