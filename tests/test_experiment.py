@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import yaml
 import pytest
 from tests.run_fixtures import SPLITS, fake_run
 
@@ -94,3 +95,32 @@ def test_a_seed_that_stopped_early_limits_the_verdict_to_the_iterations_all_seed
     verdict = aggregate(runs)
     assert list(verdict["policies"]) == ["bc", "iter-1"]
     assert {c["b"] for c in verdict["comparisons"]} == {"iter-1"}
+
+
+def test_make_experiment_runs_each_seed_and_resumes_instead_of_starting_over(tmp_path):
+    # The real driver, in its own process (it starts its own embedded Hub before any HF import), on
+    # the tiny run of the loop tests: 2 seeds, then the same command again, which must read both
+    # finished runs back instead of training anything again.
+    import os
+    import subprocess
+    import sys
+
+    from tests.run_fixtures import FLAGS
+
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "etokit.experiment", "--dir", str(out), "--config", "demo", "--seeds", "3,4", *FLAGS]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    verdict = json.loads((out / "experiment.json").read_text())
+    assert verdict["seeds"] == [3, 4] and verdict["runs"] == {"3": "seed-3/run", "4": "seed-4/run"}
+    assert [(c["b"], c["split"]) for c in verdict["comparisons"]] == [("iter-1", s) for s in SPLITS]
+    configs = [yaml.safe_load((out / f"seed-{s}" / "run" / "etokit_config.yaml").read_text()) for s in (3, 4)]
+    assert [c["seed"] for c in configs] == [3, 4]
+    assert "seed-averaged (paired)" in first.stdout and "iter-1 - bc" in first.stdout
+
+    manifests = {s: (out / f"seed-{s}" / "run" / "manifest.json").read_bytes() for s in (3, 4)}
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert {s: (out / f"seed-{s}" / "run" / "manifest.json").read_bytes() for s in (3, 4)} == manifests
+    assert json.loads((out / "experiment.json").read_text())["comparisons"] == verdict["comparisons"]
