@@ -1,5 +1,6 @@
-"""Exploration: the agent plays tasks in an environment and every episode is recorded (ETO's
-exploration phase; evaluation runs the same engine on the test splits).
+"""The episode loop: the agent plays jobs in environments and every episode ends as a trajectory
+(ETO's exploration phase; evaluation runs the same loop on the test splits; etokit.rollout.play
+wraps it with the output file, the processes and the error policy).
 
 Many episodes advance together. Each step renders every live episode's conversation with the
 tokenizer's chat template, left-pads them into one batch, and makes ONE ``model.generate`` call
@@ -26,63 +27,21 @@ import random
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from etokit.agent.protocol import INVALID_FORMAT_OBS, STOP_STRINGS, build_prompt, format_observation, parse_action
+from etokit.agent.protocol import INVALID_FORMAT_OBS, build_prompt, format_observation, parse_action
 from etokit.data.schema import Message, Trajectory
 from etokit.envs.base import Env
 from etokit.errors import EtokitError
 from etokit.faults import faultpoint
-from etokit.kv_reuse import KVReuseDecoder, kv_reuse_unsupported
 from etokit.pairs import PROMPT_LEN
+from etokit.rollout.generator import ExploreConfig, Generator
+from etokit.rollout.jobs import Job, expert_steps
 
 # A model can reply with nothing at all (an end-of-turn token first). Trajectory files reject
 # empty turns, so such a reply is recorded as this text; ``extra["empty_replies"]`` lists the
 # step numbers (0-based) where that happened, so the turn can be told apart from real text.
 EMPTY_REPLY = "(empty reply)"
-
-# Envs whose simulator is a JVM run in subprocess workers: a crash or hang there must not take
-# the model down with it. The others step in-process (microseconds to milliseconds a step).
-SUBPROCESS_ENVS = ("scienceworld", "alfworld")
-
-
-@dataclass
-class ExploreConfig:
-    """How the agent decodes and how many episodes share a batch."""
-
-    batch_size: int = 16
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy (the paper's exploration and evaluation)
-    top_p: float = 1.0
-    icl: bool = True  # the 1-shot example in the prompt
-    seed: int = 0
-    max_steps: int | None = None  # None = the environment's own limit
-    # An episode whose environment fails (a worker or JVM that died, a step past the timeout) is
-    # played again from its reset this many times before it is recorded as an error.
-    env_retries: int = 1
-    # Keep each episode's KV cache between steps and prefill only what is new (etokit/kv_reuse.py);
-    # False re-encodes the whole conversation with model.generate at every step.
-    kv_reuse: bool = True
-    # With kv_reuse: the KV cache preallocated and written in place (etokit/slot_cache.py); False grows
-    # transformers' DynamicCache by concatenation at every token (the engine before, kept as the reference).
-    kv_in_place: bool = True
-    # The instruction turn (the prompt's first user message): None is etokit's own for the
-    # environment (etokit/agent/prompts/); a policy cloned on other expert data (the paper's
-    # published trajectories) is explored with that data's instruction, the one it was trained on.
-    instruction: str | None = None
-
-
-@dataclass(frozen=True)
-class Job:
-    """One episode to play: a task, which sample of it (Best-of-N / self-play) and, for a
-    step-wise episode, how many of the expert's steps are replayed before the agent plays."""
-
-    task_id: str
-    sample: int = 0
-    # None: an ordinary episode. t-1 >= 0: step-wise from step t (0 differs from None: a step-wise
-    # episode from step 1 plays like an ordinary one but belongs to the step-wise pairs).
-    prefix_steps: int | None = None
 
 
 class PrefixError(Exception):
@@ -109,144 +68,6 @@ class _Episode:
     info: dict[str, Any] = field(default_factory=dict)
     attempt: int = 0  # 0 = first try; n = n-th replay after an environment failure
     prefix_steps: int = 0  # expert steps replayed before the agent's first reply (step-wise)
-
-
-def model_revision(model: str, revision: str | None) -> str:
-    """What exactly was loaded: the commit sha for a Hub model; for a local folder "local:" and a
-    fingerprint of its config and weight files (name, size, first and last MiB: cheap on 14 GB
-    checkpoints, and any retraining changes it)."""
-    path = Path(model)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for f in sorted(path.iterdir()):
-            if f.is_file() and f.suffix in (".json", ".safetensors"):
-                size = f.stat().st_size
-                digest.update(f"{f.name}:{size}:".encode())
-                with open(f, "rb") as fh:
-                    digest.update(fh.read(1 << 20))
-                    if size > 1 << 21:
-                        fh.seek(-(1 << 20), 2)
-                        digest.update(fh.read())
-        return f"local:{digest.hexdigest()[:16]}"
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        return HfApi().model_info(model, revision=revision).sha
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise EtokitError(f"--model {model}{'@' + revision if revision else ''}: not a local folder and not found "
-                          f"on the Hub ({str(e).splitlines()[0]})") from None
-
-
-def split_model_ref(ref: str) -> tuple[str, str | None]:
-    """``PATH_OR_REPO[@REV]`` -> (name, revision). A local path containing "@" stays whole."""
-    if Path(ref).exists() or "@" not in ref:
-        return ref, None
-    name, _, revision = ref.rpartition("@")
-    if not name or not revision:
-        raise EtokitError(f"--model {ref!r}: expected PATH_OR_REPO or REPO@REVISION")
-    from etokit.data.names import check_repo_id, check_revision
-
-    return check_repo_id(name, "--model"), check_revision(revision, "--model revision")
-
-
-def open_envs(name: str, n: int, options: dict[str, Any] | None = None, step_timeout: float = 60.0,
-              isolate: bool | None = None) -> list[Env]:
-    """``n`` environments, one per batch slot; in subprocess workers with ``isolate`` (default:
-    the JVM-heavy envs of SUBPROCESS_ENVS), where a crash or a hang costs one episode."""
-    from etokit.envs.registry import env_class, make
-
-    ok, detail = env_class(name).check()
-    if not ok:
-        raise EtokitError(f"--env {name}: not available here ({detail})")
-    if name in SUBPROCESS_ENVS if isolate is None else isolate:
-        from etokit.envs.worker import WorkerPool
-
-        return list(WorkerPool(name, options, n=n, step_timeout=step_timeout).workers)
-    return [make(name, **(options or {})) for _ in range(n)]
-
-
-def close_envs(envs: Sequence[Env]) -> None:
-    for env in envs:
-        env.close()
-
-
-# --------------------------------------------------------------------------------- generation
-
-
-class Generator:
-    """Batched chat-template generation with stop strings, for one model and tokenizer."""
-
-    def __init__(self, model, tokenizer, config: ExploreConfig):
-        import torch
-        from transformers import GenerationConfig
-
-        self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        sampling = config.temperature > 0
-        self.generation_config = GenerationConfig(
-            max_new_tokens=config.max_new_tokens,
-            do_sample=sampling,
-            temperature=config.temperature if sampling else None,
-            top_p=config.top_p if sampling else None,
-            top_k=None,
-            eos_token_id=model.generation_config.eos_token_id,
-            pad_token_id=self.pad_id,
-            stop_strings=list(STOP_STRINGS),
-        )
-        self.max_context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-        self.device = next(model.parameters()).device
-        self._torch = torch
-        self.decoder = None
-        if config.kv_reuse and kv_reuse_unsupported(model) is None:
-            eos = self.generation_config.eos_token_id
-            self.decoder = KVReuseDecoder(
-                model, pad_id=self.pad_id, eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
-                max_new_tokens=config.max_new_tokens, stopped=self._stopped, temperature=config.temperature,
-                top_p=config.top_p, seed=config.seed, in_place=config.kv_in_place)
-
-    def _stopped(self, ids: list[int]) -> bool:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return any(s in text for s in STOP_STRINGS)
-
-    def encode(self, messages: list[Message]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # The template writes its own BOS and role tokens.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def fits(self, ids: list[int]) -> bool:
-        return len(ids) + self.config.max_new_tokens <= self.max_context
-
-    def generate(self, batch: list[list[int]], keys: Sequence[Any] | None = None,
-                 seeds: Sequence[int] | None = None) -> list[str]:
-        """One reply per prompt. ``keys`` name each row's episode, so that its KV cache is kept for
-        its next step (see KVReuseDecoder); without keys every prompt is encoded from scratch.
-        ``seeds`` seed each row's sampling (KV-reuse engine; model.generate draws from torch's global
-        generator, seeded once per run)."""
-        if self.decoder is not None and keys is not None:
-            out = self.decoder.generate(batch, keys, seeds)
-            return [cut_at_stop(t) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-        torch = self._torch
-        width = max(map(len, batch))
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, ids in enumerate(batch):  # left padding: every prompt ends where generation starts
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            attention_mask[i, width - len(ids):] = 1
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids.to(self.device),
-                                      attention_mask=attention_mask.to(self.device),
-                                      generation_config=self.generation_config, tokenizer=self.tokenizer)
-        texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        # Generation stops a row at a stop string but keeps the rows around it going (and the
-        # stopped row may hold a few tokens past it): cut every reply at its first stop string.
-        return [cut_at_stop(t) for t in texts]
-
-
-def cut_at_stop(text: str) -> str:
-    cuts = [i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0]
-    return text[:min(cuts)] if cuts else text
-
 
 # ------------------------------------------------------------------------------------ engine
 
@@ -454,105 +275,3 @@ def _trajectory(ep: _Episode, split: str, model_name: str | None, revision: str 
     return Trajectory(task_id=ep.job.task_id, env=ep.env.name, split=split, messages=messages, reward=ep.reward,
                       num_steps=ep.steps, source="explore", model=model_name, model_revision=revision,
                       seed=config.seed + ep.job.sample, extra=extra)
-
-
-# --------------------------------------------------------------------------- multi-process
-
-
-def shard(jobs: Sequence[Job], state) -> list[Job]:
-    """This process's share of ``jobs`` under ``accelerate launch`` (contiguous blocks, as
-    ``split_between_processes``; padding would replay the last job, so none is asked for)."""
-    with state.split_between_processes(list(jobs), apply_padding=False) as mine:
-        return list(mine)
-
-
-def merge_shards(jobs: Sequence[Job], shards: Sequence[Sequence[Trajectory]]) -> list[Trajectory]:
-    """The ranks' trajectories as one list in ``jobs`` order, each job once (a job a rank played
-    twice, e.g. after a padded split or a retried rank, keeps its first record)."""
-    by_job: dict[Job, Trajectory] = {}
-    for trajectories in shards:
-        for t in trajectories:
-            by_job.setdefault(job_of(t), t)
-    return [by_job[j] for j in jobs if j in by_job]
-
-
-def job_of(t: Trajectory) -> Job:
-    step_wise = t.extra.get("step_wise")
-    prefix = int(step_wise["prefix_steps"]) if isinstance(step_wise, dict) else None
-    return Job(t.task_id, int(t.extra.get("sample", 0)), prefix)
-
-
-def plan_jobs(task_ids: Sequence[str], samples_per_task: int, done: set[Job] | frozenset = frozenset()) -> list[Job]:
-    """Every (task, sample) not already recorded in ``done``."""
-    return [job for t in task_ids for s in range(samples_per_task) if (job := Job(t, s)) not in done]
-
-
-# ----------------------------------------------------------------------------------- step-wise
-
-
-def expert_steps(expert: Trajectory) -> int:
-    """N, the expert's agent steps: its assistant turns after the prompt."""
-    return sum(m["role"] == "assistant" for m in expert.messages[PROMPT_LEN:])
-
-
-def index_experts(experts: Sequence[Trajectory], *, path: str | Path | None = None) -> dict[str, Trajectory]:
-    """The expert of each task id (the first row of a task wins, as in the pairs), checked for
-    step-wise replay: the protocol's prompt, then agent turns that each carry an ``Action:`` line.
-    Errors name the file, row and message."""
-    from etokit.data.validate import DataError
-
-    by_task: dict[str, Trajectory] = {}
-    for row, t in enumerate(experts):
-        def error(problem: str, field: str = "messages") -> DataError:
-            return DataError(problem, path=path, row=row, record_id=t.task_id, field=field,
-                             where=None if path is not None else f"expert of task {t.task_id!r}")
-
-        if [m["role"] for m in t.messages[:PROMPT_LEN]] != ["user", "assistant", "user"]:
-            raise error("expected the instruction (user), \"OK\" (assistant) and the task (user) first")
-        if not expert_steps(t):
-            raise error("no agent turn after the task: nothing to replay")
-        for j, m in enumerate(t.messages[PROMPT_LEN:], PROMPT_LEN):
-            if m["role"] == "assistant" and parse_action(m["content"]) is None:
-                raise error("an expert turn without an Action: line cannot be replayed", f"messages[{j}].content")
-        if t.env == "alfworld" and not t.extra.get("game_file") and t.extra.get("eto_id") is not None:
-            raise error("an official ALFWorld expert row without game_file: the game its steps were played in is "
-                        "unknown (the Hub copy of the paper's data drops game_file; the official local "
-                        "alfworld_sft.json keeps it)", "game_file")
-        by_task.setdefault(t.task_id, t)
-    return by_task
-
-
-def experts_of_tasks(experts: Mapping[str, Trajectory], task_ids: Sequence[str]) -> dict[str, Trajectory]:
-    """The expert of each environment task that has one, keyed by the environment's task id. An
-    official ALFWorld row is keyed by its own id, not the game's: it is matched on the game's
-    ``trial_...`` folder, as the pairs are (etokit.pairs.task_key)."""
-    from etokit.pairs import task_key
-
-    by_game = {task_key(t): t for t in experts.values() if t.extra.get("game_file")}
-    found = {}
-    for task_id in task_ids:
-        expert = experts.get(task_id) or by_game.get(PurePosixPath(task_id).name)
-        if expert is not None:
-            found[task_id] = expert
-    return found
-
-
-def plan_step_jobs(experts: Mapping[str, Trajectory], steps_per_task: int | None, *, seed: int,
-                   samples_per_task: int = 1, done: set[Job] | frozenset = frozenset(),
-                   max_steps: int | None = None) -> list[Job]:
-    """Step-wise jobs: per task, ``steps_per_task`` distinct steps t in [1, N] (all of them when
-    None or >= N), each played from the expert's first t-1 steps; minus those in ``done``. With an
-    episode limit of ``max_steps`` only t <= max_steps leave the agent a step to play. Each
-    task's steps are the first K of a shuffle seeded by (seed, task id): they do not depend on
-    which other tasks are played (--limit, sharding), and a larger K extends a smaller one (a
-    re-run with more steps per task adds to what is recorded)."""
-    jobs = []
-    for task_id, expert in experts.items():
-        steps = list(range(1, expert_steps(expert) + 1))
-        if steps_per_task is not None and steps_per_task < len(steps):
-            random.Random(f"{seed}/{task_id}").shuffle(steps)
-        # The limit filters the shuffled order, so it changes no draw that fits within it.
-        steps = sorted([t for t in steps if max_steps is None or t <= max_steps][:steps_per_task])
-        jobs += [job for t in steps for s in range(samples_per_task)
-                 if (job := Job(task_id, s, t - 1)) not in done]
-    return jobs
