@@ -218,8 +218,7 @@ def _in_planned_order(out: Path, planned: list[Job], todo: set[Job]) -> list[Tra
     records = read_jsonl(out, "trajectory")
     in_plan = set(planned)
     ordered = [t for t in records if job_of(t) not in in_plan] + merge_shards(planned, [records])
-    if len(ordered) != len(records) or any(a is not b for a, b in zip(ordered, records)):
-        write_jsonl(out, ordered)
+    write_jsonl(out, ordered)
     return [t for t in ordered if job_of(t) in todo]
 
 
