@@ -261,7 +261,8 @@ def explore(
     """Let the policy play every task of a split and record each episode as a trajectory (ETO's
     exploration phase). Episodes are batched: one generate call per step for all live episodes.
     Re-running skips the (task, sample, step) episodes already in --out. Under `accelerate launch`
-    the tasks are sharded across processes and merged into --out by the main process."""
+    the tasks are sharded across processes and merged into --out by the main process; --out ends in
+    task order. An episode whose environment failed is printed and not written: a re-run plays it."""
     from etokit.train.common import process_state
 
     from etokit.data import read_jsonl
@@ -474,7 +475,9 @@ def eval_(
     kv_concat: KvConcatOpt = False,
 ) -> None:
     """Evaluate a policy on a test split: greedy decoding with the 1-shot prompt (as the paper),
-    reporting average reward x100, success rate, average steps and invalid-action rate."""
+    reporting average reward x100, success rate, average steps and invalid-action rate. An episode
+    whose environment failed is printed, kept in --out with its error (out of the averages) and
+    left out of --trajectories."""
     from etokit.train.common import process_state
 
     from etokit.data import atomic_write, write_jsonl
