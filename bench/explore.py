@@ -38,7 +38,9 @@ def build_policy(path: Path, size: str):
 def run(model, tokenizer, envs, task_ids, config) -> tuple[list, float]:
     from rich.progress import Progress
 
-    from etokit.explore import Generator, Job, run_episodes
+    from etokit.rollout.episodes import run_episodes
+    from etokit.rollout.generator import Generator
+    from etokit.rollout.jobs import Job
 
     generator = Generator(model, tokenizer, config)
     out = []
@@ -63,7 +65,7 @@ def main() -> None:
     import torch
 
     from etokit.envs.registry import make
-    from etokit.explore import ExploreConfig
+    from etokit.rollout.generator import ExploreConfig
 
     import dataclasses
 

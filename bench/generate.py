@@ -1,9 +1,9 @@
 """Episodes/s of batched generation with the KV cache written in place, against today's engine.
 
 Both engines keep each episode's prompt K/V between steps and borrow a shared prefix for a new
-episode (etokit/kv_reuse.py). The reference grows transformers' DynamicCache by concatenation at
+episode (etokit/rollout/kv_reuse.py). The reference grows transformers' DynamicCache by concatenation at
 every forward (each decode step copies every layer's whole cache); the new path preallocates the
-cache and writes each step in place (etokit/slot_cache.py). Same model, tasks, batch and greedy
+cache and writes each step in place (etokit/rollout/slot_cache.py). Same model, tasks, batch and greedy
 decoding in one run; the trajectories must be equal token for token.
 
 The shape is an evaluation's: TextWorldExpress, the 1-shot prompt, 48-token replies, 20 steps, 32
@@ -62,7 +62,8 @@ def matmul_roofline(model, rows: int, repeats: int = 3) -> tuple[float, float]:
 
 
 def run(generator, envs, task_ids):
-    from etokit.explore import Job, run_episodes
+    from etokit.rollout.episodes import run_episodes
+    from etokit.rollout.jobs import Job
 
     start = time.perf_counter()
     out = list(run_episodes(generator, envs, [Job(t) for t in task_ids], split="test-unseen"))
@@ -84,7 +85,7 @@ def main() -> None:
     import torch
 
     from etokit.envs.registry import make
-    from etokit.explore import ExploreConfig, Generator
+    from etokit.rollout.generator import ExploreConfig, Generator
 
     episodes = args.episodes or (8 if args.quick else 32)
     steps = args.steps or (3 if args.quick else 20)

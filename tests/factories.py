@@ -8,7 +8,7 @@ import random
 
 from etokit.data.schema import Pair, Trajectory
 from etokit.envs import Reset, Step
-from etokit.explore import ExploreConfig
+from etokit.rollout.generator import ExploreConfig
 
 INSTRUCTION = "You are in a text world. Answer with 'Thought: ...' then 'Action: ...'."
 
@@ -99,6 +99,21 @@ class CounterEnv:
 
     def close(self):
         pass
+
+
+def _counter_task(messages):
+    return next(m["content"] for m in messages if m["content"].startswith("Your task is to say"))
+
+
+def counter_script(messages):
+    """A ScriptedGenerator script for CounterEnv. Even tasks: a reply without an action, then the winning action. Odd tasks: empty replies."""
+    task = _counter_task(messages).split("say ")[1].split(".")[0]
+    if int(task[1:]) % 2:
+        return ""
+    from etokit.agent.protocol import load_icl
+
+    replies = sum(m["role"] == "assistant" for m in messages[2 + len(load_icl("textworld-express")):])
+    return "I am thinking." if replies == 0 else f"Thought: I know it.\nAction: say {task}\nObservation: fake"
 
 
 class ScriptedGenerator:

@@ -12,12 +12,13 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from etokit.agent.protocol import INVALID_FORMAT_OBS, load_icl, load_instruction
-from tests.factories import CounterEnv, ScriptedGenerator
+from etokit.agent.protocol import INVALID_FORMAT_OBS, load_instruction
+from tests.factories import CounterEnv, ScriptedGenerator, counter_script as _script
 from etokit.cli import app
 from etokit.data import read_jsonl
-from etokit.explore import (EMPTY_REPLY, ExploreConfig, Generator, Job, cut_at_stop, merge_shards, plan_jobs,
-                            run_episodes, shard)
+from etokit.rollout.episodes import EMPTY_REPLY, run_episodes
+from etokit.rollout.generator import ExploreConfig, Generator, cut_at_stop
+from etokit.rollout.jobs import Job, merge_shards, plan_jobs, shard
 
 runner = CliRunner()
 
@@ -30,19 +31,6 @@ def shops():
     from etokit.envs.registry import make
 
     return [make("webshop") for _ in range(4)]
-
-
-def _task(messages):
-    return next(m["content"] for m in messages if m["content"].startswith("Your task is to say"))
-
-
-def _script(messages):
-    """Even tasks: a reply without an action, then the winning action. Odd tasks: empty replies."""
-    task = _task(messages).split("say ")[1].split(".")[0]
-    if int(task[1:]) % 2:
-        return ""
-    replies = sum(m["role"] == "assistant" for m in messages[2 + len(load_icl("textworld-express")):])
-    return "I am thinking." if replies == 0 else f"Thought: I know it.\nAction: say {task}\nObservation: fake"
 
 
 # ------------------------------------------------------------------------------ episode logic
@@ -157,11 +145,11 @@ def test_kv_reuse_sampling_is_seeded(policy, shops):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_in_place_cache_equals_the_concatenated_cache(policy, attention):
-    """The preallocated cache written in place (etokit/slot_cache.py) gives the token ids of
+    """The preallocated cache written in place (etokit/rollout/slot_cache.py) gives the token ids of
     transformers' DynamicCache grown by concatenation, step after step: rows of different lengths,
     a row that keeps its episode's cache, new episodes that borrow the shared prefix (refilled
     slots, started mid-run) and rows that stop at different tokens and leave the batch."""
-    from etokit.kv_reuse import KVReuseDecoder
+    from etokit.rollout.kv_reuse import KVReuseDecoder
 
     tok = policy.tokenizer
     base = tok(load_instruction("webshop"), add_special_tokens=False)["input_ids"][:120]
@@ -216,7 +204,7 @@ def test_sampled_episodes_do_not_depend_on_the_batch(policy):
 def test_kv_reuse_falls_back_where_the_cache_is_not_one_tensor_per_layer(policy):
     from types import SimpleNamespace as NS
 
-    from etokit.kv_reuse import kv_reuse_unsupported
+    from etokit.rollout.kv_reuse import kv_reuse_unsupported
 
     assert kv_reuse_unsupported(policy.model) is None
     assert "sliding" in kv_reuse_unsupported(NS(config=NS(sliding_window=4096)))

@@ -17,8 +17,9 @@ from etokit.cli import app
 from etokit.data import DataError, read_jsonl
 from etokit.data.schema import Trajectory
 from etokit.envs import Reset, Step
-from etokit.explore import (ExploreConfig, Generator, Job, expert_steps, index_experts, job_of, plan_step_jobs,
-                            run_episodes)
+from etokit.rollout.episodes import run_episodes
+from etokit.rollout.generator import ExploreConfig, Generator
+from etokit.rollout.jobs import Job, expert_steps, index_experts, job_of, plan_step_jobs
 from tests.factories import ScriptedGenerator, write_jsonl
 
 runner = CliRunner()

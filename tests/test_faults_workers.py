@@ -12,7 +12,10 @@ import psutil
 import pytest
 
 from etokit.envs import Reset, Step
-from etokit.explore import ExploreConfig, Job, close_envs, open_envs, run_episodes
+from etokit.rollout.episodes import run_episodes
+from etokit.rollout.generator import ExploreConfig
+from etokit.rollout.jobs import Job
+from etokit.rollout.play import close_envs, open_envs
 
 pytestmark = pytest.mark.faults
 

@@ -153,7 +153,7 @@ def test_mixture_pairs_in_the_loop(hub, tmp_path):
     the expert's steps; the pairs stage pairs both kinds, with per-mode counts. Stopped after the
     pairs stage (the rest of the loop is the trajectory-mode loop's)."""
     from etokit.data import read_jsonl
-    from etokit.explore import expert_steps, job_of
+    from etokit.rollout.jobs import expert_steps, job_of
 
     cfg = make_config(tmp_path / "m", new_repo("m"), "--pairs-mode", "mixture", "--steps-per-task", "2")
 

@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 from etokit.agent.protocol import STOP_STRINGS
 from etokit.cli import app
 from etokit.data import read_jsonl
-from etokit.explore import ExploreConfig, Job, run_episodes
+from etokit.rollout.episodes import run_episodes
+from etokit.rollout.generator import ExploreConfig
+from etokit.rollout.jobs import Job
 
 from tests.factories import CounterEnv
 
@@ -98,7 +100,7 @@ def fake_vllm(monkeypatch):
 
 
 def test_vllm_generator_plays_episodes(fake_vllm, policy):
-    from etokit.vllm_engine import VLLMGenerator
+    from etokit.rollout.vllm_engine import VLLMGenerator
 
     config = ExploreConfig(icl=False, max_new_tokens=20, max_steps=3, seed=7)
     gen = VLLMGenerator(str(policy.path), policy.tokenizer, config)
@@ -119,7 +121,7 @@ def test_vllm_generator_plays_episodes(fake_vllm, policy):
 
 def test_vllm_generator_replies_end_where_sampling_params_end_them(fake_vllm, policy):
     """max_new_tokens reaches vLLM as max_tokens: a 3-token budget gives 3-token replies."""
-    from etokit.vllm_engine import VLLMGenerator
+    from etokit.rollout.vllm_engine import VLLMGenerator
 
     gen = VLLMGenerator(str(policy.path), policy.tokenizer, ExploreConfig(icl=False, max_new_tokens=3, max_steps=1))
     (played,) = run_episodes(gen, [CounterEnv()], [Job("t1")], split="train")

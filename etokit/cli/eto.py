@@ -119,7 +119,7 @@ def _instruction_from(source: str | None, env: str, experts=None) -> str | None:
 
 def _resolve_model(model: str) -> tuple[str, str | None, str]:
     """``PATH_OR_REPO[@REV]`` -> (name, revision asked for, what it resolves to: commit sha or local fingerprint)."""
-    from etokit.explore import model_revision, split_model_ref
+    from etokit.rollout.generator import model_revision, split_model_ref
 
     name, revision = split_model_ref(model)
     return name, revision, model_revision(name, revision)
@@ -144,7 +144,7 @@ def _load_policy(model: str, dtype: str, trust_remote_code: bool = False):
 
 def _load_engine(model: str, dtype: str, trust_remote_code: bool, engine: str):
     """(name, revision sha, ExploreConfig -> generator) for ``--engine``; checked before loading."""
-    from etokit.explore import Generator
+    from etokit.rollout.generator import Generator
 
     if engine == "transformers":
         name, sha, policy, tokenizer = _load_policy(model, dtype, trust_remote_code)
@@ -162,7 +162,7 @@ def _load_engine(model: str, dtype: str, trust_remote_code: bool, engine: str):
                           "run it without accelerate launch")
     from transformers import AutoTokenizer
 
-    from etokit.vllm_engine import VLLMGenerator
+    from etokit.rollout.vllm_engine import VLLMGenerator
 
     name, _, sha = _resolve_model(model)
     revision = None if sha.startswith("local:") else sha
@@ -195,15 +195,6 @@ def _task_ids(envs, env: str, split: str, limit: int | None, task_ids: str | lis
             raise EtokitError(f"--task-ids: {', '.join(unknown[:5])} not in {env}/{split}")
         available = list(dict.fromkeys(wanted))
     return available[:limit] if limit else available
-
-
-def _progress(what: str, total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn(f"[bold]{what}[/] {{task.description}}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("live {task.fields[live]}  avg reward {task.fields[avg]:.3f}"))
-    progress = Progress(*columns, console=console, transient=False)
-    return progress
 
 
 def _metrics_table(title: str, result) -> Table:
@@ -271,12 +262,14 @@ def explore(
     """Let the policy play every task of a split and record each episode as a trajectory (ETO's
     exploration phase). Episodes are batched: one generate call per step for all live episodes.
     Re-running skips the (task, sample, step) episodes already in --out. Under `accelerate launch`
-    the tasks are sharded across processes and merged into --out by the main process."""
+    the tasks are sharded across processes and merged into --out by the main process; --out ends in
+    task order. An episode whose environment failed is printed and not written: a re-run plays it."""
     from etokit.train.distributed import process_state
 
-    from etokit.data import JsonlAppender, read_jsonl
-    from etokit.explore import (ExploreConfig, close_envs, index_experts, job_of, open_envs, plan_jobs,
-                                plan_step_jobs, run_episodes, shard)
+    from etokit.data import read_jsonl
+    from etokit.rollout.generator import ExploreConfig
+    from etokit.rollout.jobs import index_experts, plan_jobs, plan_step_jobs
+    from etokit.rollout.play import RichProgress, play
 
     if samples_per_task > 1 and temperature == 0:
         raise EtokitError("--samples-per-task > 1 needs --temperature > 0: greedy samples of a task are identical")
@@ -294,71 +287,49 @@ def explore(
                              option="--step-wise-expert")
         experts = index_experts(loaded.records, path=loaded.path)
     state = process_state()
-    parts = [_part_file(out, r) for r in range(state.num_processes)] if state.num_processes > 1 else []
-    if state.is_main_process:
-        _merge_parts(out, parts, None)  # left over by an interrupted multi-process run
-    state.wait_for_everyone()
-
     name, sha, make_generator = _load_engine(model, dtype, trust_remote_code, engine)
     config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            icl=not no_icl, seed=seed, max_steps=max_steps, kv_reuse=not no_kv_reuse,
                            instruction=_instruction_from(instruction_from, env, experts and experts.values()),
                            kv_in_place=not kv_concat)
-    envs = open_envs(env, batch_size)
-    try:
-        done = {job_of(t) for t in read_jsonl(out, "trajectory")} if out.exists() else set()
+
+    def plan(first):  # the planned order is the output's order: the split's (or --task-ids') task order
         if experts is None:
-            tasks = _task_ids(envs, env, split, limit, task_ids)
-            planned = plan_jobs(tasks, samples_per_task)
-        else:
-            tasks, experts = _step_wise_tasks(envs, env, split, limit, task_ids, experts, step_wise_expert)
-            planned = plan_step_jobs({t: experts[t] for t in tasks}, steps_per_task, seed=seed,
-                                     samples_per_task=samples_per_task, max_steps=max_steps or envs[0].max_steps)
-        todo = [job for job in planned if job not in done]
-        mine = shard(todo, state)
-        target = parts[state.process_index] if parts else out
-        generator = make_generator(config)
-        rewards, errors = [], []
-        with JsonlAppender(target, "trajectory") as appender, _progress("explore", len(mine)) as progress:
-            bar = progress.add_task(f"{env}/{split}", total=len(mine), live=0, avg=0.0)
-            if not state.is_main_process:
-                progress.stop()
-            for t in run_episodes(generator, envs, mine, split=split, model_name=name, model_revision=sha,
-                                  on_step=lambda n: progress.update(bar, live=n), experts=experts):
-                if "error" in t.extra:
-                    step = job_of(t).prefix_steps
-                    errors.append((t.task_id if step is None else f"{t.task_id} (from step {step + 1})",
-                                   t.extra["error"]))
-                else:
-                    appender.append(t)
-                    rewards.append(t.reward)
-                progress.update(bar, advance=1, avg=sum(rewards) / len(rewards) if rewards else 0.0)
-    finally:
-        close_envs(envs)
-    state.wait_for_everyone()
+            return plan_jobs(_task_ids([first], env, split, limit, task_ids), samples_per_task)
+        tasks, keyed = _step_wise_tasks([first], env, split, limit, task_ids, experts, step_wise_expert)
+        return plan_step_jobs({t: keyed[t] for t in tasks}, steps_per_task, seed=seed,
+                              samples_per_task=samples_per_task, max_steps=max_steps or first.max_steps)
+
+    result = play(env, split, plan, make_generator(config), batch_size=batch_size, out=out, experts=experts,
+                  model_name=name, model_revision=sha, state=state, progress=RichProgress(console, "explore"))
     if not state.is_main_process:
         return
-    if parts:
-        _merge_parts(out, parts, todo)
-    for task_id, why in errors:
-        console.print(f"[red]error[/] {task_id}: {why}")
+    _print_failures(result)
     from etokit.evaluate import summarize
 
-    written = [t for t in read_jsonl(out, "trajectory") if job_of(t) in set(todo)]
-    result = summarize(written)
+    written = result.episodes
+    summary = summarize(written)
     console.print(
         f"[green]✓[/] {env}/{split}: {len(written)} {'step-wise ' if experts else ''}episodes written, "
-        f"{len(planned) - len(todo)} "
-        f"already in {out}, {len(todo) - len(written)} errors; avg reward {result.avg_reward / 100:.3f}, success rate "
-        f"{result.success_rate:.1%}, invalid actions {result.invalid_action_rate:.1%} (model revision {sha})"
+        f"{result.skipped} "
+        f"already in {out}, {len(result.failed)} errors; avg reward {summary.avg_reward / 100:.3f}, success rate "
+        f"{summary.success_rate:.1%}, invalid actions {summary.invalid_action_rate:.1%} (model revision {sha})"
     )
+
+
+def _print_failures(result) -> None:
+    """Each episode whose environment failed (recorded nowhere: etokit.rollout.play)."""
+    from etokit.rollout.play import describe_failure
+
+    for t in result.failed:
+        console.print(f"[red]error[/] {describe_failure(t)}")
 
 
 def _step_wise_tasks(envs, env: str, split: str, limit: int | None, task_ids: str | None,
                      experts: dict, path: Path) -> tuple[list[str], dict]:
     """The tasks of the split (or --task-ids) that have an expert, in split order, and the experts
     keyed by those task ids; --limit counts those (an expert file is often a subset of the split)."""
-    from etokit.explore import experts_of_tasks
+    from etokit.rollout.jobs import experts_of_tasks
 
     tasks = _task_ids(envs, env, split, None, task_ids)
     experts = experts_of_tasks(experts, tasks)
@@ -370,29 +341,6 @@ def _step_wise_tasks(envs, env: str, split: str, limit: int | None, task_ids: st
     if not tasks:
         raise EtokitError(f"--step-wise-expert {path}: none of its tasks is in {env}/{split}")
     return (tasks[:limit] if limit else tasks), experts
-
-
-def _part_file(out: Path, rank: int) -> Path:
-    return out.with_name(f".{out.name}.rank{rank}.jsonl")
-
-
-def _merge_parts(out: Path, parts: list[Path], jobs) -> None:
-    """Append the ranks' part files to ``out`` (in ``jobs`` order, each episode once) and remove them."""
-    from etokit.data import JsonlAppender, read_jsonl
-    from etokit.explore import job_of, merge_shards
-
-    existing = [p for p in (parts or out.parent.glob(f".{out.name}.rank*.jsonl")) if p.exists()]
-    if not existing:
-        return
-    shards = [read_jsonl(p, "trajectory") for p in existing]
-    with JsonlAppender(out, "trajectory") as appender:
-        done = {job_of(t) for t in appender.existing}
-        order = jobs if jobs is not None else [job_of(t) for s in shards for t in s]
-        for t in merge_shards(order, shards):
-            if job_of(t) not in done:
-                appender.append(t)
-    for p in existing:
-        p.unlink()
 
 
 # ------------------------------------------------------------------------------- build-pairs
@@ -528,13 +476,16 @@ def eval_(
     kv_concat: KvConcatOpt = False,
 ) -> None:
     """Evaluate a policy on a test split: greedy decoding with the 1-shot prompt (as the paper),
-    reporting average reward x100, success rate, average steps and invalid-action rate."""
+    reporting average reward x100, success rate, average steps and invalid-action rate. An episode
+    whose environment failed is printed, kept in --out with its error (out of the averages) and
+    left out of --trajectories."""
     from etokit.train.distributed import process_state
-    from accelerate.utils import gather_object
 
     from etokit.data import atomic_write, write_jsonl
     from etokit.evaluate import eval_report, summarize
-    from etokit.explore import ExploreConfig, Job, close_envs, open_envs, run_episodes, shard
+    from etokit.rollout.generator import ExploreConfig
+    from etokit.rollout.jobs import Job
+    from etokit.rollout.play import RichProgress, play
 
     for path, suffix in ((out, ".json"), (trajectories, ".jsonl")):
         if path is not None and path.suffix != suffix:
@@ -559,26 +510,15 @@ def eval_(
     config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, icl=not no_icl, max_steps=max_steps,
                            kv_reuse=not no_kv_reuse, kv_in_place=not kv_concat,
                            instruction=_instruction_from(instruction_from, env))
-    envs = open_envs(env, batch_size)
-    try:
-        tasks = _task_ids(envs, env, split, limit, wanted)
-        mine = shard([Job(t) for t in tasks], state)
-        played = []
-        with _progress("eval", len(mine)) as progress:
-            bar = progress.add_task(f"{env}/{split}", total=len(mine), live=0, avg=0.0)
-            if not state.is_main_process:
-                progress.stop()
-            for t in run_episodes(make_generator(config), envs, mine, split=split, model_name=name,
-                                  model_revision=sha, on_step=lambda n: progress.update(bar, live=n)):
-                played.append(t)
-                progress.update(bar, advance=1, avg=sum(p.reward for p in played) / len(played))
-    finally:
-        close_envs(envs)
-    played = gather_object(played) if state.num_processes > 1 else played
+    outcome = play(env, split, lambda first: [Job(t) for t in _task_ids([first], env, split, limit, wanted)],
+                   make_generator(config), batch_size=batch_size, model_name=name, model_revision=sha, state=state,
+                   progress=RichProgress(console, "eval"))
     if not state.is_main_process:
         return
-    order = {t: i for i, t in enumerate(tasks)}
-    played = sorted({t.task_id: t for t in played}.values(), key=lambda t: order[t.task_id])
+    _print_failures(outcome)
+    # A failed episode is no trajectory (it is not in --trajectories) but its task stays in the
+    # report, with its error: counted, out of the averages, not comparable (etokit.rollout.play).
+    tasks, played = [job.task_id for job in outcome.planned], outcome.played
     result = summarize(played)
     console.print(_metrics_table(f"{env}/{split} — {name} ({sha[:16]})", result))
     if out is not None:
@@ -588,8 +528,8 @@ def eval_(
             f.write((json.dumps(report, indent=2) + "\n").encode())
         console.print(f"[green]✓[/] metrics written to {out}")
     if trajectories is not None:
-        write_jsonl(trajectories, played)
-        console.print(f"[green]✓[/] {len(played)} episodes written to {trajectories}")
+        write_jsonl(trajectories, outcome.episodes)
+        console.print(f"[green]✓[/] {len(outcome.episodes)} episodes written to {trajectories}")
 
 
 # ----------------------------------------------------------------------------------- compare

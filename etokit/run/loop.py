@@ -153,7 +153,7 @@ class Run:
         else:
             instruction = None  # the environment's expert speaks etokit's protocol
             from etokit.agent.protocol import expert_trajectory
-            from etokit.explore import close_envs, open_envs
+            from etokit.rollout.play import close_envs, open_envs
 
             envs = open_envs(cfg.env, 1, cfg.env_options)
             try:
@@ -203,7 +203,7 @@ class Run:
         out = self.dir / "data" / f"explore_iter{k}.jsonl"
         step_wise = None
         if self.cfg.pairs_mode != "trajectory":
-            from etokit.explore import index_experts
+            from etokit.rollout.jobs import index_experts
 
             file = self.dir / self.manifest.get("expert")["file"]
             step_wise = (index_experts(read_jsonl(file, "trajectory"), path=file), k)
@@ -334,42 +334,36 @@ class Run:
         are skipped: a crashed stage resumes where it stopped). ``step_wise`` = (experts by task,
         iteration): also (pairs_mode "mixture") or only ("step") step-wise episodes, steps_per_task
         per task, the steps drawn anew each iteration."""
-        from etokit.data import JsonlAppender
-        from etokit.explore import (ExploreConfig, Generator, close_envs, experts_of_tasks, job_of, open_envs, plan_jobs,
-                                    plan_step_jobs, run_episodes)
+        from etokit.rollout.generator import ExploreConfig, Generator
+        from etokit.rollout.jobs import experts_of_tasks, plan_jobs, plan_step_jobs
+        from etokit.rollout.play import RichProgress, play
         from etokit.train.model_loading import load_model_and_tokenizer
 
         cfg = self.cfg
-        out.parent.mkdir(parents=True, exist_ok=True)
         folder = self.dir / self.manifest.get(_train_stage(policy))["model"]
         model, tokenizer = load_model_and_tokenizer(str(folder))
         model.eval()
         config = ExploreConfig(batch_size=cfg.explore_batch_size, max_new_tokens=cfg.max_new_tokens,
                                icl=cfg.icl, seed=cfg.seed, max_steps=cfg.max_steps, instruction=self._instruction())
-        envs = open_envs(cfg.env, cfg.explore_batch_size, cfg.env_options)
-        try:
-            tasks = envs[0].task_ids(split)[:limit]
-            with JsonlAppender(out, "trajectory") as appender:
-                done = {job_of(t) for t in appender.existing}
-                todo = plan_jobs(tasks, 1, done) if cfg.pairs_mode != "step" or step_wise is None else []
-                experts = None
-                if step_wise is not None:
-                    experts, k = step_wise
-                    experts = experts_of_tasks(experts, tasks)  # keyed by the environment's task ids
-                    todo += plan_step_jobs(experts, cfg.steps_per_task,
-                                           seed=cfg.seed * 1000 + k, done=done, max_steps=config.max_steps or
-                                           envs[0].max_steps)
-                episodes = run_episodes(Generator(model, tokenizer, config), envs, todo, split=split,
-                                        model_name=f"{cfg.push_to}@{policy}", model_revision=None, experts=experts)
-                for t in _track(episodes, f"{what} {split}", total=len(todo)):
-                    if "error" in t.extra:
-                        raise EtokitError(f"{cfg.env} task {t.task_id}: the environment failed ({t.extra['error']})")
-                    appender.append(t)
-                    faultpoint("play.appended")
-        finally:
-            close_envs(envs)
-        faultpoint("play.before-sort")
-        _sort_by_task(out, tasks)
+
+        def plan(first):
+            tasks = first.task_ids(split)[:limit]
+            jobs = plan_jobs(tasks, 1) if cfg.pairs_mode != "step" or step_wise is None else []
+            if step_wise is not None:
+                experts, k = step_wise
+                jobs += plan_step_jobs(experts_of_tasks(experts, tasks), cfg.steps_per_task, seed=cfg.seed * 1000 + k,
+                                       max_steps=config.max_steps or first.max_steps)
+            # The file's order: task by task, a task's whole episode first, then its step-wise ones by step.
+            order = {t: i for i, t in enumerate(tasks)}
+            return sorted(jobs, key=lambda j: (order[j.task_id], j.prefix_steps is not None, j.prefix_steps or 0,
+                                               j.sample))
+
+        result = play(cfg.env, split, plan, Generator(model, tokenizer, config), batch_size=cfg.explore_batch_size,
+                      env_options=cfg.env_options, out=out, experts=step_wise and step_wise[0],
+                      model_name=f"{cfg.push_to}@{policy}", model_revision=None,
+                      progress=RichProgress(console, what, transient=True))
+        for t in result.failed[:1]:  # the stage fails; a resume plays the failed episodes again
+            raise EtokitError(f"{cfg.env} task {t.task_id}: the environment failed ({t.extra['error']})")
 
     def _launch(self, recipe: str, config, out: Path) -> None:
         """Train ``recipe`` ("bc" / "dpo") with its ``config`` into ``out``: the config is written
@@ -417,23 +411,6 @@ def _weights_digest(folder: Path) -> str:
     for f in sorted(folder.glob("*.safetensors")):
         digest.update(f.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def _sort_by_task(path: Path, tasks: list[str]) -> None:
-    """Rewrite ``path`` in task order: the file then does not depend on completion order or on
-    where a crash split the stage."""
-    from etokit.data import read_jsonl, write_jsonl
-
-    from etokit.explore import job_of
-
-    order = {t: i for i, t in enumerate(tasks)}
-    records = read_jsonl(path, "trajectory")
-
-    def key(t):  # whole episodes of a task first, then its step-wise ones by step
-        job = job_of(t)
-        return order.get(t.task_id, len(order)), job.prefix_steps is not None, job.prefix_steps or 0, job.sample
-
-    write_jsonl(path, sorted(records, key=key))
 
 
 def _track(items, what: str, *, total: int | None = None, skip=frozenset()):

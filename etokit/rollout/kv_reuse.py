@@ -16,7 +16,7 @@ and explicit position ids give every row exactly its own tokens at its own posit
 themselves only, so no row of the softmax is empty).
 
 The cache of a batch is preallocated for its prompt and replies and written in place
-(etokit/slot_cache.py): transformers' DynamicCache grows by concatenation, which copies every
+(etokit/rollout/slot_cache.py): transformers' DynamicCache grows by concatenation, which copies every
 layer's whole cache at every decoded token (``in_place=False`` keeps that path as the reference).
 Episodes that start together with nothing kept to borrow prefill their common prefix once.
 Sampling draws each row from its own generator, seeded per reply by the caller (``seeds``).
@@ -69,7 +69,7 @@ class KVReuseDecoder:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.seed = seed
-        # True: the KV cache is preallocated and written in place (etokit/slot_cache.py); False: transformers'
+        # True: the KV cache is preallocated and written in place (etokit/rollout/slot_cache.py); False: transformers'
         # DynamicCache, grown by concatenation at every forward (the engine before; kept as the reference).
         self.in_place = in_place
         self.num_layers = model.config.get_text_config().num_hidden_layers
@@ -104,7 +104,7 @@ class KVReuseDecoder:
         self.reused += sum(reuse)
 
         if self.in_place:
-            from etokit.slot_cache import slot_cache
+            from etokit.rollout.slot_cache import slot_cache
 
             cache = slot_cache(self.num_layers, past + width + self.max_new_tokens)
             if past:
@@ -173,7 +173,7 @@ class KVReuseDecoder:
         common = common[:min(len(ids) for ids, _ in fresh) - 1]  # each row prefills at least its last token
         if len(common) < max(16, 2 * max(n for _, n in fresh)):  # not worth a forward of its own
             return None
-        from etokit.slot_cache import slot_cache
+        from etokit.rollout.slot_cache import slot_cache
 
         cache = slot_cache(self.num_layers, len(common))
         n = len(common)

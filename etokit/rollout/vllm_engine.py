@@ -3,7 +3,7 @@
 Same interface as explore.Generator, so run_episodes, the trajectories and their format do not
 change: prompts are the chat-template token ids the transformers engine would see, replies are cut
 at the same stop strings. vLLM schedules the batch itself and its prefix cache keeps each
-episode's earlier turns (what etokit/kv_reuse.py does for the transformers engine).
+episode's earlier turns (what etokit/rollout/kv_reuse.py does for the transformers engine).
 
 Greedy replies can differ from the transformers engine's in the last bits of a near-tie: vLLM's
 kernels are not transformers'. Sampling takes one seed for the engine (``LLM(seed=...)``), not one
@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from etokit.agent.protocol import STOP_STRINGS
 from etokit.errors import EtokitError
-from etokit.explore import ExploreConfig, Generator, cut_at_stop
+from etokit.rollout.generator import ExploreConfig, Generator, cut_at_stop
 
 
 class VLLMGenerator(Generator):

@@ -1,0 +1,10 @@
+"""Rollouts: a policy plays the tasks of an environment split, each episode recorded as a trajectory.
+
+- ``play``: the one path of `etokit explore`, `etokit eval` and the run's explore and eval stages
+  (environments, resume, processes, order, environment errors, progress);
+- ``jobs``: the episodes to play (task, sample, step-wise prefix), their plan and sharding, and the
+  expert trajectories step-wise jobs replay;
+- ``episodes``: the episode loop (continuous batching over live episodes, retries, step-wise prefixes);
+- ``generator``: decoding options and batched generation for one model; ``kv_reuse`` and
+  ``slot_cache`` keep each episode's KV cache between steps; ``vllm_engine`` the same with vLLM.
+"""

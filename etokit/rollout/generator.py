@@ -1,0 +1,158 @@
+"""The policy's side of a rollout: how it decodes (ExploreConfig), the batched chat-template
+generation of one model (Generator; etokit/rollout/kv_reuse.py keeps each episode's KV cache
+between steps, etokit/rollout/vllm_engine.py plays the same replies with vLLM), and which model
+exactly was loaded (model_revision)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from etokit.agent.protocol import STOP_STRINGS
+from etokit.data.schema import Message
+from etokit.errors import EtokitError
+from etokit.rollout.kv_reuse import KVReuseDecoder, kv_reuse_unsupported
+
+
+@dataclass
+class ExploreConfig:
+    """How the agent decodes and how many episodes share a batch."""
+
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy (the paper's exploration and evaluation)
+    top_p: float = 1.0
+    icl: bool = True  # the 1-shot example in the prompt
+    seed: int = 0
+    max_steps: int | None = None  # None = the environment's own limit
+    # An episode whose environment fails (a worker or JVM that died, a step past the timeout) is
+    # played again from its reset this many times before it is recorded as an error.
+    env_retries: int = 1
+    # Keep each episode's KV cache between steps and prefill only what is new (etokit/rollout/kv_reuse.py);
+    # False re-encodes the whole conversation with model.generate at every step.
+    kv_reuse: bool = True
+    # With kv_reuse: the KV cache preallocated and written in place (etokit/rollout/slot_cache.py); False grows
+    # transformers' DynamicCache by concatenation at every token (the engine before, kept as the reference).
+    kv_in_place: bool = True
+    # The instruction turn (the prompt's first user message): None is etokit's own for the
+    # environment (etokit/agent/prompts/); a policy cloned on other expert data (the paper's
+    # published trajectories) is explored with that data's instruction, the one it was trained on.
+    instruction: str | None = None
+
+
+
+def model_revision(model: str, revision: str | None) -> str:
+    """What exactly was loaded: the commit sha for a Hub model; for a local folder "local:" and a
+    fingerprint of its config and weight files (name, size, first and last MiB: cheap on 14 GB
+    checkpoints, and any retraining changes it)."""
+    path = Path(model)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if f.is_file() and f.suffix in (".json", ".safetensors"):
+                size = f.stat().st_size
+                digest.update(f"{f.name}:{size}:".encode())
+                with open(f, "rb") as fh:
+                    digest.update(fh.read(1 << 20))
+                    if size > 1 << 21:
+                        fh.seek(-(1 << 20), 2)
+                        digest.update(fh.read())
+        return f"local:{digest.hexdigest()[:16]}"
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return HfApi().model_info(model, revision=revision).sha
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise EtokitError(f"--model {model}{'@' + revision if revision else ''}: not a local folder and not found "
+                          f"on the Hub ({str(e).splitlines()[0]})") from None
+
+
+def split_model_ref(ref: str) -> tuple[str, str | None]:
+    """``PATH_OR_REPO[@REV]`` -> (name, revision). A local path containing "@" stays whole."""
+    if Path(ref).exists() or "@" not in ref:
+        return ref, None
+    name, _, revision = ref.rpartition("@")
+    if not name or not revision:
+        raise EtokitError(f"--model {ref!r}: expected PATH_OR_REPO or REPO@REVISION")
+    from etokit.data.names import check_repo_id, check_revision
+
+    return check_repo_id(name, "--model"), check_revision(revision, "--model revision")
+
+
+
+class Generator:
+    """Batched chat-template generation with stop strings, for one model and tokenizer."""
+
+    def __init__(self, model, tokenizer, config: ExploreConfig):
+        import torch
+        from transformers import GenerationConfig
+
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        sampling = config.temperature > 0
+        self.generation_config = GenerationConfig(
+            max_new_tokens=config.max_new_tokens,
+            do_sample=sampling,
+            temperature=config.temperature if sampling else None,
+            top_p=config.top_p if sampling else None,
+            top_k=None,
+            eos_token_id=model.generation_config.eos_token_id,
+            pad_token_id=self.pad_id,
+            stop_strings=list(STOP_STRINGS),
+        )
+        self.max_context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+        self.device = next(model.parameters()).device
+        self._torch = torch
+        self.decoder = None
+        if config.kv_reuse and kv_reuse_unsupported(model) is None:
+            eos = self.generation_config.eos_token_id
+            self.decoder = KVReuseDecoder(
+                model, pad_id=self.pad_id, eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
+                max_new_tokens=config.max_new_tokens, stopped=self._stopped, temperature=config.temperature,
+                top_p=config.top_p, seed=config.seed, in_place=config.kv_in_place)
+
+    def _stopped(self, ids: list[int]) -> bool:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return any(s in text for s in STOP_STRINGS)
+
+    def encode(self, messages: list[Message]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template writes its own BOS and role tokens.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def fits(self, ids: list[int]) -> bool:
+        return len(ids) + self.config.max_new_tokens <= self.max_context
+
+    def generate(self, batch: list[list[int]], keys: Sequence[Any] | None = None,
+                 seeds: Sequence[int] | None = None) -> list[str]:
+        """One reply per prompt. ``keys`` name each row's episode, so that its KV cache is kept for
+        its next step (see KVReuseDecoder); without keys every prompt is encoded from scratch.
+        ``seeds`` seed each row's sampling (KV-reuse engine; model.generate draws from torch's global
+        generator, seeded once per run)."""
+        if self.decoder is not None and keys is not None:
+            out = self.decoder.generate(batch, keys, seeds)
+            return [cut_at_stop(t) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        torch = self._torch
+        width = max(map(len, batch))
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, ids in enumerate(batch):  # left padding: every prompt ends where generation starts
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention_mask[i, width - len(ids):] = 1
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids.to(self.device),
+                                      attention_mask=attention_mask.to(self.device),
+                                      generation_config=self.generation_config, tokenizer=self.tokenizer)
+        texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        # Generation stops a row at a stop string but keeps the rows around it going (and the
+        # stopped row may hold a few tokens past it): cut every reply at its first stop string.
+        return [cut_at_stop(t) for t in texts]
+
+
+def cut_at_stop(text: str) -> str:
+    cuts = [i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0]
+    return text[:min(cuts)] if cuts else text
+
