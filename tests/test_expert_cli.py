@@ -10,21 +10,17 @@ from typer.testing import CliRunner
 from etokit.cli import app
 from etokit.data import Trajectory
 from etokit.envs import Reset, Step
+from tests.factories import FakeEnv
 
 runner = CliRunner()
 
 
-class FlakyExpertEnv:
+class FlakyExpertEnv(FakeEnv):
     """Tasks 0-6, each with a 2-action gold path, longer than the agent's 1-step limit: the expert of
     task 1 falls short, task 2 crashes its process, task 6 ends (fails) on its first step, the rest
     succeed."""
 
-    name = "textworld-express"
     max_steps = 1
-
-    @classmethod
-    def check(cls):
-        return True, "test env"
 
     def task_ids(self, split):
         return [str(i) for i in range(7)]
@@ -43,9 +39,6 @@ class FlakyExpertEnv:
         reward = 0.5 if self.task == "1" else 0.0 if self.task == "6" else self.n / 2
         done = self.n == 2 or self.task == "6" or self.n >= self.limit
         return Step(observation=f"done {action}", reward=reward, done=done)
-
-    def close(self):
-        pass
 
 
 def _rows(path):
