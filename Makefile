@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # `make bench BENCH_ARGS=--quick` runs every benchmark in about 2 minutes each.
 BENCH_ARGS ?=
 
-.PHONY: install test lint test-slow bench demo experiment smollm2 hub clean
+.PHONY: install test lint format test-slow bench demo experiment smollm2 hub clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,15 @@ install:
 test:
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# ruff, as configured in pyproject.toml (CI runs it before the tests).
+# ruff, as configured in pyproject.toml (CI runs it before the tests): the checks, then the formatting.
+# `make format` rewrites the files the second one would refuse.
+LINT_PATHS := etokit tests bench scripts setup.py
 lint:
-	$(VENV)/bin/ruff check etokit tests bench scripts setup.py
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+format:
+	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 test-slow:
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

@@ -56,9 +56,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("go north south east west take apple egg open close fridge drawer cabinet cook heat cool put "
-         "look inventory examine knife lettuce tomato pan pot counter table shelf sink microwave in on "
-         "the a to from with you see nothing happens are facing kitchen room").split()
+WORDS = (
+    "go north south east west take apple egg open close fridge drawer cabinet cook heat cool put "
+    "look inventory examine knife lettuce tomato pan pot counter table shelf sink microwave in on "
+    "the a to from with you see nothing happens are facing kitchen room"
+).split()
 
 
 ENVS = ("alfworld", "scienceworld", "textworld-express", "webshop")
@@ -85,10 +87,15 @@ def make_pairs(n: int, lo: int, hi: int, seed: int, shared_opening: float = 0.5)
     pairs = []
     for i in range(n):
         env = ENVS[i % len(ENVS)]
-        prompt = [{"role": "user", "content": load_instruction(env)},
-                  {"role": "assistant", "content": "OK"},
-                  {"role": "user", "content": f"You are in the middle of a room. Looking quickly around you, you see "
-                                              f"{words(30)}.\nYour task is to: {words(10)}."}]
+        prompt = [
+            {"role": "user", "content": load_instruction(env)},
+            {"role": "assistant", "content": "OK"},
+            {
+                "role": "user",
+                "content": f"You are in the middle of a room. Looking quickly around you, you see "
+                f"{words(30)}.\nYour task is to: {words(10)}.",
+            },
+        ]
         prompt_tokens = 1.9 * sum(len(m["content"].split()) for m in prompt)  # measured with the bench tokenizer
         target = min(hi, max(lo, rng.lognormvariate(mu, sigma)))
         turns = max(1, int((target - prompt_tokens) / 45))  # ~45 tokens per action+observation round
@@ -104,8 +111,17 @@ def make_pairs(n: int, lo: int, hi: int, seed: int, shared_opening: float = 0.5)
         chosen, rejected = traj(turns), traj(turns + rng.randint(1, 5))
         if turns > 1 and rng.random() < shared_opening:
             rejected[:2] = chosen[:2]
-        pairs.append(Pair(task_id=str(i), env=env, prompt=prompt, chosen=chosen, rejected=rejected,
-                          chosen_reward=1.0, rejected_reward=0.0))
+        pairs.append(
+            Pair(
+                task_id=str(i),
+                env=env,
+                prompt=prompt,
+                chosen=chosen,
+                rejected=rejected,
+                chosen_reward=1.0,
+                rejected_reward=0.0,
+            )
+        )
     return pairs
 
 
@@ -161,8 +177,14 @@ def worker_etokit(a) -> dict:
     pairs = read_jsonl(a.pairs, "pair")
     tokens = tokenize_pairs(tok, pairs, max_length=None)
     max_tokens = a.max_tokens or default_max_tokens(a.device)
-    cfg = DPOConfig(model=a.model, data=a.pairs, output_dir=a.tmp, batch_size=a.batch_size, learning_rate=1e-6,
-                    max_tokens_per_micro_batch=max_tokens)
+    cfg = DPOConfig(
+        model=a.model,
+        data=a.pairs,
+        output_dir=a.tmp,
+        batch_size=a.batch_size,
+        learning_rate=1e-6,
+        max_tokens_per_micro_batch=max_tokens,
+    )
     if a.etokit_gradient_checkpointing is not None:
         cfg.gradient_checkpointing = a.etokit_gradient_checkpointing
     accelerator = Accelerator(cpu=a.device == "cpu", mixed_precision="bf16" if a.bf16 else "no")
@@ -177,8 +199,14 @@ def worker_etokit(a) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     model.eval()
     with accelerator.autocast():
-        ref = sequence_logps(model, tokens.flat(), backend, max_tokens=max_tokens, pad_token_id=tok.pad_token_id,
-                             device=accelerator.device).view(-1, 2)
+        ref = sequence_logps(
+            model,
+            tokens.flat(),
+            backend,
+            max_tokens=max_tokens,
+            pad_token_id=tok.pad_token_id,
+            device=accelerator.device,
+        ).view(-1, 2)
     model.train()
     n_tokens = 0
     for step in schedule:
@@ -188,10 +216,18 @@ def worker_etokit(a) -> dict:
         n_tokens += int(sums["num_tokens"])
     peak = _memory_peak(a.device)  # synchronizes a GPU before the clock stops
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    config = (f"backend {backend}, {max_tokens} tokens/forward, gradient checkpointing "
-              f"{'on' if cfg.gradient_checkpointing else 'off'}")
-    return {"seconds": seconds, "cpu_seconds": cpu, "train_tokens": n_tokens, "peak_memory_delta": peak - base,
-            "config": config, "steps": len(schedule)}
+    config = (
+        f"backend {backend}, {max_tokens} tokens/forward, gradient checkpointing "
+        f"{'on' if cfg.gradient_checkpointing else 'off'}"
+    )
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "train_tokens": n_tokens,
+        "peak_memory_delta": peak - base,
+        "config": config,
+        "steps": len(schedule),
+    }
 
 
 def worker_trl(a) -> dict:
@@ -208,11 +244,24 @@ def worker_trl(a) -> dict:
     rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in read_jsonl(a.pairs, "pair")]
     micro = a.trl_micro_batch
     args = DPOConfig(
-        output_dir=a.tmp, per_device_train_batch_size=micro, gradient_accumulation_steps=a.batch_size // micro,
-        num_train_epochs=1, learning_rate=1e-6, beta=0.1, max_length=None, precompute_ref_log_probs=True,
-        precompute_ref_batch_size=micro, gradient_checkpointing=a.trl_gradient_checkpointing,
-        use_cpu=a.device == "cpu", bf16=a.bf16, report_to="none", save_strategy="no", logging_steps=10_000,
-        dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        output_dir=a.tmp,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=a.batch_size // micro,
+        num_train_epochs=1,
+        learning_rate=1e-6,
+        beta=0.1,
+        max_length=None,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=micro,
+        gradient_checkpointing=a.trl_gradient_checkpointing,
+        use_cpu=a.device == "cpu",
+        bf16=a.bf16,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10_000,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
     )
     # TRL 1.16 runs its reference pass inside DPOTrainer.__init__, after tokenizing the dataset: the
     # timed section (and the memory baseline) starts with that pass, so that both sides are timed
@@ -230,22 +279,47 @@ def worker_trl(a) -> dict:
     peak = _memory_peak(a.device)
     seconds, cpu = time.perf_counter() - timed["t0"], time.process_time() - timed["c0"]
     base = timed["base"]
-    config = (f"micro-batch {micro} pair(s) x {a.batch_size // micro} accumulation, gradient checkpointing "
-              f"{'on' if a.trl_gradient_checkpointing else 'off'}, precomputed reference")
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_memory_delta": peak - base,
-            "steps": trainer.state.global_step, "config": config}
+    config = (
+        f"micro-batch {micro} pair(s) x {a.batch_size // micro} accumulation, gradient checkpointing "
+        f"{'on' if a.trl_gradient_checkpointing else 'off'}, precomputed reference"
+    )
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_memory_delta": peak - base,
+        "steps": trainer.state.global_step,
+        "config": config,
+    }
 
 
 def run_worker(name: str, a, tmp: Path, data_tokens: int, **overrides) -> dict:
     """One timed run of a side in a fresh process -> its result with tokens/s."""
     opts = {**vars(a), **overrides}
-    cmd = [sys.executable, __file__, "--worker", name, "--model", str(tmp / "model"), "--pairs",
-           str(tmp / "pairs.jsonl"), "--tmp", str(tmp / name), "--batch-size", str(opts["batch_size"]),
-           "--trl-micro-batch", str(opts["trl_micro_batch"]), "--device", opts["device"],
-           "--trl-gradient-checkpointing" if opts["trl_gradient_checkpointing"] else "--no-trl-gradient-checkpointing"]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--model",
+        str(tmp / "model"),
+        "--pairs",
+        str(tmp / "pairs.jsonl"),
+        "--tmp",
+        str(tmp / name),
+        "--batch-size",
+        str(opts["batch_size"]),
+        "--trl-micro-batch",
+        str(opts["trl_micro_batch"]),
+        "--device",
+        opts["device"],
+        "--trl-gradient-checkpointing" if opts["trl_gradient_checkpointing"] else "--no-trl-gradient-checkpointing",
+    ]
     if opts["etokit_gradient_checkpointing"] is not None:
-        cmd.append("--etokit-gradient-checkpointing" if opts["etokit_gradient_checkpointing"]
-                   else "--no-etokit-gradient-checkpointing")
+        cmd.append(
+            "--etokit-gradient-checkpointing"
+            if opts["etokit_gradient_checkpointing"]
+            else "--no-etokit-gradient-checkpointing"
+        )
     if opts["max_tokens"]:
         cmd += ["--max-tokens", str(opts["max_tokens"])]
     if opts["backend"]:
@@ -260,9 +334,12 @@ def run_worker(name: str, a, tmp: Path, data_tokens: int, **overrides) -> dict:
     r = json.loads(line[0][7:])
     # both sides process every sequence twice (reference pass + training step)
     r["tokens_per_s"] = 2 * data_tokens / r["seconds"]
-    print(f"{name:7s} {r['tokens_per_s']:9.0f} tokens/s  {r['seconds']:7.1f} s ({r['cpu_seconds']:.1f} s CPU)  "
-          f"peak {_memory_kind(a.device)} delta {r['peak_memory_delta'] / 2**20:7.1f} MiB  steps {r['steps']}  "
-          f"{r['config']}", flush=True)
+    print(
+        f"{name:7s} {r['tokens_per_s']:9.0f} tokens/s  {r['seconds']:7.1f} s ({r['cpu_seconds']:.1f} s CPU)  "
+        f"peak {_memory_kind(a.device)} delta {r['peak_memory_delta'] / 2**20:7.1f} MiB  steps {r['steps']}  "
+        f"{r['config']}",
+        flush=True,
+    )
     return r
 
 
@@ -271,22 +348,47 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small run (~2-3 min on 2 cores)")
     p.add_argument("--pairs-count", type=int)
     p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step (both sides)")
-    p.add_argument("--shared-opening", type=float, default=0.5,
-                   help="fraction of pairs whose rejected trajectory repeats the chosen one's first round")
+    p.add_argument(
+        "--shared-opening",
+        type=float,
+        default=0.5,
+        help="fraction of pairs whose rejected trajectory repeats the chosen one's first round",
+    )
     p.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the fastest counts")
-    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both sides (default: torch's own choice); "
-                                                 "1 gives load-robust ratios on a busy shared machine")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cuda: both sides on the GPU (memory = peak allocated GPU memory)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="OMP_NUM_THREADS for both sides (default: torch's own choice); "
+        "1 gives load-robust ratios on a busy shared machine",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: both sides on the GPU (memory = peak allocated GPU memory)",
+    )
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (the setting for a GPU run)")
-    p.add_argument("--backend", choices=["padded", "bucketed", "packed", "shared"],
-                   help="etokit log-prob backend (default: etokit's CPU default)")
+    p.add_argument(
+        "--backend",
+        choices=["padded", "bucketed", "packed", "shared"],
+        help="etokit log-prob backend (default: etokit's CPU default)",
+    )
     p.add_argument("--max-tokens", type=int, help="etokit token budget per forward (default: etokit's CPU default)")
-    p.add_argument("--etokit-gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: etokit's default (off)")
-    p.add_argument("--trl-micro-batch", type=int, default=1, help="TRL pairs per forward (accumulation makes up the rest)")
-    p.add_argument("--trl-gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="TRL's own default is on; off measured faster here")
+    p.add_argument(
+        "--etokit-gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: etokit's default (off)",
+    )
+    p.add_argument(
+        "--trl-micro-batch", type=int, default=1, help="TRL pairs per forward (accumulation makes up the rest)"
+    )
+    p.add_argument(
+        "--trl-gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="TRL's own default is on; off measured faster here",
+    )
     p.add_argument("--trl-sweep", action="store_true", help="time TRL alone in each configuration and name the fastest")
     p.add_argument("--worker", choices=["etokit", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -317,11 +419,14 @@ def main() -> None:
     lengths = sorted(len(s.input_ids) for s in t.flat())
     data_tokens = sum(lengths)
     instruction = {env: len(tok(load_instruction(env), add_special_tokens=False).input_ids) for env in ENVS}
-    print(f"{n} pairs, {len(lengths)} sequences, {data_tokens} tokens; length min/median/max "
-          f"{lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}; instruction tokens "
-          f"{', '.join(f'{k} {v}' for k, v in instruction.items())}; common prefix "
-          f"{2 * sum(t.shared_prefix) / data_tokens:.0%} of tokens; batch {a.batch_size} pairs; {os.cpu_count()} cores, "
-          f"threads {a.threads or 'default'}", flush=True)
+    print(
+        f"{n} pairs, {len(lengths)} sequences, {data_tokens} tokens; length min/median/max "
+        f"{lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}; instruction tokens "
+        f"{', '.join(f'{k} {v}' for k, v in instruction.items())}; common prefix "
+        f"{2 * sum(t.shared_prefix) / data_tokens:.0%} of tokens; batch {a.batch_size} pairs; {os.cpu_count()} cores, "
+        f"threads {a.threads or 'default'}",
+        flush=True,
+    )
 
     if a.trl_sweep:
         runs = []

@@ -14,6 +14,7 @@ import time
 
 from rich.progress import track
 
+
 # Short-to-medium gold paths over several task types.
 def sample_tasks(n_types: int, seed: int = 0) -> list[str]:
     """One train variation for each of `n_types` task types (all 24 in the full run), drawn with a fixed
@@ -113,8 +114,10 @@ def main() -> None:
     if shop is not None:
         print(f"webshop (offline shop): {shop:,.0f} steps/s")
     ours, official = bench_scienceworld(task_ids, repeats)
-    print(f"scienceworld: etokit adapter {ours:,.1f} steps/s, official env.step() {official:,.1f} steps/s "
-          f"({len(task_ids)} tasks x {repeats}, gold paths)")
+    print(
+        f"scienceworld: etokit adapter {ours:,.1f} steps/s, official env.step() {official:,.1f} steps/s "
+        f"({len(task_ids)} tasks x {repeats}, gold paths)"
+    )
     print(f"scienceworld steps/s: {ours / official:.1f}x env.step()")
 
 

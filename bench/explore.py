@@ -92,19 +92,27 @@ def main() -> None:
     loop, loop_s = run(model, tokenizer, envs[:1], tasks[:loop_tasks], full)
     plain, plain_s = run(model, tokenizer, envs, tasks, full)
     batched, batched_s = run(model, tokenizer, envs, tasks, config)
-    same = ([t.to_row() for t in batched[:loop_tasks]] == [t.to_row() for t in loop]
-            and [t.to_row() for t in batched] == [t.to_row() for t in plain])
+    same = [t.to_row() for t in batched[:loop_tasks]] == [t.to_row() for t in loop] and [
+        t.to_row() for t in batched
+    ] == [t.to_row() for t in plain]
     loop_rate, plain_rate, batched_rate = len(loop) / loop_s, len(plain) / plain_s, len(batched) / batched_s
     steps = sum(t.num_steps for t in batched)
-    print(f"model: {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), torch threads "
-          f"{torch.get_num_threads()}, env {env_name}, {config.max_new_tokens} new tokens/reply, "
-          f"{config.max_steps} steps/episode")
-    print(f"sequential loop (full prompt every step): {len(loop)} episodes in {loop_s:.1f}s = {loop_rate:.2f} "
-          f"episodes/s")
-    print(f"batched (batch {args.batch_size}), full prompt every step: {len(plain)} episodes in {plain_s:.1f}s = "
-          f"{plain_rate:.2f} episodes/s ({plain_rate / loop_rate:.2f}x the loop)")
-    print(f"batched (batch {args.batch_size}), KV cache kept across steps: {len(batched)} episodes ({steps} steps) "
-          f"in {batched_s:.1f}s = {batched_rate:.2f} episodes/s ({batched_rate / plain_rate:.2f}x without reuse)")
+    print(
+        f"model: {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), torch threads "
+        f"{torch.get_num_threads()}, env {env_name}, {config.max_new_tokens} new tokens/reply, "
+        f"{config.max_steps} steps/episode"
+    )
+    print(
+        f"sequential loop (full prompt every step): {len(loop)} episodes in {loop_s:.1f}s = {loop_rate:.2f} episodes/s"
+    )
+    print(
+        f"batched (batch {args.batch_size}), full prompt every step: {len(plain)} episodes in {plain_s:.1f}s = "
+        f"{plain_rate:.2f} episodes/s ({plain_rate / loop_rate:.2f}x the loop)"
+    )
+    print(
+        f"batched (batch {args.batch_size}), KV cache kept across steps: {len(batched)} episodes ({steps} steps) "
+        f"in {batched_s:.1f}s = {batched_rate:.2f} episodes/s ({batched_rate / plain_rate:.2f}x without reuse)"
+    )
     print(f"trajectories equal across the three runs on the tasks they share: {same}")
     print(f"explore episodes/s: {batched_rate / loop_rate:.2f}x sequential loop")
 

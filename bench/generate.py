@@ -72,8 +72,12 @@ def run(generator, envs, task_ids):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("models/smollm2"),
-                        help="checkpoint folder (default models/smollm2; a tiny random Llama when it is absent)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=Path("models/smollm2"),
+        help="checkpoint folder (default models/smollm2; a tiny random Llama when it is absent)",
+    )
     parser.add_argument("--quick", action="store_true", help="8 episodes of 3 steps (a few minutes on 2 cores)")
     parser.add_argument("--episodes", type=int, help="episodes (default 32; 8 with --quick), all in flight")
     parser.add_argument("--steps", type=int, help="steps per episode (default 20; 3 with --quick)")
@@ -101,21 +105,26 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model, tokenizer = tiny_policy(Path(tmp) / "policy")
         name = "tiny-llama"
-    config = ExploreConfig(batch_size=episodes, max_new_tokens=args.max_new_tokens, icl=True, max_steps=steps,
-                           kv_in_place=True)
+    config = ExploreConfig(
+        batch_size=episodes, max_new_tokens=args.max_new_tokens, icl=True, max_steps=steps, kv_in_place=True
+    )
     reference_config = dataclasses.replace(config, kv_in_place=False)
     envs = [make("textworld-express") for _ in range(episodes)]
     tasks = envs[0].task_ids("test-unseen")[:episodes]
 
     decode_rate, flops = matmul_roofline(model, episodes)
     prefill_rate, _ = matmul_roofline(model, 512)
-    print(f"model: {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"{model.config._attn_implementation}), torch threads {torch.get_num_threads()}, load average "
-          f"{os.getloadavg()[0]:.2f}; TextWorldExpress test-unseen, 1-shot prompt, {episodes} episodes in flight, "
-          f"{steps} steps, {args.max_new_tokens} new tokens/reply")
-    print(f"roofline: {flops:.3f} GFLOP/token in matmuls; the model's linear shapes run at {decode_rate:.0f} "
-          f"GFLOP/s with {episodes} rows (decode: {decode_rate / flops:.0f} tok/s) and {prefill_rate:.0f} "
-          f"GFLOP/s with 512 rows (prefill: {prefill_rate / flops:.0f} tok/s)")
+    print(
+        f"model: {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+        f"{model.config._attn_implementation}), torch threads {torch.get_num_threads()}, load average "
+        f"{os.getloadavg()[0]:.2f}; TextWorldExpress test-unseen, 1-shot prompt, {episodes} episodes in flight, "
+        f"{steps} steps, {args.max_new_tokens} new tokens/reply"
+    )
+    print(
+        f"roofline: {flops:.3f} GFLOP/token in matmuls; the model's linear shapes run at {decode_rate:.0f} "
+        f"GFLOP/s with {episodes} rows (decode: {decode_rate / flops:.0f} tok/s) and {prefill_rate:.0f} "
+        f"GFLOP/s with 512 rows (prefill: {prefill_rate / flops:.0f} tok/s)"
+    )
 
     engines = {"reference (DynamicCache, concatenated)": reference_config, "in place (preallocated slots)": config}
     # Alternated (A B B A ...) so that a change of the host's load during the run weighs on both engines.
@@ -130,12 +139,14 @@ def main() -> None:
         same_run = rows[label] == [t.to_row() for t in trajectories]
         d = generator.decoder
         decode_tps, prefill_tps = d.decoded / max(d.decode_s, 1e-9), d.prefilled / max(d.prefill_s, 1e-9)
-        print(f"{label}: {len(trajectories)} episodes ({sum(t.num_steps for t in trajectories)} steps) in "
-              f"{took:.1f}s = {len(trajectories) / took:.3f} episodes/s; decode {decode_tps:.0f} tok/s "
-              f"({decode_tps / (decode_rate / flops):.0%} of roofline, {d.decoded} tokens in {d.decode_s:.1f}s), "
-              f"prefill {prefill_tps:.0f} tok/s ({prefill_tps / (prefill_rate / flops):.0%} of roofline, "
-              f"{d.prefilled} tokens in {d.prefill_s:.1f}s; {d.reused} prompt tokens reused); load average "
-              f"{os.getloadavg()[0]:.2f}{'' if same_run else '; DIFFERENT from its first run'}")
+        print(
+            f"{label}: {len(trajectories)} episodes ({sum(t.num_steps for t in trajectories)} steps) in "
+            f"{took:.1f}s = {len(trajectories) / took:.3f} episodes/s; decode {decode_tps:.0f} tok/s "
+            f"({decode_tps / (decode_rate / flops):.0%} of roofline, {d.decoded} tokens in {d.decode_s:.1f}s), "
+            f"prefill {prefill_tps:.0f} tok/s ({prefill_tps / (prefill_rate / flops):.0%} of roofline, "
+            f"{d.prefilled} tokens in {d.prefill_s:.1f}s; {d.reused} prompt tokens reused); load average "
+            f"{os.getloadavg()[0]:.2f}{'' if same_run else '; DIFFERENT from its first run'}"
+        )
     ref, new = rows.values()
     same = ref == new
     print(f"trajectories equal token for token: {same}")

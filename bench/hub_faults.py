@@ -32,17 +32,27 @@ def _pairs_file(path: Path, iteration: int, rows: int) -> Path:
     def turns(task: str, n: int) -> list[dict]:
         out = []
         for i in range(n):
-            out += [{"role": "assistant", "content": f"Thought: step {i} of {task}.\nAction: look"},
-                    {"role": "user", "content": f"Observation: you see {i} things."}]
+            out += [
+                {"role": "assistant", "content": f"Thought: step {i} of {task}.\nAction: look"},
+                {"role": "user", "content": f"Observation: you see {i} things."},
+            ]
         return out[:-1]
 
     prompt = [{"role": "user", "content": "Solve the task."}, {"role": "assistant", "content": "OK"}]
     with open(path, "w", encoding="utf-8") as f:
         for r in range(rows):
             task = f"task-{iteration}-{r}"
-            p = Pair(task_id=task, env="textworld-express", prompt=prompt + [{"role": "user", "content": task}],
-                     chosen=turns(task, 3), rejected=turns(task, 5), chosen_reward=1.0, rejected_reward=0.0,
-                     outcome="lose", iteration=iteration)
+            p = Pair(
+                task_id=task,
+                env="textworld-express",
+                prompt=prompt + [{"role": "user", "content": task}],
+                chosen=turns(task, 3),
+                rejected=turns(task, 5),
+                chosen_reward=1.0,
+                rejected_reward=0.0,
+                outcome="lose",
+                iteration=iteration,
+            )
             f.write(json.dumps(p.to_row()) + "\n")
     return path
 
@@ -82,8 +92,10 @@ def _run(hub, endpoint: str, args, tag: str, work: Path) -> dict:
             continue
         times.append(time.monotonic() - t)
         new = [c["message"] for _, c in _history(st, "dataset", dataset, "main")][: -before or None]
-        expected = [f"Update dataset card (textworld-express/iter_{k})",
-                    f"etokit push-pairs: textworld-express/iter_{k} ({args.rows} rows)"]
+        expected = [
+            f"Update dataset card (textworld-express/iter_{k})",
+            f"etokit push-pairs: textworld-express/iter_{k} ({args.rows} rows)",
+        ]
         expected += [] if before else ["initial commit"]
         tree = st.commit("dataset", dataset, st.resolve("dataset", dataset, "main"))["tree"]
         if new == expected and f"textworld-express/iter_{k}-00000-of-00001.parquet" in tree:
@@ -135,8 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         args.pushes, args.checkpoints = 4, 2
 
     home = Path(tempfile.mkdtemp(prefix="etokit-faultbench-"))
-    os.environ.update({"HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_bench_token", "HF_HOME": str(home / "hf"),
-                       "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"})
+    os.environ.update(
+        {
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_TOKEN": "hf_bench_token",
+            "HF_HOME": str(home / "hf"),
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        }
+    )
     os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")  # replaced per run below
     import logging
 
@@ -165,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                 from etokit.data import load_records
                 from etokit.hub.publish import push_dataset
 
-                push_dataset(load_records(_pairs_file(work / "outage.jsonl", 1, args.rows), "pair"), "bench/outage",
-                             card="pairs")
+                push_dataset(
+                    load_records(_pairs_file(work / "outage.jsonl", 1, args.rows), "pair"), "bench/outage", card="pairs"
+                )
                 outage = "completed?!"
             except Exception as e:  # noqa: BLE001
                 outage = f"{time.monotonic() - t:.0f} s to `{type(e).__name__}`"
@@ -175,21 +195,30 @@ def main(argv: list[str] | None = None) -> int:
     total = args.pushes + args.checkpoints
     med = statistics.median(faulty["times"]) if faulty["times"] else float("nan")
     base = statistics.median(clean["times"]) if clean["times"] else float("nan")
-    print(f"| pushes at {args.rate:.0%} faults (seed {args.seed}) | {args.pushes} dataset (`push-pairs`, "
-          f"{args.rows} rows) + {args.checkpoints} checkpoint |")
+    print(
+        f"| pushes at {args.rate:.0%} faults (seed {args.seed}) | {args.pushes} dataset (`push-pairs`, "
+        f"{args.rows} rows) + {args.checkpoints} checkpoint |"
+    )
     print("|---|---|")
     print(f"| completed | {faulty['completed']} / {total} (no faults: {clean['completed']} / {total}) |")
-    print(f"| faults injected | {sum(counts.values())} of {requests} requests: "
-          + ", ".join(f"{k} {v}" for k, v in counts.items()) + " |")
+    print(
+        f"| faults injected | {sum(counts.values())} of {requests} requests: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+        + " |"
+    )
     print(f"| duplicate commits | {faulty['duplicates']} (no faults: {clean['duplicates']}) |")
-    print(f"| time per push, median / max | {med:.1f} / {max(faulty['times'], default=float('nan')):.1f} s "
-          f"(no faults: {base:.1f} / {max(clean['times'], default=float('nan')):.1f} s) |")
+    print(
+        f"| time per push, median / max | {med:.1f} / {max(faulty['times'], default=float('nan')):.1f} s "
+        f"(no faults: {base:.1f} / {max(clean['times'], default=float('nan')):.1f} s) |"
+    )
     print(f"| 100% faults, 30 s retry budget | {outage} |")
     for p in faulty["problems"] + clean["problems"]:
         print(f"problem: {p}", file=sys.stderr)
-    print(f"pushes under {args.rate:.0%} faults: {faulty['completed']}/{total} completed, "
-          f"{sum(counts.values())} faults injected, {faulty['duplicates']} duplicate commits, "
-          f"median {med:.1f} s vs {base:.1f} s without faults")
+    print(
+        f"pushes under {args.rate:.0%} faults: {faulty['completed']}/{total} completed, "
+        f"{sum(counts.values())} faults injected, {faulty['duplicates']} duplicate commits, "
+        f"median {med:.1f} s vs {base:.1f} s without faults"
+    )
     print(f"push time under {args.rate:.0%} faults: {med / base:.2f}x no faults")
     return 0 if faulty["completed"] == total and not faulty["duplicates"] else 1
 

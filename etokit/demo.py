@@ -52,17 +52,19 @@ def embedded_hub(folder: Path):
     port = _free_port()
     # huggingface_hub, datasets and transformers read these at import: set them before any of them
     # is imported (here, and in the training subprocesses, which inherit them).
-    os.environ.update({
-        "HF_ENDPOINT": f"http://127.0.0.1:{port}",
-        "HF_HUB_DISABLE_XET": "1",  # the embedded server speaks LFS, not Xet
-        "HF_TOKEN": "hf_demo_token_for_the_embedded_hub",  # any token: the local server checks none
-        "HF_HOME": str(folder / "hf_home"),
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "TRANSFORMERS_VERBOSITY": "error",
-    })
+    os.environ.update(
+        {
+            "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+            "HF_HUB_DISABLE_XET": "1",  # the embedded server speaks LFS, not Xet
+            "HF_TOKEN": "hf_demo_token_for_the_embedded_hub",  # any token: the local server checks none
+            "HF_HOME": str(folder / "hf_home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "TRANSFORMERS_VERBOSITY": "error",
+        }
+    )
     from etokit.hub.server import HubServer
 
     server = HubServer(data_dir=folder / "hub", host="127.0.0.1", port=port)
@@ -83,8 +85,9 @@ def _demo(args, overrides) -> None:
 
     start = time.monotonic()
     console.print(f"[bold]etokit demo[/]: embedded Hub at {os.environ['HF_ENDPOINT']}, run in {args.dir / 'run'}")
-    cfg = parse_config(RunConfig, ["--config", str(args.config), "--run-dir", str(args.dir / "run"),
-                                   "--push-to", REPO, *overrides])
+    cfg = parse_config(
+        RunConfig, ["--config", str(args.config), "--run-dir", str(args.dir / "run"), "--push-to", REPO, *overrides]
+    )
     run = Run(cfg)
     rows = run.run()
 
@@ -94,14 +97,21 @@ def _demo(args, overrides) -> None:
     last = rows[-1]["model"]
     with console.status(f"Loading {REPO}@{last} back from the Hub..."):
         model = AutoModelForCausalLM.from_pretrained(REPO, revision=last, use_safetensors=True, trust_remote_code=False)
-    local = AutoModelForCausalLM.from_pretrained(args.dir / "run" / run.manifest.get(f"dpo-{last.split('-')[1]}")["model"],
-                                                 use_safetensors=True, trust_remote_code=False)
+    local = AutoModelForCausalLM.from_pretrained(
+        args.dir / "run" / run.manifest.get(f"dpo-{last.split('-')[1]}")["model"],
+        use_safetensors=True,
+        trust_remote_code=False,
+    )
     same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), local.state_dict().values()))
-    console.print(f'[green]✓[/] AutoModelForCausalLM.from_pretrained("{REPO}", revision="{last}"): '
-                  f"{sum(p.numel() for p in model.parameters()):,} parameters, "
-                  f"{'identical to' if same else '[red]DIFFERENT from[/]'} the local checkpoint")
+    console.print(
+        f'[green]✓[/] AutoModelForCausalLM.from_pretrained("{REPO}", revision="{last}"): '
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{'identical to' if same else '[red]DIFFERENT from[/]'} the local checkpoint"
+    )
     print_unwrapped(results_table(rows), on=console)
-    console.print(f"demo finished in {(time.monotonic() - start) / 60:.1f} min; results in {args.dir / 'run' / 'results.json'}")
+    console.print(
+        f"demo finished in {(time.monotonic() - start) / 60:.1f} min; results in {args.dir / 'run' / 'results.json'}"
+    )
     from etokit.report import REPORT_FILE
 
     console.print(f"report (open it in a browser): {(args.dir / 'run' / REPORT_FILE).resolve()}")

@@ -64,8 +64,13 @@ def per_task(trajectories: Iterable[Trajectory]) -> list[dict[str, Any]]:
     whose environment failed keeps its task, with the error, and has no reward to pair)."""
     rows = []
     for t in trajectories:
-        row: dict[str, Any] = {"task_id": t.task_id, "reward": t.reward, "success": bool(t.success),
-                               "steps": t.num_steps, "seed": t.seed}
+        row: dict[str, Any] = {
+            "task_id": t.task_id,
+            "reward": t.reward,
+            "success": bool(t.success),
+            "steps": t.num_steps,
+            "seed": t.seed,
+        }
         if "error" in t.extra:
             row["error"] = str(t.extra["error"])
         rows.append(row)
@@ -96,16 +101,28 @@ def panel(env: str, split: str, task_ids: list[str]) -> dict[str, Any]:
     return {"id": f"{env}/{split}:{len(task_ids)}:{digest}", "env": env, "split": split, "task_ids": list(task_ids)}
 
 
-
-def eval_report(trajectories: list[Trajectory], *, env: str, split: str, model: str, model_revision: str | None,
-                task_ids: list[str], result: EvalResult | None = None) -> dict[str, Any]:
+def eval_report(
+    trajectories: list[Trajectory],
+    *,
+    env: str,
+    split: str,
+    model: str,
+    model_revision: str | None,
+    task_ids: list[str],
+    result: EvalResult | None = None,
+) -> dict[str, Any]:
     """The JSON of `etokit eval --out`: the summary (top-level keys as before, plus intervals),
     the panel that was asked for (env, split, task ids: re-run it with --task-ids) and the
     per-task results."""
     result = result or summarize(trajectories)
     return {
-        "format": EVAL_FORMAT, "format_version": EVAL_FORMAT_VERSION,
-        "model": model, "model_revision": model_revision, "env": env, "split": split, **result.to_dict(),
+        "format": EVAL_FORMAT,
+        "format_version": EVAL_FORMAT_VERSION,
+        "model": model,
+        "model_revision": model_revision,
+        "env": env,
+        "split": split,
+        **result.to_dict(),
         "rewards": {t.task_id: t.reward for t in trajectories},  # older readers' view
         "panel": panel(env, split, task_ids),
         "per_task": per_task(trajectories),
@@ -193,24 +210,40 @@ class Comparison:
         return {"split": self.split, "a": self.a.to_dict(), "b": self.b.to_dict(), **self.diff.to_dict()}
 
 
-def compare_panels(a: Panel, b: Panel, *, allow_mismatch: bool = False, confidence: float = 0.95,
-                   n_boot: int = 10_000, seed: int = 0) -> Comparison:
+def compare_panels(
+    a: Panel, b: Panel, *, allow_mismatch: bool = False, confidence: float = 0.95, n_boot: int = 10_000, seed: int = 0
+) -> Comparison:
     """Average reward x100 of B minus A, task for task. Different envs or splits, or different
     tasks (unless ``allow_mismatch``), raise PanelMismatchError (exit code 2) naming them."""
     from etokit.stats import PanelMismatchError
 
     if a.split != b.split or (a.env and b.env and a.env != b.env):
-        raise PanelMismatchError(f"{a.name} is {a.env}/{a.split} and {b.name} is {b.env}/{b.split}: a paired "
-                                 "comparison needs the same env and split")
+        raise PanelMismatchError(
+            f"{a.name} is {a.env}/{a.split} and {b.name} is {b.env}/{b.split}: a paired "
+            "comparison needs the same env and split"
+        )
     for p in (a, b):
         if p.errors and not allow_mismatch:
-            raise PanelMismatchError(f"{p.name}: the environment failed on {len(p.errors)} task(s) "
-                                     f"({', '.join(p.errors[:5])}), which cannot be compared; pass "
-                                     "--allow-mismatch to compare the other tasks")
+            raise PanelMismatchError(
+                f"{p.name}: the environment failed on {len(p.errors)} task(s) "
+                f"({', '.join(p.errors[:5])}), which cannot be compared; pass "
+                "--allow-mismatch to compare the other tasks"
+            )
     scale = lambda rewards: {t: 100 * r for t, r in rewards.items()}  # noqa: E731 - the paper's x100
-    diff = paired_diff(scale(a.rewards), scale(b.rewards), confidence=confidence, n_boot=n_boot, seed=seed,
-                       allow_mismatch=allow_mismatch, names=(a.name, b.name))
+    diff = paired_diff(
+        scale(a.rewards),
+        scale(b.rewards),
+        confidence=confidence,
+        n_boot=n_boot,
+        seed=seed,
+        allow_mismatch=allow_mismatch,
+        names=(a.name, b.name),
+    )
     common = [t for t in a.rewards if t in b.rewards]
-    ci = lambda p: mean_ci([100 * p.rewards[t] for t in common], confidence=confidence,  # noqa: E731
-                           n_boot=n_boot, seed=seed)
+    ci = lambda p: mean_ci(
+        [100 * p.rewards[t] for t in common],
+        confidence=confidence,  # noqa: E731
+        n_boot=n_boot,
+        seed=seed,
+    )
     return Comparison(a.split, ci(a), ci(b), diff)

@@ -41,13 +41,21 @@ def _seeds(text: str) -> list[int]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="Other options are `etokit run`'s (etokit run --help).")
-    parser.add_argument("--dir", type=Path, default=Path(".experiment"),
-                        help="working folder: the runs, the embedded Hub's data and experiment.json (default "
-                             ".experiment; kept between invocations so an interrupted experiment resumes)")
-    parser.add_argument("--config", default="experiment-smollm2",
-                        help="a shipped run config name or a YAML file (default experiment-smollm2)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog="Other options are `etokit run`'s (etokit run --help)."
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(".experiment"),
+        help="working folder: the runs, the embedded Hub's data and experiment.json (default "
+        ".experiment; kept between invocations so an interrupted experiment resumes)",
+    )
+    parser.add_argument(
+        "--config",
+        default="experiment-smollm2",
+        help="a shipped run config name or a YAML file (default experiment-smollm2)",
+    )
     parser.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="training seeds (default 0,1,2)")
     parser.add_argument("--fresh", action="store_true", help="wipe --dir first instead of resuming")
     args, overrides = parser.parse_known_args(argv)
@@ -76,8 +84,9 @@ def main(argv=None) -> None:
     print_verdict(verdict)
     from etokit.run import console
 
-    console.print(f"experiment: {len(run_dirs)} seed(s) in {minutes:.1f} min this time; "
-                  f"verdict in {args.dir / RESULT_FILE}")
+    console.print(
+        f"experiment: {len(run_dirs)} seed(s) in {minutes:.1f} min this time; verdict in {args.dir / RESULT_FILE}"
+    )
 
 
 def run_seed(root: Path, config: Path, seed: int, overrides: list[str]) -> Path:
@@ -86,8 +95,20 @@ def run_seed(root: Path, config: Path, seed: int, overrides: list[str]) -> Path:
     from etokit.train.config import parse_config
 
     run_dir = root / SEED_DIR.format(seed=seed) / "run"
-    cfg = parse_config(RunConfig, ["--config", str(config), *overrides, "--seed", str(seed),
-                                   "--run-dir", str(run_dir), "--push-to", f"experiment/eto-seed{seed}"])
+    cfg = parse_config(
+        RunConfig,
+        [
+            "--config",
+            str(config),
+            *overrides,
+            "--seed",
+            str(seed),
+            "--run-dir",
+            str(run_dir),
+            "--push-to",
+            f"experiment/eto-seed{seed}",
+        ],
+    )
     console.rule(f"seed {seed}: {run_dir}")
     Run(cfg, resume=(run_dir / MANIFEST).exists()).run()
     return run_dir
@@ -114,30 +135,37 @@ def aggregate(run_dirs: dict[int, Path], *, root: Path | None = None, confidence
     common = [p for p in panels[seeds[0]] if all(p in panels[s] for s in seeds)]
     x100 = lambda rewards: {t: 100 * r for t, r in rewards.items()}  # noqa: E731 - the paper's scale
     out: dict[str, Any] = {
-        "unit": "average reward x100", "confidence": confidence, "seeds": seeds,
+        "unit": "average reward x100",
+        "confidence": confidence,
+        "seeds": seeds,
         "runs": {str(s): str(d.relative_to(root) if root else d) for s, d in run_dirs.items()},
         "tasks": {split: len(panels[seeds[0]]["bc"][split].rewards) for split in EVAL_SPLITS},
-        "policies": {}, "comparisons": [],
+        "policies": {},
+        "comparisons": [],
     }
     for policy in common:
         out["policies"][policy] = {}
         for split in EVAL_SPLITS:
-            per_seed = [mean_ci(x100(panels[s][policy][split].rewards).values(), confidence=confidence)
-                        for s in seeds]
+            per_seed = [mean_ci(x100(panels[s][policy][split].rewards).values(), confidence=confidence) for s in seeds]
             tasks = panels[seeds[0]][policy][split].rewards
             averaged = {t: sum(100 * panels[s][policy][split].rewards[t] for s in seeds) / len(seeds) for t in tasks}
-            out["policies"][policy][split] = {"per_seed": [i.to_dict() for i in per_seed],
-                                              "seed_averaged": mean_ci(averaged.values(),
-                                                                       confidence=confidence).to_dict()}
+            out["policies"][policy][split] = {
+                "per_seed": [i.to_dict() for i in per_seed],
+                "seed_averaged": mean_ci(averaged.values(), confidence=confidence).to_dict(),
+            }
     for policy in common[1:]:
         for split in EVAL_SPLITS:
             runs = [(x100(panels[s]["bc"][split].rewards), x100(panels[s][policy][split].rewards)) for s in seeds]
             names = ("bc", policy)
-            out["comparisons"].append({
-                "a": "bc", "b": policy, "split": split,
-                "per_seed": [paired_diff(a, b, confidence=confidence, names=names).to_dict() for a, b in runs],
-                "seed_averaged": seed_averaged_diff(runs, confidence=confidence, names=names).to_dict(),
-            })
+            out["comparisons"].append(
+                {
+                    "a": "bc",
+                    "b": policy,
+                    "split": split,
+                    "per_seed": [paired_diff(a, b, confidence=confidence, names=names).to_dict() for a, b in runs],
+                    "seed_averaged": seed_averaged_diff(runs, confidence=confidence, names=names).to_dict(),
+                }
+            )
     return out
 
 
@@ -150,15 +178,19 @@ def verdict_rows(verdict: dict[str, Any]) -> list[dict[str, str]]:
         where = "above zero" if avg["lo"] > 0 else "below zero" if avg["hi"] < 0 else "includes zero"
         base = verdict["policies"]["bc"][c["split"]]["seed_averaged"]
         other = verdict["policies"][c["b"]][c["split"]]["seed_averaged"]
-        rows.append({
-            "comparison": f"{c['b']} - bc", "split": c["split"], "tasks": str(avg["n"]),
-            "bc": f"{base['mean']:.1f} [{base['lo']:.1f}, {base['hi']:.1f}]",
-            "iteration": f"{other['mean']:.1f} [{other['lo']:.1f}, {other['hi']:.1f}]",
-            "per seed": ", ".join(f"{d['mean']:+.1f}" for d in c["per_seed"]),
-            "seed-averaged (paired)": fmt(avg),
-            "up/down/same": f"{avg['up']}/{avg['down']}/{avg['same']}",
-            "interval": where,
-        })
+        rows.append(
+            {
+                "comparison": f"{c['b']} - bc",
+                "split": c["split"],
+                "tasks": str(avg["n"]),
+                "bc": f"{base['mean']:.1f} [{base['lo']:.1f}, {base['hi']:.1f}]",
+                "iteration": f"{other['mean']:.1f} [{other['lo']:.1f}, {other['hi']:.1f}]",
+                "per seed": ", ".join(f"{d['mean']:+.1f}" for d in c["per_seed"]),
+                "seed-averaged (paired)": fmt(avg),
+                "up/down/same": f"{avg['up']}/{avg['down']}/{avg['same']}",
+                "interval": where,
+            }
+        )
     return rows
 
 
@@ -168,10 +200,12 @@ def print_verdict(verdict: dict[str, Any]) -> None:
     from etokit.cli._console import print_unwrapped
 
     level = f"{verdict['confidence']:.0%}"
-    table = Table(title=f"ETO vs BC over seeds {', '.join(map(str, verdict['seeds']))}: {verdict['unit']}, "
-                        f"{level} bootstrap intervals over tasks")
+    table = Table(
+        title=f"ETO vs BC over seeds {', '.join(map(str, verdict['seeds']))}: {verdict['unit']}, "
+        f"{level} bootstrap intervals over tasks"
+    )
     rows = verdict_rows(verdict)
-    for column in (rows[0] if rows else {"comparison": ""}):
+    for column in rows[0] if rows else {"comparison": ""}:
         table.add_column(column, justify="left" if column in ("comparison", "split", "interval") else "right")
     for row in rows:
         table.add_row(*row.values())

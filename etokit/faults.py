@@ -59,8 +59,9 @@ def parse(text: str | None) -> Spec | None:
         return None
     m = _SPEC_RE.match(text.strip())
     if not m or int(m["hit"] or 1) < 1 or (m["action"] or "kill") not in ACTIONS:
-        raise ValueError(f"{ENV_VAR}={text!r}: expected NAME[:N][@RANK][=ACTION] with N >= 1 and ACTION one of "
-                         f"{', '.join(ACTIONS)}")
+        raise ValueError(
+            f"{ENV_VAR}={text!r}: expected NAME[:N][@RANK][=ACTION] with N >= 1 and ACTION one of {', '.join(ACTIONS)}"
+        )
     return Spec(m["name"], int(m["hit"] or 1), int(m["rank"]) if m["rank"] else None, m["action"] or "kill")
 
 

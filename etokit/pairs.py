@@ -83,8 +83,9 @@ class PairRule:
     def __post_init__(self) -> None:
         for name, allowed in (("rewards", REWARD_RULES), ("expert_observation", EXPERT_OBSERVATION_RULES)):
             if getattr(self, name) not in allowed:
-                raise DataError(f"unknown pair rule {name}={getattr(self, name)!r}, expected one of "
-                                f"{', '.join(allowed)}")
+                raise DataError(
+                    f"unknown pair rule {name}={getattr(self, name)!r}, expected one of {', '.join(allowed)}"
+                )
 
     def deviations(self) -> dict[str, str]:
         """The settings that differ from the official code (empty for the official rule)."""
@@ -143,18 +144,26 @@ def task_key(t: Trajectory) -> str:
     return trials[-1] if trials else str(game_file)
 
 
-def _split(t: Trajectory, what: str, prefix_steps: int = 0, *,
-           trim: bool = True) -> tuple[list[Message], list[Message]]:
+def _split(
+    t: Trajectory, what: str, prefix_steps: int = 0, *, trim: bool = True
+) -> tuple[list[Message], list[Message]]:
     """(prompt, turns after it), a trailing observation dropped when ``trim``. A step-wise prompt
     also holds the ``prefix_steps`` teacher-forced steps (agent turn + observation each)."""
     msgs = t.messages
     if len(msgs) < PROMPT_LEN or [m["role"] for m in msgs[:PROMPT_LEN]] != ["user", "assistant", "user"]:
-        raise DataError(f"{what} trajectory does not start with instruction (user), \"OK\" (assistant) and the task "
-                        "(user), the layout of the agent protocol", where=f"task {t.task_id!r}", field="messages")
+        raise DataError(
+            f'{what} trajectory does not start with instruction (user), "OK" (assistant) and the task '
+            "(user), the layout of the agent protocol",
+            where=f"task {t.task_id!r}",
+            field="messages",
+        )
     end = PROMPT_LEN + 2 * prefix_steps
     if [m["role"] for m in msgs[PROMPT_LEN:end]] != ["assistant", "user"] * prefix_steps:
-        raise DataError(f"{what} trajectory has no {prefix_steps}-step prefix of agent turns and observations after "
-                        "the task", where=f"task {t.task_id!r}", field="messages")
+        raise DataError(
+            f"{what} trajectory has no {prefix_steps}-step prefix of agent turns and observations after the task",
+            where=f"task {t.task_id!r}",
+            field="messages",
+        )
     turns = _drop_trailing_observations(msgs[end:]) if trim else list(msgs[end:])
     return [dict(m) for m in msgs[:end]], [dict(m) for m in turns]
 
@@ -172,9 +181,19 @@ def _cut(env: str, rejected: list[Message], chosen: list[Message]) -> list[Messa
     return _drop_trailing_observations(rejected[: len(chosen) + 2 * EXTRA_ROUNDS])
 
 
-def _pair(chosen_t: Trajectory, rejected_t: Trajectory, *, outcome: str | None, mode: str, iteration: int | None,
-          stats: PairStats, cut_rejected: bool, prefix_steps: int | None = None, rule: PairRule | None = None,
-          rewards: tuple[float, float] | None = None) -> Pair | None:
+def _pair(
+    chosen_t: Trajectory,
+    rejected_t: Trajectory,
+    *,
+    outcome: str | None,
+    mode: str,
+    iteration: int | None,
+    stats: PairStats,
+    cut_rejected: bool,
+    prefix_steps: int | None = None,
+    rule: PairRule | None = None,
+    rewards: tuple[float, float] | None = None,
+) -> Pair | None:
     """A pair, or None (counted unusable) when a side is empty or does not end on an agent turn, or
     both sides are the same. With a ``rule`` (expert-based modes), the expert side ("lose": chosen,
     "win": rejected) keeps a trailing observation unless the rule trims it; ``rewards`` are the
@@ -204,13 +223,28 @@ def _pair(chosen_t: Trajectory, rejected_t: Trajectory, *, outcome: str | None, 
         if t.model_revision:
             extra[f"{side}_model_revision"] = t.model_revision
     stats.pairs += 1
-    return Pair(task_id=chosen_t.task_id, env=chosen_t.env, prompt=prompt, chosen=chosen, rejected=rejected,
-                chosen_reward=chosen_reward, rejected_reward=rejected_reward, outcome=outcome, mode=mode,
-                iteration=iteration, extra=extra)
+    return Pair(
+        task_id=chosen_t.task_id,
+        env=chosen_t.env,
+        prompt=prompt,
+        chosen=chosen,
+        rejected=rejected,
+        chosen_reward=chosen_reward,
+        rejected_reward=rejected_reward,
+        outcome=outcome,
+        mode=mode,
+        iteration=iteration,
+        extra=extra,
+    )
 
 
-def trajectory_pairs(experts: Iterable[Trajectory], explored: Iterable[Trajectory], *,
-                     iteration: int | None = None, rule: PairRule = OFFICIAL_RULE) -> tuple[list[Pair], PairStats]:
+def trajectory_pairs(
+    experts: Iterable[Trajectory],
+    explored: Iterable[Trajectory],
+    *,
+    iteration: int | None = None,
+    rule: PairRule = OFFICIAL_RULE,
+) -> tuple[list[Pair], PairStats]:
     """ETO's trajectory-wise pairs: each explored trajectory against the expert of its task.
 
     Several explored samples of one task each give their own comparison (the official code has
@@ -227,8 +261,13 @@ def trajectory_pairs(experts: Iterable[Trajectory], explored: Iterable[Trajector
     return pairs, stats
 
 
-def step_pairs(experts: Iterable[Trajectory], explored: Iterable[Trajectory], *,
-               iteration: int | None = None, rule: PairRule = OFFICIAL_RULE) -> tuple[list[Pair], PairStats]:
+def step_pairs(
+    experts: Iterable[Trajectory],
+    explored: Iterable[Trajectory],
+    *,
+    iteration: int | None = None,
+    rule: PairRule = OFFICIAL_RULE,
+) -> tuple[list[Pair], PairStats]:
     """Step-wise pairs (paper App. B): each step-wise episode's final reward against the expert's on
     its task, by the trajectory rule. The prompt is the usual prompt plus the teacher-forced expert
     prefix (steps 1..t-1), chosen/rejected the expert's and the agent's turns from step t on.
@@ -244,20 +283,40 @@ def step_pairs(experts: Iterable[Trajectory], explored: Iterable[Trajectory], *,
         prefix_steps = agent.extra["step_wise"].get("prefix_steps")
         where = f"task {agent.task_id!r}, step-wise episode"
         if not isinstance(prefix_steps, int) or isinstance(prefix_steps, bool) or prefix_steps < 0:
-            raise DataError(f"expected a non-negative integer, got {prefix_steps!r}", where=where,
-                            field="extra.step_wise.prefix_steps")
+            raise DataError(
+                f"expected a non-negative integer, got {prefix_steps!r}",
+                where=where,
+                field="extra.step_wise.prefix_steps",
+            )
         end = PROMPT_LEN + 2 * prefix_steps
         # Both sides must continue the same state: the agent's prefix is the expert's own turns.
         if len(expert.messages) <= end or agent.messages[PROMPT_LEN:end] != expert.messages[PROMPT_LEN:end]:
-            raise DataError(f"its {prefix_steps}-step prefix is not the first {prefix_steps} steps of this expert "
-                            "(explored with another expert file?)", where=where, field="messages")
-        _compare(expert, agent, mode="step", iteration=iteration, stats=stats, pairs=pairs, prefix_steps=prefix_steps,
-                 rule=rule)
+            raise DataError(
+                f"its {prefix_steps}-step prefix is not the first {prefix_steps} steps of this expert "
+                "(explored with another expert file?)",
+                where=where,
+                field="messages",
+            )
+        _compare(
+            expert,
+            agent,
+            mode="step",
+            iteration=iteration,
+            stats=stats,
+            pairs=pairs,
+            prefix_steps=prefix_steps,
+            rule=rule,
+        )
     return pairs, stats
 
 
-def mixture_pairs(experts: Iterable[Trajectory], explored: Iterable[Trajectory], *,
-                  iteration: int | None = None, rule: PairRule = OFFICIAL_RULE) -> tuple[list[Pair], PairStats]:
+def mixture_pairs(
+    experts: Iterable[Trajectory],
+    explored: Iterable[Trajectory],
+    *,
+    iteration: int | None = None,
+    rule: PairRule = OFFICIAL_RULE,
+) -> tuple[list[Pair], PairStats]:
     """The union of trajectory pairs (ordinary episodes) and step pairs (step-wise episodes); the
     stats hold each mode's counts under ``by_mode`` and their sums."""
     experts, explored = list(experts), list(explored)
@@ -283,10 +342,13 @@ def _by_key(experts: Iterable[Trajectory]) -> dict[str, Trajectory]:
         if t.env == "alfworld" and not t.extra.get("game_file") and (text := _task_text_key(t)) is not None:
             other = by_key.get(text)
             if other is not None and task_key(other) != task_key(t):
-                raise DataError(f"ALFWorld experts {other.task_id!r} and {t.task_id!r} have no game_file and the same "
-                                "task turn, so which game each was played in is unknown; use rows that keep "
-                                "game_file (the official local alfworld_sft.json)", where=f"task {t.task_id!r}",
-                                field="game_file")
+                raise DataError(
+                    f"ALFWorld experts {other.task_id!r} and {t.task_id!r} have no game_file and the same "
+                    "task turn, so which game each was played in is unknown; use rows that keep "
+                    "game_file (the official local alfworld_sft.json)",
+                    where=f"task {t.task_id!r}",
+                    field="game_file",
+                )
             by_key[text] = t
     return by_key
 
@@ -298,24 +360,56 @@ def _expert_of(agent: Trajectory, by_key: dict[str, Trajectory], stats: PairStat
     if expert is None:
         stats.missing_expert += 1
     elif expert.env != agent.env:
-        raise DataError(f"the expert is from env {expert.env!r} but the explored trajectory from {agent.env!r}",
-                        where=f"task {agent.task_id!r}", field="env")
+        raise DataError(
+            f"the expert is from env {expert.env!r} but the explored trajectory from {agent.env!r}",
+            where=f"task {agent.task_id!r}",
+            field="env",
+        )
     return expert
 
 
-def _compare(expert: Trajectory, agent: Trajectory, *, mode: str, iteration: int | None, stats: PairStats,
-             pairs: list[Pair], prefix_steps: int | None = None, rule: PairRule = OFFICIAL_RULE) -> None:
+def _compare(
+    expert: Trajectory,
+    agent: Trajectory,
+    *,
+    mode: str,
+    iteration: int | None,
+    stats: PairStats,
+    pairs: list[Pair],
+    prefix_steps: int | None = None,
+    rule: PairRule = OFFICIAL_RULE,
+) -> None:
     """The official rule: agent < expert -> lose (expert chosen, agent cut), > -> win, = -> tie,
     on the rule's scores."""
     expert_score, agent_score = rule.expert_score(expert), rule.agent_score(agent)
     if agent_score < expert_score:
         stats.lose += 1
-        pair = _pair(expert, agent, outcome="lose", mode=mode, iteration=iteration, stats=stats, cut_rejected=True,
-                     prefix_steps=prefix_steps, rule=rule, rewards=(expert_score, agent_score))
+        pair = _pair(
+            expert,
+            agent,
+            outcome="lose",
+            mode=mode,
+            iteration=iteration,
+            stats=stats,
+            cut_rejected=True,
+            prefix_steps=prefix_steps,
+            rule=rule,
+            rewards=(expert_score, agent_score),
+        )
     elif agent_score > expert_score:
         stats.win += 1
-        pair = _pair(agent, expert, outcome="win", mode=mode, iteration=iteration, stats=stats, cut_rejected=False,
-                     prefix_steps=prefix_steps, rule=rule, rewards=(agent_score, expert_score))
+        pair = _pair(
+            agent,
+            expert,
+            outcome="win",
+            mode=mode,
+            iteration=iteration,
+            stats=stats,
+            cut_rejected=False,
+            prefix_steps=prefix_steps,
+            rule=rule,
+            rewards=(agent_score, expert_score),
+        )
     else:
         stats.tie += 1
         return
@@ -344,9 +438,14 @@ def self_play_pairs(explored: Iterable[Trajectory], *, iteration: int | None = N
     return pairs, stats
 
 
-def build_pairs(explored: Iterable[Trajectory], experts: Iterable[Trajectory] | None = None, *,
-                mode: str = "trajectory", iteration: int | None = None,
-                rule: PairRule = OFFICIAL_RULE) -> tuple[list[Pair], PairStats]:
+def build_pairs(
+    explored: Iterable[Trajectory],
+    experts: Iterable[Trajectory] | None = None,
+    *,
+    mode: str = "trajectory",
+    iteration: int | None = None,
+    rule: PairRule = OFFICIAL_RULE,
+) -> tuple[list[Pair], PairStats]:
     """Pairs for DPO from explored trajectories (and, in trajectory, step and mixture modes, the
     experts, compared by ``rule``; self-play has no expert and compares stored rewards)."""
     by_expert = {"trajectory": trajectory_pairs, "step": step_pairs, "mixture": mixture_pairs}

@@ -210,7 +210,6 @@ def paired_diff(
     )
 
 
-
 def seed_averaged_diff(
     runs: Iterable[tuple[Mapping[Hashable, float], Mapping[Hashable, float]]],
     *,
@@ -237,6 +236,7 @@ def seed_averaged_diff(
                 raise PanelMismatchError(
                     f"seed run {i}: {which} was evaluated on another task panel than the first run's "
                     f"({len(only_here)} task(s) more: {_describe(only_here)}; {len(only_first)} fewer: "
-                    f"{_describe(only_first)}); seeds are averaged task by task")
+                    f"{_describe(only_first)}); seeds are averaged task by task"
+                )
     mean = lambda side: {t: sum(float(r[side][t]) for r in runs) / len(runs) for t in tasks}  # noqa: E731
     return paired_diff(mean(0), mean(1), confidence=confidence, n_boot=n_boot, seed=seed, names=names)

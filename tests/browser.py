@@ -45,16 +45,34 @@ class Chromium:
         self._from_child, from_child_w = os.pipe()
         # Above fd 4, so the shell's `3<&N 4>&M` cannot overwrite one end with the other.
         to_child_r, from_child_w = (_above(fd, 10) for fd in (to_child_r, from_child_w))
-        args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--remote-debugging-pipe", f"--user-data-dir={self.profile}", "--no-first-run",
-                "--disable-extensions", "--disable-background-networking", "--disable-sync", "--hide-scrollbars",
-                "--mute-audio", f"--window-size={width},{height}", "about:blank"]
+        args = [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--remote-debugging-pipe",
+            f"--user-data-dir={self.profile}",
+            "--no-first-run",
+            "--disable-extensions",
+            "--disable-background-networking",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--mute-audio",
+            f"--window-size={width},{height}",
+            "about:blank",
+        ]
         # The protocol wants exactly fds 3 and 4 in the browser: bash moves the pipe ends there (dash
         # cannot redirect fds above 9).
         cmd = [shutil.which("bash") or "/bin/bash", "-c", f'exec "$@" 3<&{to_child_r} 4>&{from_child_w}', "bash", *args]
         self.log = open(os.path.join(self.profile, "chromium.log"), "w+b")  # quoted in errors
-        self.proc = subprocess.Popen(cmd, pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd,
+            pass_fds=(to_child_r, from_child_w),
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         os.close(to_child_r)
         os.close(from_child_w)
         self._buffer = b""
@@ -62,12 +80,15 @@ class Chromium:
         self.events: list[dict[str, Any]] = []
         self.session = None
         target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
-        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True},
-                                 session=False)["sessionId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)[
+            "sessionId"
+        ]
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.send(f"{domain}.enable")
-        self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
-                                                         "mobile": False})
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
 
     # -- protocol ---------------------------------------------------------------------------------
 
@@ -119,10 +140,11 @@ class Chromium:
 
     def eval(self, expression: str) -> Any:
         """The value of a JavaScript expression in the page (promises awaited)."""
-        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                "awaitPromise": True})
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
         if "exceptionDetails" in result:
-            raise CDPError(f"{expression!r} threw: {result['exceptionDetails'].get('exception', {}).get('description')}")
+            raise CDPError(
+                f"{expression!r} threw: {result['exceptionDetails'].get('exception', {}).get('description')}"
+            )
         return result["result"].get("value")
 
     def errors(self) -> list[str]:
@@ -146,8 +168,10 @@ class Chromium:
         params: dict[str, Any] = {"format": "png"}
         if full_page:
             size = self.send("Page.getLayoutMetrics")["cssContentSize"]
-            params.update(captureBeyondViewport=True, clip={"x": 0, "y": 0, "width": size["width"],
-                                                            "height": size["height"], "scale": 1})
+            params.update(
+                captureBeyondViewport=True,
+                clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+            )
         return base64.b64decode(self.send("Page.captureScreenshot", params)["data"])
 
     def close(self) -> None:

@@ -100,7 +100,8 @@ class ResumeProbe:
         saved_step = int(checkpoint.name.split("-")[1])
         assert self.steps == total_steps - saved_step, (
             f"the resumed run took {self.steps} optimizer steps, expected {total_steps - saved_step} "
-            f"(it should redo none of the {saved_step} checkpointed ones)")
+            f"(it should redo none of the {saved_step} checkpointed ones)"
+        )
         saved_sched = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
         assert self.first_scheduler_state == saved_sched and saved_sched["last_epoch"] == saved_step
         saved_opt = torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"]

@@ -26,8 +26,16 @@ def conversation(task: str, actions: list[str], observations: list[str]) -> list
     return msgs
 
 
-def trajectory(task_id: str, reward: float, n_steps: int = 3, *, env: str = "textworld-express", source: str = "expert",
-               seed: int = 0, **kw) -> Trajectory:
+def trajectory(
+    task_id: str,
+    reward: float,
+    n_steps: int = 3,
+    *,
+    env: str = "textworld-express",
+    source: str = "expert",
+    seed: int = 0,
+    **kw,
+) -> Trajectory:
     rng = random.Random(f"{task_id}-{seed}-{reward}")
     actions = [rng.choice(["go north", "take apple", "open fridge", "cook egg", "look"]) for _ in range(n_steps)]
     observations = [f"You see {rng.randint(0, 9)} things." for _ in range(n_steps - 1)]
@@ -116,7 +124,7 @@ def counter_script(messages):
         return ""
     from etokit.agent.protocol import load_icl
 
-    replies = sum(m["role"] == "assistant" for m in messages[2 + len(load_icl("textworld-express")):])
+    replies = sum(m["role"] == "assistant" for m in messages[2 + len(load_icl("textworld-express")) :])
     return "I am thinking." if replies == 0 else f"Thought: I know it.\nAction: say {task}\nObservation: fake"
 
 

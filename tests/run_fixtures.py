@@ -23,13 +23,56 @@ ENV = "textworld-express"
 SPLITS = ("test-seen", "test-unseen")
 # Small enough for CI (~1 minute a run on 2 cores), large enough that every stage does real work.
 # A state checkpoint after every training step (of 2), so a killed BC/DPO resumes mid-training.
-FLAGS = ["--train-tasks", "3", "--eval-tasks", "1", "--iterations", "1", "--max-steps", "2", "--max-new-tokens", "16",
-         "--explore-batch-size", "1", "--no-icl", "--bc.num-epochs", "1", "--bc.per-device-batch-size", "2",
-         "--bc.gradient-accumulation-steps", "1", "--bc.learning-rate", "1e-3", "--dpo.num-epochs", "1",
-         "--dpo.batch-size", "2", "--dpo-schedule.learning-rate", "1e-3", "--max-length", "1024",
-         "--bc.save-steps", "1", "--dpo.save-steps", "1"]
-STAGES = ["expert", "push-expert", "init-model", "bc", "eval-bc", "push-bc", "explore-1", "pairs-1", "push-explore-1",
-          "push-pairs-1", "dpo-1", "eval-iter-1", "push-iter-1"]
+FLAGS = [
+    "--train-tasks",
+    "3",
+    "--eval-tasks",
+    "1",
+    "--iterations",
+    "1",
+    "--max-steps",
+    "2",
+    "--max-new-tokens",
+    "16",
+    "--explore-batch-size",
+    "1",
+    "--no-icl",
+    "--bc.num-epochs",
+    "1",
+    "--bc.per-device-batch-size",
+    "2",
+    "--bc.gradient-accumulation-steps",
+    "1",
+    "--bc.learning-rate",
+    "1e-3",
+    "--dpo.num-epochs",
+    "1",
+    "--dpo.batch-size",
+    "2",
+    "--dpo-schedule.learning-rate",
+    "1e-3",
+    "--max-length",
+    "1024",
+    "--bc.save-steps",
+    "1",
+    "--dpo.save-steps",
+    "1",
+]
+STAGES = [
+    "expert",
+    "push-expert",
+    "init-model",
+    "bc",
+    "eval-bc",
+    "push-bc",
+    "explore-1",
+    "pairs-1",
+    "push-explore-1",
+    "push-pairs-1",
+    "dpo-1",
+    "eval-iter-1",
+    "push-iter-1",
+]
 
 
 def make_config(run_dir: Path, repo: str, *extra: str) -> RunConfig:
@@ -57,21 +100,28 @@ def commits(cfg: RunConfig) -> dict[str, list[str]]:
             out[repo] = []
     refs = api.list_repo_refs(cfg.push_to)
     for branch in refs.branches:
-        out[f"{cfg.push_to}@{branch.name}"] = [c.commit_id for c in
-                                               api.list_repo_commits(cfg.push_to, revision=branch.name)]
+        out[f"{cfg.push_to}@{branch.name}"] = [
+            c.commit_id for c in api.list_repo_commits(cfg.push_to, revision=branch.name)
+        ]
     out["tags"] = sorted((t.name, t.target_commit) for t in refs.tags)
     return out
 
 
-def fake_run(run_dir: Path, *, iterations: int = 2, tasks: int = 12, pairs_per_iteration: int = 9,
-             repo: str = "me/fake-eto", seed: int = 0) -> Path:
+def fake_run(
+    run_dir: Path,
+    *,
+    iterations: int = 2,
+    tasks: int = 12,
+    pairs_per_iteration: int = 9,
+    repo: str = "me/fake-eto",
+    seed: int = 0,
+) -> Path:
     """BC + ``iterations`` ETO iterations. Pair ``j`` of iteration k is a 'win' when j % 3 == 0
     (else 'lose'), its mode 'step' when j % 4 == 3 (else 'trajectory'), its task ``task-<k>-<j>``;
     iteration k records k ties. Rewards rise with the iteration, per task, seeded."""
     rng = random.Random(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "etokit_config.yaml").write_text(yaml.safe_dump({"push_to": repo, "env": ENV,
-                                                                "pairs_mode": "mixture"}))
+    (run_dir / "etokit_config.yaml").write_text(yaml.safe_dump({"push_to": repo, "env": ENV, "pairs_mode": "mixture"}))
     stages = [{"name": "expert", "outputs": {"file": "data/expert.jsonl"}}]
     base = {t: rng.choice([0.0, 0.25, 0.5, 1.0]) for t in range(tasks)}
     for k in range(iterations + 1):
@@ -83,15 +133,25 @@ def fake_run(run_dir: Path, *, iterations: int = 2, tasks: int = 12, pairs_per_i
             for s in range(1, steps + 1):
                 row = {"step": s, "loss": 2.5 * math.exp(-s / 4) + 0.1, "learning_rate": 1e-5}
                 if k:
-                    row.update({"loss": 0.69 - 0.03 * s * k, "rewards/chosen": 0.01 * s, "rewards/rejected": -0.02 * s,
-                                "rewards/margins": 0.03 * s, "rewards/accuracies": min(1.0, 0.5 + 0.08 * s),
-                                "logps/chosen": -40.0 + s, "logps/rejected": -45.0 - s})
+                    row.update(
+                        {
+                            "loss": 0.69 - 0.03 * s * k,
+                            "rewards/chosen": 0.01 * s,
+                            "rewards/rejected": -0.02 * s,
+                            "rewards/margins": 0.03 * s,
+                            "rewards/accuracies": min(1.0, 0.5 + 0.08 * s),
+                            "logps/chosen": -40.0 + s,
+                            "logps/rejected": -45.0 - s,
+                        }
+                    )
                 f.write(json.dumps(row) + "\n")
         if k == 0:
             stages.append({"name": "bc", "outputs": {"model": "models/bc"}})
         else:
-            pairs = [pair(f"task-{k}-{j}", k, env=ENV, outcome="win" if j % 3 == 0 else "lose")
-                     for j in range(pairs_per_iteration)]
+            pairs = [
+                pair(f"task-{k}-{j}", k, env=ENV, outcome="win" if j % 3 == 0 else "lose")
+                for j in range(pairs_per_iteration)
+            ]
             by_mode: dict[str, dict] = {}
             for j, p in enumerate(pairs):
                 if j % 4 == 3:
@@ -105,18 +165,28 @@ def fake_run(run_dir: Path, *, iterations: int = 2, tasks: int = 12, pairs_per_i
             (run_dir / "data").mkdir(exist_ok=True)
             write_jsonl(run_dir / "data" / f"pairs_iter{k}.jsonl", pairs)
             stats = {o: sum(s[o] for s in by_mode.values()) for o in ("win", "tie", "lose", "pairs")}
-            stages += [{"name": f"pairs-{k}", "outputs": {"file": f"data/pairs_iter{k}.jsonl",
-                                                          "stats": {**stats, "by_mode": by_mode}}},
-                       {"name": f"dpo-{k}", "outputs": {"model": f"models/{model}", "reference": "bc"}}]
+            stages += [
+                {
+                    "name": f"pairs-{k}",
+                    "outputs": {"file": f"data/pairs_iter{k}.jsonl", "stats": {**stats, "by_mode": by_mode}},
+                },
+                {"name": f"dpo-{k}", "outputs": {"model": f"models/{model}", "reference": "bc"}},
+            ]
         evals = {}
         for split in SPLITS:
-            rewards = {f"{split}-{t}": min(1.0, max(0.0, base[t] + rng.choice([-0.25, 0, 0, 0.25]) * (k > 0)))
-                       for t in range(tasks)}
+            rewards = {
+                f"{split}-{t}": min(1.0, max(0.0, base[t] + rng.choice([-0.25, 0, 0, 0.25]) * (k > 0)))
+                for t in range(tasks)
+            }
             path = run_dir / "eval" / model / f"{split}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             write_jsonl(path, [trajectory(t, r, 3, env=ENV, source="explore", split=split) for t, r in rewards.items()])
-            evals[split] = {"file": f"eval/{model}/{split}.jsonl", "avg_reward": 100 * sum(rewards.values()) / tasks,
-                            "success_rate": sum(r >= 1.0 for r in rewards.values()) / tasks, "episodes": tasks}
+            evals[split] = {
+                "file": f"eval/{model}/{split}.jsonl",
+                "avg_reward": 100 * sum(rewards.values()) / tasks,
+                "success_rate": sum(r >= 1.0 for r in rewards.values()) / tasks,
+                "episodes": tasks,
+            }
         stages.append({"name": f"eval-{model}", "outputs": evals})
     (run_dir / "manifest.json").write_text(json.dumps({"config_hash": "fake", "stages": stages}, indent=1))
     return run_dir

@@ -17,14 +17,26 @@ from etokit.envs.base import Env  # noqa: E402
 from etokit.errors import EtokitError  # noqa: E402
 
 MUG = Thing("Mug", ("cleanable", "heatable", "coolable", "isReceptacleObject"))
-SCENE = Scene(receptacles=[("CounterTop", False), ("Cabinet", True), ("Shelf", False), ("SinkBasin", False), ("Desk", False)],
-              objects=[(MUG, "Cabinet"), (Thing("Book"), "Desk"), (Thing("DeskLamp", ("toggleable",)), "Desk")])
+SCENE = Scene(
+    receptacles=[("CounterTop", False), ("Cabinet", True), ("Shelf", False), ("SinkBasin", False), ("Desk", False)],
+    objects=[(MUG, "Cabinet"), (Thing("Book"), "Desk"), (Thing("DeskLamp", ("toggleable",)), "Desk")],
+)
 TASKS = [
-    ("train/pick_and_place_simple-Mug-None-Shelf-1/trial_T1", "pick_and_place_simple", {"obj": "Mug", "recep": "Shelf"}),
-    ("valid_seen/pick_clean_then_place_in_recep-Mug-None-Shelf-1/trial_T2", "pick_clean_then_place_in_recep",
-     {"obj": "Mug", "recep": "Shelf"}),
-    ("valid_unseen/look_at_obj_in_light-Book-None-DeskLamp-1/trial_T3", "look_at_obj_in_light",
-     {"obj": "Book", "toggle": "DeskLamp"}),
+    (
+        "train/pick_and_place_simple-Mug-None-Shelf-1/trial_T1",
+        "pick_and_place_simple",
+        {"obj": "Mug", "recep": "Shelf"},
+    ),
+    (
+        "valid_seen/pick_clean_then_place_in_recep-Mug-None-Shelf-1/trial_T2",
+        "pick_clean_then_place_in_recep",
+        {"obj": "Mug", "recep": "Shelf"},
+    ),
+    (
+        "valid_unseen/look_at_obj_in_light-Book-None-DeskLamp-1/trial_T3",
+        "look_at_obj_in_light",
+        {"obj": "Book", "toggle": "DeskLamp"},
+    ),
 ]
 
 
@@ -35,8 +47,13 @@ def data_dir(tmp_path_factory):
         game = make_game(write_task(root / folder, task_type, SCENE, **targets))
         assert game["solvable"], folder
     # An unsolvable task (its target object does not exist) is written but must not be listed.
-    bad = write_task(root / "train/pick_and_place_simple-Apple-None-Shelf-1/trial_T4", "pick_and_place_simple", SCENE,
-                     obj="Apple", recep="Shelf")
+    bad = write_task(
+        root / "train/pick_and_place_simple-Apple-None-Shelf-1/trial_T4",
+        "pick_and_place_simple",
+        SCENE,
+        obj="Apple",
+        recep="Shelf",
+    )
     assert not make_game(bad)["solvable"]
     return root
 

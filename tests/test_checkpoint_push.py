@@ -22,8 +22,13 @@ CARD = {
         {"repo": "etokit-tests/eto-pairs", "config": "textworld-express", "split": "iter_1", "revision": "abc1234"},
         {"repo": "pairs.jsonl", "local": True},
     ],
-    "hyperparameters": {"beta": 0.1, "learning_rate": 1e-6, "num_epochs": 3, "hub_token": HF_TEST_TOKEN,
-                        "output_dir": f"/runs/{HF_TEST_TOKEN}/iter-1"},
+    "hyperparameters": {
+        "beta": 0.1,
+        "learning_rate": 1e-6,
+        "num_epochs": 3,
+        "hub_token": HF_TEST_TOKEN,
+        "output_dir": f"/runs/{HF_TEST_TOKEN}/iter-1",
+    },
     "eval": [{"env": "textworld-express", "split": "test", "avg_reward": 0.62, "success_rate": 0.5}],
 }
 

@@ -54,17 +54,23 @@ def test_compare_files_prints_the_exact_paired_interval(tmp_path):
 def test_a_constant_shift_has_a_zero_width_paired_interval(tmp_path):
     a = {f"t{i}": (i % 5) / 10 for i in range(30)}
     b = {t: r + 0.25 for t, r in a.items()}
-    c = compare_panels(load_eval_results(write_eval(tmp_path / "a.json", a)),
-                       load_eval_results(write_eval(tmp_path / "b.json", b)))
+    c = compare_panels(
+        load_eval_results(write_eval(tmp_path / "a.json", a)), load_eval_results(write_eval(tmp_path / "b.json", b))
+    )
     assert (c.diff.diff.mean, c.diff.diff.lo, c.diff.diff.hi) == pytest.approx((25.0, 25.0, 25.0))
     assert c.a.hi - c.a.lo > 5  # while each mean alone is uncertain
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda b: {**{k: v for k, v in b.items() if k != "t03"}, "x99": 0.0}, "only in A.json: t03; 1 task(s) only in "
-                                                                            "B.json: x99"),
-    (lambda b: {k: v for k, v in b.items() if k not in ("t05", "t06")}, "2 task(s) only in A.json: t05, t06"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            lambda b: {**{k: v for k, v in b.items() if k != "t03"}, "x99": 0.0},
+            "only in A.json: t03; 1 task(s) only in B.json: x99",
+        ),
+        (lambda b: {k: v for k, v in b.items() if k not in ("t05", "t06")}, "2 task(s) only in A.json: t05, t06"),
+    ],
+)
 def test_compare_refuses_different_panels_with_exit_2(tmp_path, change, message):
     a, b = two_point_panels()
     fa, fb = write_eval(tmp_path / "A.json", a), write_eval(tmp_path / "B.json", change(b))
@@ -78,17 +84,21 @@ def test_compare_refuses_different_panels_with_exit_2(tmp_path, change, message)
 def test_compare_refuses_another_split_or_env_and_bad_files(tmp_path):
     a, _ = two_point_panels()
     seen = write_eval(tmp_path / "seen.json", a)
-    for other, what in [(write_eval(tmp_path / "unseen.json", a, split="test-unseen"), "webshop/test-unseen"),
-                        (write_eval(tmp_path / "alf.json", a, env="alfworld"), "alfworld/test-seen")]:
+    for other, what in [
+        (write_eval(tmp_path / "unseen.json", a, split="test-unseen"), "webshop/test-unseen"),
+        (write_eval(tmp_path / "alf.json", a, env="alfworld"), "alfworld/test-seen"),
+    ]:
         result = runner.invoke(app, ["compare", str(seen), str(other)], terminal_width=400)
         assert result.exit_code == 2 and what in result.output and "same env and split" in result.output
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"split": "test-seen", "per_task": [{"task_id": "t1", "reward": "high"}]}))
     result = runner.invoke(app, ["compare", str(seen), str(bad)], terminal_width=400)
     assert result.exit_code == 2 and "per_task[0] (task t1): reward must be a number" in result.output
-    for args, message in [([str(seen), str(tmp_path / "none.json")], "no such file"),
-                          ([str(seen), str(seen), "--split", "test-seen"], "--split only applies with --run"),
-                          ([str(seen), str(seen), "--out", str(tmp_path / "c.txt")], "expected a .json file")]:
+    for args, message in [
+        ([str(seen), str(tmp_path / "none.json")], "no such file"),
+        ([str(seen), str(seen), "--split", "test-seen"], "--split only applies with --run"),
+        ([str(seen), str(seen), "--out", str(tmp_path / "c.txt")], "expected a .json file"),
+    ]:
         result = runner.invoke(app, ["compare", *args], terminal_width=400)
         assert result.exit_code == 2 and message in result.output, result.output
 
@@ -96,11 +106,16 @@ def test_compare_refuses_another_split_or_env_and_bad_files(tmp_path):
 def test_an_environment_error_is_not_compared_silently(tmp_path):
     a, b = two_point_panels()
     fa = write_eval(tmp_path / "a.json", a)
-    played = [trajectory(t, r, env="webshop", split="test-seen", extra={"error": "boom"} if t == "t07" else {})
-              for t, r in b.items()]
+    played = [
+        trajectory(t, r, env="webshop", split="test-seen", extra={"error": "boom"} if t == "t07" else {})
+        for t, r in b.items()
+    ]
     fb = tmp_path / "b.json"
-    fb.write_text(json.dumps(eval_report(played, env="webshop", split="test-seen", model="m", model_revision=None,
-                                         task_ids=list(b))))
+    fb.write_text(
+        json.dumps(
+            eval_report(played, env="webshop", split="test-seen", model="m", model_revision=None, task_ids=list(b))
+        )
+    )
     assert load_eval_results(fb).errors == ("t07",) and "t07" not in load_eval_results(fb).rewards
     result = runner.invoke(app, ["compare", str(fa), str(fb)], terminal_width=400)
     assert result.exit_code == 2 and "failed on 1 task(s) (t07)" in result.output
@@ -150,9 +165,14 @@ def test_run_rows_carry_per_task_results_and_the_paired_difference_from_bc(tmp_p
 
     a, b = two_point_panels()
     unseen = {t: 0.5 for t in a}
-    run = fake_run(tmp_path, {"bc": {"test-seen": a, "test-unseen": unseen},
-                              "iter-1": {"test-seen": b, "test-unseen": {t: 0.25 for t in a}}},
-                   per_task_in_manifest=per_task_in_manifest)
+    run = fake_run(
+        tmp_path,
+        {
+            "bc": {"test-seen": a, "test-unseen": unseen},
+            "iter-1": {"test-seen": b, "test-unseen": {t: 0.25 for t in a}},
+        },
+        per_task_in_manifest=per_task_in_manifest,
+    )
     bc, it1 = run.results()
     assert "vs_bc" not in bc["test-seen"]
     assert [r["task_id"] for r in it1["test-seen"]["per_task"]] == list(b)
@@ -169,8 +189,9 @@ def test_run_rows_carry_per_task_results_and_the_paired_difference_from_bc(tmp_p
     assert bc["test-unseen"]["avg_reward_ci"] == {"mean": 50.0, "lo": 50.0, "hi": 50.0, "n": N, "confidence": 0.95}
 
     card = _card_row(it1)
-    assert card["seen vs BC [95% CI] up/down/same"] == (f"+{100 * K / N:.1f} [+{100 * lo / N:.1f}, "
-                                                        f"+{100 * hi / N:.1f}] {K}/0/{N - K}")
+    assert card["seen vs BC [95% CI] up/down/same"] == (
+        f"+{100 * K / N:.1f} [+{100 * lo / N:.1f}, +{100 * hi / N:.1f}] {K}/0/{N - K}"
+    )
     assert card["unseen reward x100 [95% CI]"] == "25.0 [25.0, 25.0]"
     assert _card_row(bc)["seen vs BC [95% CI] up/down/same"] == "-"
     assert "seen vs BC [95% CI] up/down/same" not in _card_row(bc, vs_bc=False)
@@ -186,16 +207,19 @@ def test_compare_run_stages_per_split(tmp_path):
     a, b = two_point_panels()
     run = fake_run(tmp_path, {"bc": {"test-seen": a, "test-unseen": a}, "iter-1": {"test-seen": b, "test-unseen": a}})
     out = tmp_path / "c.json"
-    result = runner.invoke(app, ["compare", "--run", str(run.dir), "bc", "iter-1", "--out", str(out)],
-                           terminal_width=200)
+    result = runner.invoke(
+        app, ["compare", "--run", str(run.dir), "bc", "iter-1", "--out", str(out)], terminal_width=200
+    )
     assert result.exit_code == 0, result.output
     seen, unseen = json.loads(out.read_text())["comparisons"]
     assert (seen["split"], seen["up"], unseen["split"], unseen["same"]) == ("test-seen", K, "test-unseen", N)
     assert seen == {**seen, **{k: v for k, v in run.results()[1]["test-seen"]["vs_bc"].items() if k != "missing_in_a"}}
     only = runner.invoke(app, ["compare", "--run", str(run.dir), "bc", "iter-1", "--split", "test-unseen"])
     assert only.exit_code == 0 and "test-seen" not in only.output.split("\n", 2)[-1]
-    for args, message in [(["bc", "iter-3"], "has no evaluation of 'iter-3' (evaluated: bc, iter-1)"),
-                          (["bc", "iter-1", "--split", "train"], "--split 'train': a run evaluates")]:
+    for args, message in [
+        (["bc", "iter-3"], "has no evaluation of 'iter-3' (evaluated: bc, iter-1)"),
+        (["bc", "iter-1", "--split", "train"], "--split 'train': a run evaluates"),
+    ]:
         result = runner.invoke(app, ["compare", "--run", str(run.dir), *args], terminal_width=400)
         assert result.exit_code == 2 and message in result.output, result.output
     result = runner.invoke(app, ["compare", "--run", str(tmp_path), "bc", "iter-1"], terminal_width=400)

@@ -44,10 +44,13 @@ def test_validate_prints_format_rows_and_stats(tmp_path):
     assert (summary["format"], summary["kind"], summary["stats"]["rows"]) == ("eto-pairs", "pair", 2)
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--env", "webshop"], ["bad.jsonl", "row 2 (id 't2')", "messages[3].role", "unknown role 'robot'"]),
-    (["--kind", "pair"], ["holds trajectories", "expected pairs"]),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--env", "webshop"], ["bad.jsonl", "row 2 (id 't2')", "messages[3].role", "unknown role 'robot'"]),
+        (["--kind", "pair"], ["holds trajectories", "expected pairs"]),
+    ],
+)
 def test_validate_bad_file_exits_2_with_one_line(tmp_path, args, words):
     path = _bad_trajectory_file(tmp_path)
     if "--env" in args:
@@ -95,8 +98,10 @@ def test_import_then_export_gives_back_the_official_file(tmp_path):
 def test_scienceworld_ids_round_trip_between_etokit_and_official(tmp_path):
     # etokit-made trajectories and pairs export under the official "<taskname2id>_<variation>" ids ...
     src = tmp_path / "sciworld_expert.jsonl"
-    trajs = [factories.trajectory(t, 1.0, env="scienceworld")
-             for t in ("test-conductivity_412", "boil_12", "identify-life-stages-2_3")]
+    trajs = [
+        factories.trajectory(t, 1.0, env="scienceworld")
+        for t in ("test-conductivity_412", "boil_12", "identify-life-stages-2_3")
+    ]
     write_jsonl(src, trajs)
     official = tmp_path / "sciworld_sft.json"
     assert run("export-eto", src, "--out", official).exit_code == 0
@@ -160,16 +165,27 @@ def test_failed_import_leaves_out_untouched(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad_sft.json", "expert.jsonl"]  # no temp file left
 
 
-@pytest.mark.parametrize("command,src,out,words", [
-    ("import-eto", "expert.jsonl", "again.jsonl", ["expert.jsonl", "is in format etokit-trajectory",
-                                                   "expected eto-sft or eto-pairs"]),
-    ("import-eto", "webshop_sft.json", "out.json", ["--out", "expected a .jsonl file"]),
-    ("export-eto", "expert.jsonl", "expert.jsonl", ["is the input file"]),
-    ("export-eto", "webshop_sft.json", "out.json", ["is in format eto-sft",
-                                                    "expected etokit-trajectory or etokit-pair"]),
-    ("export-eto", "system.jsonl", "out.json", ["messages[0].role", "'system' has no official ETO equivalent"]),
-    ("export-eto", "missing.jsonl", "out.json", ["missing.jsonl", "does not exist"]),
-])
+@pytest.mark.parametrize(
+    "command,src,out,words",
+    [
+        (
+            "import-eto",
+            "expert.jsonl",
+            "again.jsonl",
+            ["expert.jsonl", "is in format etokit-trajectory", "expected eto-sft or eto-pairs"],
+        ),
+        ("import-eto", "webshop_sft.json", "out.json", ["--out", "expected a .jsonl file"]),
+        ("export-eto", "expert.jsonl", "expert.jsonl", ["is the input file"]),
+        (
+            "export-eto",
+            "webshop_sft.json",
+            "out.json",
+            ["is in format eto-sft", "expected etokit-trajectory or etokit-pair"],
+        ),
+        ("export-eto", "system.jsonl", "out.json", ["messages[0].role", "'system' has no official ETO equivalent"]),
+        ("export-eto", "missing.jsonl", "out.json", ["missing.jsonl", "does not exist"]),
+    ],
+)
 def test_conversion_errors(tmp_path, command, src, out, words):
     shutil.copy(FIXTURES / "webshop_sft.json", tmp_path / "webshop_sft.json")
     write_jsonl(tmp_path / "expert.jsonl", [factories.trajectory("a", 1.0)])
@@ -177,8 +193,11 @@ def test_conversion_errors(tmp_path, command, src, out, words):
     t.messages.insert(0, {"role": "system", "content": "You are an agent."})
     write_jsonl(tmp_path / "system.jsonl", [t])
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    result = run(command, tmp_path / src, "--out", tmp_path / out, "--env", "webshop") if command == "import-eto" \
+    result = (
+        run(command, tmp_path / src, "--out", tmp_path / out, "--env", "webshop")
+        if command == "import-eto"
         else run(command, tmp_path / src, "--out", tmp_path / out)
+    )
     assert result.exit_code == 2
     for word in words:
         assert word in result.output

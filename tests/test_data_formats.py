@@ -9,9 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from etokit.data import (DataError, JsonlAppender, from_dataset, load_records, pair_from_eto,
-                         pair_stats, pair_to_eto, read_jsonl, to_dataset, to_eto_rows, trajectory_from_eto,
-                         trajectory_stats, trajectory_to_eto, write_jsonl)
+from etokit.data import (
+    DataError,
+    JsonlAppender,
+    from_dataset,
+    load_records,
+    pair_from_eto,
+    pair_stats,
+    pair_to_eto,
+    read_jsonl,
+    to_dataset,
+    to_eto_rows,
+    trajectory_from_eto,
+    trajectory_stats,
+    trajectory_to_eto,
+    write_jsonl,
+)
 from etokit.data.schema import PAIR_COLUMNS, TRAJECTORY_COLUMNS, pair_features, trajectory_features
 from tests import factories
 
@@ -59,8 +72,9 @@ def test_webshop_import_keeps_int_ids_reward_and_its_own_source():
     assert t.task_id == str(row["id"]) and t.extra["eto_id"] == row["id"]
     assert t.reward == row["reward"] and t.success is (row["reward"] >= 1.0)
     assert t.source == "expert" and t.extra["eto_fields"]["source"] == row["source"]
-    assert [m["role"] for m in t.messages] == [{"human": "user", "gpt": "assistant"}[c["from"]]
-                                               for c in row["conversations"]]
+    assert [m["role"] for m in t.messages] == [
+        {"human": "user", "gpt": "assistant"}[c["from"]] for c in row["conversations"]
+    ]
     assert t.num_steps == sum(c["from"] == "gpt" for c in row["conversations"]) - 1  # minus the "OK"
     assert trajectory_to_eto(t) == row
 
@@ -79,8 +93,13 @@ def test_rows_without_reward_get_the_expert_reward_and_no_reward_key_back():
 def test_scienceworld_ids_map_to_the_environment_and_back():
     from importlib import resources
 
-    from etokit.data.eto_format import (SCIWORLD_TASK_NAMES, task_id_from_eto, task_id_to_eto, trajectory_from_eto,
-                                        trajectory_to_eto)
+    from etokit.data.eto_format import (
+        SCIWORLD_TASK_NAMES,
+        task_id_from_eto,
+        task_id_to_eto,
+        trajectory_from_eto,
+        trajectory_to_eto,
+    )
     from etokit.envs.scienceworld import load_splits, simulator_task_name
 
     rows = _official_rows("sciworld_sft.json")
@@ -110,8 +129,13 @@ def test_exported_reward_and_id_follow_edits_to_imported_records():
 def test_explored_trajectory_exports_with_reward_and_rejects_a_system_turn():
     t = factories.trajectory("t7", 0.5, source="explore")
     row = trajectory_to_eto(t)
-    assert row == {"id": "t7", "reward": 0.5, "conversations": [
-        {"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in t.messages]}
+    assert row == {
+        "id": "t7",
+        "reward": 0.5,
+        "conversations": [
+            {"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in t.messages
+        ],
+    }
     t.messages.insert(0, {"role": "system", "content": "be brief"})
     with pytest.raises(DataError, match=r"messages\[0\].role.*'system' has no official ETO equivalent"):
         trajectory_to_eto(t)
@@ -131,8 +155,9 @@ def test_official_jsonl_and_parquet_with_null_columns(tmp_path):
     # on the ScienceWorld rows; the nulls come back as nulls, not as the expert reward.
     from datasets import Dataset
 
-    rows = _official_rows("webshop_sft.json") + [dict(r, id=100 + i) for i, r in
-                                                 enumerate(_official_rows("sciworld_sft.json"))]
+    rows = _official_rows("webshop_sft.json") + [
+        dict(r, id=100 + i) for i, r in enumerate(_official_rows("sciworld_sft.json"))
+    ]
     parquet = tmp_path / "mixed.parquet"
     Dataset.from_list(rows).to_parquet(parquet)
     with pytest.raises(DataError, match="row 3.*field 'reward'.*--expert-reward"):
@@ -151,8 +176,10 @@ def test_official_jsonl_and_parquet_with_null_columns(tmp_path):
 @pytest.mark.parametrize("kind", ["trajectory", "pair"])
 def test_dataset_round_trip_with_explicit_features(tmp_path, kind):
     if kind == "trajectory":
-        records = [factories.trajectory("a", 1.0), factories.trajectory("b", 0.3, 5, source="explore", seed=3,
-                                                                         model="tiny", extra={"k": [1, 2]})]
+        records = [
+            factories.trajectory("a", 1.0),
+            factories.trajectory("b", 0.3, 5, source="explore", seed=3, model="tiny", extra={"k": [1, 2]}),
+        ]
         features, columns = trajectory_features(), TRAJECTORY_COLUMNS
     else:
         records = [factories.pair("a", 1), factories.pair("b", 2, outcome="win")]
@@ -244,8 +271,12 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails_midway(tmp_path, fai
 
 def test_trajectory_stats():
     rewards = [0.0, 0.05, 0.3, 0.3, 0.55, 0.999, 1.0, 1.0]
-    trajs = [factories.trajectory(f"t{i}", r, n_steps=1 + i % 3, env="webshop" if i < 5 else "sciworld",
-                                  split="train" if i % 2 else "test") for i, r in enumerate(rewards)]
+    trajs = [
+        factories.trajectory(
+            f"t{i}", r, n_steps=1 + i % 3, env="webshop" if i < 5 else "sciworld", split="train" if i % 2 else "test"
+        )
+        for i, r in enumerate(rewards)
+    ]
     s = trajectory_stats(trajs)
     assert s["rows"] == len(rewards)
     assert s["avg_reward"] == pytest.approx(sum(rewards) / len(rewards))
@@ -272,4 +303,3 @@ def test_pair_stats():
     assert s["iterations"] == {"1": 2, "2": 1, "none": 1}
     json.dumps(s, sort_keys=True)  # published next to the dataset
     assert pair_stats(pairs)["tie"] is None
-

@@ -15,13 +15,23 @@ from etokit.errors import EtokitError
 
 TRAJ = factories.trajectory("t1", 0.5).to_row()
 PAIR = factories.pair("p1").to_row()
-ETO_SFT = {"id": 3, "conversations": [{"from": "human", "value": "You are web shopping."}, {"from": "gpt", "value": "OK"},
-                                      {"from": "human", "value": "Buy a jacket."},
-                                      {"from": "gpt", "value": "Thought: search.\nAction: search[jacket]"}],
-           "reward": 0.5, "source": "human"}
-ETO_PAIR = {"id": "9", "prompt": ETO_SFT["conversations"][:3],
-            "chosen": [{"from": "gpt", "value": "Action: search[jacket]"}],
-            "rejected": [{"from": "gpt", "value": "Action: search[shoe]"}]}
+ETO_SFT = {
+    "id": 3,
+    "conversations": [
+        {"from": "human", "value": "You are web shopping."},
+        {"from": "gpt", "value": "OK"},
+        {"from": "human", "value": "Buy a jacket."},
+        {"from": "gpt", "value": "Thought: search.\nAction: search[jacket]"},
+    ],
+    "reward": 0.5,
+    "source": "human",
+}
+ETO_PAIR = {
+    "id": "9",
+    "prompt": ETO_SFT["conversations"][:3],
+    "chosen": [{"from": "gpt", "value": "Action: search[jacket]"}],
+    "rejected": [{"from": "gpt", "value": "Action: search[shoe]"}],
+}
 BASES = {"traj": TRAJ, "pair": PAIR, "sft": ETO_SFT, "eto_pair": ETO_PAIR}
 
 
@@ -31,6 +41,7 @@ def _set(path, value):
         for key in path[:-1]:
             target = target[key]
         target[path[-1]] = value
+
     return mutate
 
 
@@ -38,31 +49,63 @@ def _drop(*keys):
     def mutate(row):
         for k in keys:
             del row[k]
+
     return mutate
 
 
 # (case id, base row, mutation, words the message must contain)
 ROW_CASES = [
-    ("unknown-role", "traj", _set(["messages", 3, "role"], "robot"),
-     ["row 1", "(id 't1')", "field 'messages[3].role'", "unknown role 'robot'", "system, user, assistant"]),
+    (
+        "unknown-role",
+        "traj",
+        _set(["messages", 3, "role"], "robot"),
+        ["row 1", "(id 't1')", "field 'messages[3].role'", "unknown role 'robot'", "system, user, assistant"],
+    ),
     ("empty-content", "traj", _set(["messages", 2, "content"], ""), ["messages[2].content", "empty content"]),
-    ("non-string-content", "traj", _set(["messages", 2, "content"], 42),
-     ["messages[2].content", "expected a string, got int"]),
+    (
+        "non-string-content",
+        "traj",
+        _set(["messages", 2, "content"], 42),
+        ["messages[2].content", "expected a string, got int"],
+    ),
     ("message-not-object", "traj", _set(["messages", 1], "OK"), ["messages[1]", "expected a message object"]),
     ("message-extra-key", "traj", _set(["messages", 1, "name"], "bob"), ["messages[1]", "unexpected key(s) 'name'"]),
-    ("from-value-in-etokit-row", "traj", _set(["messages", 0], {"from": "human", "value": "hi"}),
-     ["messages[0]", "from/value", "etokit import-eto"]),
-    ("starts-with-assistant", "traj", lambda r: r["messages"].pop(0),
-     ["messages[0].role", "expected role 'user', got 'assistant'", "alternate"]),
-    ("two-user-turns", "traj", _set(["messages", 1, "role"], "user"),
-     ["messages[1].role", "expected role 'assistant', got 'user'"]),
-    ("late-system-turn", "traj", _set(["messages", 2, "role"], "system"),
-     ["messages[2].role", "system turn is only allowed first"]),
-    ("leading-system-is-fine-but-then-user", "traj",
-     lambda r: r["messages"].insert(0, {"role": "system", "content": "s"}) or r["messages"].pop(1),
-     ["messages[1].role", "expected role 'user', got 'assistant'"]),
-    ("no-assistant-turn", "traj", _set(["messages"], [{"role": "user", "content": "task"}]),
-     ["field 'messages'", "at least one turn of role 'assistant'"]),
+    (
+        "from-value-in-etokit-row",
+        "traj",
+        _set(["messages", 0], {"from": "human", "value": "hi"}),
+        ["messages[0]", "from/value", "etokit import-eto"],
+    ),
+    (
+        "starts-with-assistant",
+        "traj",
+        lambda r: r["messages"].pop(0),
+        ["messages[0].role", "expected role 'user', got 'assistant'", "alternate"],
+    ),
+    (
+        "two-user-turns",
+        "traj",
+        _set(["messages", 1, "role"], "user"),
+        ["messages[1].role", "expected role 'assistant', got 'user'"],
+    ),
+    (
+        "late-system-turn",
+        "traj",
+        _set(["messages", 2, "role"], "system"),
+        ["messages[2].role", "system turn is only allowed first"],
+    ),
+    (
+        "leading-system-is-fine-but-then-user",
+        "traj",
+        lambda r: r["messages"].insert(0, {"role": "system", "content": "s"}) or r["messages"].pop(1),
+        ["messages[1].role", "expected role 'user', got 'assistant'"],
+    ),
+    (
+        "no-assistant-turn",
+        "traj",
+        _set(["messages"], [{"role": "user", "content": "task"}]),
+        ["field 'messages'", "at least one turn of role 'assistant'"],
+    ),
     ("no-messages", "traj", _set(["messages"], []), ["field 'messages'", "empty list"]),
     ("reward-string", "traj", _set(["reward"], "0.5"), ["field 'reward'", "expected a number in [0, 1]", "'0.5'"]),
     ("reward-bool", "traj", _set(["reward"], True), ["field 'reward'", "True"]),
@@ -77,41 +120,88 @@ ROW_CASES = [
     ("negative-steps", "traj", _set(["num_steps"], -1), ["field 'num_steps'", "-1"]),
     ("extra-bad-json", "traj", _set(["extra"], "{oops"), ["field 'extra'", "not a valid JSON string"]),
     ("extra-not-object", "traj", _set(["extra"], "[1, 2]"), ["field 'extra'", "expected an object"]),
-    ("prompt-ends-on-assistant", "pair", lambda r: r["prompt"].append({"role": "assistant", "content": "x"}),
-     ["(id 'p1')", "field 'prompt'", "must end on a turn of role 'user'"]),
-    ("chosen-starts-with-user", "pair", lambda r: r["chosen"].insert(0, {"role": "user", "content": "x"}),
-     ["field 'chosen[0].role'", "expected role 'assistant', got 'user'"]),
-    ("chosen-ends-on-user", "pair", lambda r: r["chosen"].append({"role": "user", "content": "obs"}),
-     ["field 'chosen'", "chosen must end on a turn of role 'assistant'", "trailing observation"]),
-    ("rejected-ends-on-user", "pair", lambda r: r["rejected"].append({"role": "user", "content": "obs"}),
-     ["field 'rejected'", "rejected must end on a turn of role 'assistant'"]),
+    (
+        "prompt-ends-on-assistant",
+        "pair",
+        lambda r: r["prompt"].append({"role": "assistant", "content": "x"}),
+        ["(id 'p1')", "field 'prompt'", "must end on a turn of role 'user'"],
+    ),
+    (
+        "chosen-starts-with-user",
+        "pair",
+        lambda r: r["chosen"].insert(0, {"role": "user", "content": "x"}),
+        ["field 'chosen[0].role'", "expected role 'assistant', got 'user'"],
+    ),
+    (
+        "chosen-ends-on-user",
+        "pair",
+        lambda r: r["chosen"].append({"role": "user", "content": "obs"}),
+        ["field 'chosen'", "chosen must end on a turn of role 'assistant'", "trailing observation"],
+    ),
+    (
+        "rejected-ends-on-user",
+        "pair",
+        lambda r: r["rejected"].append({"role": "user", "content": "obs"}),
+        ["field 'rejected'", "rejected must end on a turn of role 'assistant'"],
+    ),
     ("rejected-empty", "pair", _set(["rejected"], []), ["field 'rejected'", "empty list"]),
-    ("chosen-identical-to-rejected", "pair", lambda r: r.update(rejected=copy.deepcopy(r["chosen"])),
-     ["field 'chosen'", "identical to rejected"]),
+    (
+        "chosen-identical-to-rejected",
+        "pair",
+        lambda r: r.update(rejected=copy.deepcopy(r["chosen"])),
+        ["field 'chosen'", "identical to rejected"],
+    ),
     ("outcome-tie", "pair", _set(["outcome"], "tie"), ["field 'outcome'", "win, lose or null", "'tie'"]),
     ("bad-mode", "pair", _set(["mode"], "token"), ["field 'mode'", "trajectory, step, mixture, self-play", "'token'"]),
     ("negative-iteration", "pair", _set(["iteration"], -1), ["field 'iteration'", "-1"]),
     ("chosen-reward-out-of-range", "pair", _set(["chosen_reward"], 2), ["field 'chosen_reward'", "2"]),
     ("pair-missing-fields", "pair", _drop("rejected"), ["missing required field(s) 'rejected'"]),
-    ("eto-unknown-from", "sft", _set(["conversations", 1, "from"], "bot"),
-     ["row 1", "(id 3)", "field 'conversations[1].from'", "unknown 'from' 'bot'", "human or gpt"]),
-    ("eto-role-order", "sft", _set(["conversations", 1, "from"], "human"),
-     ["field 'conversations[1].from'", "expected role 'gpt', got 'human'"]),
+    (
+        "eto-unknown-from",
+        "sft",
+        _set(["conversations", 1, "from"], "bot"),
+        ["row 1", "(id 3)", "field 'conversations[1].from'", "unknown 'from' 'bot'", "human or gpt"],
+    ),
+    (
+        "eto-role-order",
+        "sft",
+        _set(["conversations", 1, "from"], "human"),
+        ["field 'conversations[1].from'", "expected role 'gpt', got 'human'"],
+    ),
     ("eto-empty-value", "sft", _set(["conversations", 3, "value"], ""), ["conversations[3].value", "empty content"]),
-    ("eto-non-string-value", "sft", _set(["conversations", 3, "value"], ["a"]),
-     ["conversations[3].value", "expected a string, got list"]),
-    ("eto-role-content-turn", "sft", _set(["conversations", 0], {"role": "user", "content": "x"}),
-     ["conversations[0]", "from/value"]),
-    ("eto-turn-missing-value", "sft", _set(["conversations", 2], {"from": "human"}),
-     ["conversations[2]", "missing required key(s) 'value'"]),
+    (
+        "eto-non-string-value",
+        "sft",
+        _set(["conversations", 3, "value"], ["a"]),
+        ["conversations[3].value", "expected a string, got list"],
+    ),
+    (
+        "eto-role-content-turn",
+        "sft",
+        _set(["conversations", 0], {"role": "user", "content": "x"}),
+        ["conversations[0]", "from/value"],
+    ),
+    (
+        "eto-turn-missing-value",
+        "sft",
+        _set(["conversations", 2], {"from": "human"}),
+        ["conversations[2]", "missing required key(s) 'value'"],
+    ),
     ("eto-reward", "sft", _set(["reward"], 3), ["field 'reward'", "3"]),
     ("eto-id-float", "sft", _set(["id"], 1.5), ["field 'id'", "integer or a non-empty string", "1.5"]),
     ("eto-pair-missing-rejected", "eto_pair", _drop("rejected"), ["missing required field(s) 'rejected'"]),
-    ("eto-pair-chosen-ends-on-human", "eto_pair",
-     lambda r: r["chosen"].append({"from": "human", "value": "Observation: ok"}),
-     ["(id '9')", "field 'chosen'", "chosen must end on a turn of role 'gpt'"]),
-    ("eto-pair-prompt-ends-on-gpt", "eto_pair", lambda r: r.update(prompt=r["prompt"][:2]),
-     ["field 'prompt'", "must end on a turn of role 'human'"]),
+    (
+        "eto-pair-chosen-ends-on-human",
+        "eto_pair",
+        lambda r: r["chosen"].append({"from": "human", "value": "Observation: ok"}),
+        ["(id '9')", "field 'chosen'", "chosen must end on a turn of role 'gpt'"],
+    ),
+    (
+        "eto-pair-prompt-ends-on-gpt",
+        "eto_pair",
+        lambda r: r.update(prompt=r["prompt"][:2]),
+        ["field 'prompt'", "must end on a turn of role 'human'"],
+    ),
 ]
 
 
@@ -145,15 +235,29 @@ def _write(path, rows):
 
 # (case id, file name, bytes, load_records kwargs, words)
 FILE_CASES = [
-    ("jsonl-not-json", "a.jsonl", (json.dumps(TRAJ) + "\n{not json}\n").encode(), {},
-     ["line 2 is not valid JSON"]),
-    ("jsonl-truncated-last-line", "a.jsonl", (json.dumps(TRAJ) + "\n" + json.dumps(TRAJ)[:40]).encode(), {},
-     ["line 2 is truncated", "does not end with a newline"]),
+    ("jsonl-not-json", "a.jsonl", (json.dumps(TRAJ) + "\n{not json}\n").encode(), {}, ["line 2 is not valid JSON"]),
+    (
+        "jsonl-truncated-last-line",
+        "a.jsonl",
+        (json.dumps(TRAJ) + "\n" + json.dumps(TRAJ)[:40]).encode(),
+        {},
+        ["line 2 is truncated", "does not end with a newline"],
+    ),
     ("jsonl-line-not-object", "a.jsonl", b"[1, 2]\n", {}, ["line 1 is a list, expected a JSON object"]),
-    ("json-truncated-in-string", "a.json", json.dumps([TRAJ, TRAJ], indent=2)[:-30].encode(), {},
-     ["truncated JSON", "line ", "column ", "char "]),
-    ("json-truncated-between-values", "a.json", json.dumps([TRAJ, TRAJ])[:-1].encode(), {},
-     ["truncated JSON", "line 1, column"]),
+    (
+        "json-truncated-in-string",
+        "a.json",
+        json.dumps([TRAJ, TRAJ], indent=2)[:-30].encode(),
+        {},
+        ["truncated JSON", "line ", "column ", "char "],
+    ),
+    (
+        "json-truncated-between-values",
+        "a.json",
+        json.dumps([TRAJ, TRAJ])[:-1].encode(),
+        {},
+        ["truncated JSON", "line 1, column"],
+    ),
     ("json-invalid", "a.json", b'[{"task_id": "x",, }]', {}, ["not valid JSON at line 1, column 18 (char 17)"]),
     ("json-not-a-list", "a.json", json.dumps({"data": [TRAJ]}).encode(), {}, ["expected a JSON list of rows"]),
     ("not-utf8", "a.jsonl", b'{"task_id": "caf\xe9"}\n', {}, ["not UTF-8", "0xe9", "byte offset 16"]),
@@ -162,15 +266,35 @@ FILE_CASES = [
     ("blank-lines-only", "a.jsonl", b"\n\n", {}, ["no rows"]),
     ("unknown-extension", "a.csv", b"task_id,env\n", {}, ["unknown file extension '.csv'", ".jsonl, .json, .parquet"]),
     ("corrupt-parquet", "a.parquet", b"PAR1 not really", {}, ["not a readable Parquet file"]),
-    ("no-known-format", "a.jsonl", b'{"question": "q", "answer": "a"}\n', {},
-     ["row 0", "matches no known format", "'question'", "etokit-trajectory", "etokit-pair", "eto-sft", "eto-pairs"]),
-    ("kind-mismatch", "a.jsonl", (json.dumps(PAIR) + "\n").encode(), {"kind": "trajectory"},
-     ["holds pairs (format etokit-pair), expected trajectories"]),
-    ("mixed-formats", "a.jsonl", (json.dumps(TRAJ) + "\n" + json.dumps(ETO_SFT) + "\n").encode(), {},
-     ["row 1", "format eto-sft", "a file holds one format"]),
+    (
+        "no-known-format",
+        "a.jsonl",
+        b'{"question": "q", "answer": "a"}\n',
+        {},
+        ["row 0", "matches no known format", "'question'", "etokit-trajectory", "etokit-pair", "eto-sft", "eto-pairs"],
+    ),
+    (
+        "kind-mismatch",
+        "a.jsonl",
+        (json.dumps(PAIR) + "\n").encode(),
+        {"kind": "trajectory"},
+        ["holds pairs (format etokit-pair), expected trajectories"],
+    ),
+    (
+        "mixed-formats",
+        "a.jsonl",
+        (json.dumps(TRAJ) + "\n" + json.dumps(ETO_SFT) + "\n").encode(),
+        {},
+        ["row 1", "format eto-sft", "a file holds one format"],
+    ),
     ("official-needs-env", "a.jsonl", (json.dumps(ETO_SFT) + "\n").encode(), {}, ["--env is needed"]),
-    ("env-mismatch", "a.jsonl", (json.dumps(TRAJ) + "\n").encode(), {"env": "webshop"},
-     ["row 0", "field 'env'", "'textworld-express'", "expected 'webshop'"]),
+    (
+        "env-mismatch",
+        "a.jsonl",
+        (json.dumps(TRAJ) + "\n").encode(),
+        {"env": "webshop"},
+        ["row 0", "field 'env'", "'textworld-express'", "expected 'webshop'"],
+    ),
     ("unknown-kind", "a.jsonl", (json.dumps(TRAJ) + "\n").encode(), {"kind": "trajectories"}, ["unknown kind"]),
 ]
 

@@ -29,15 +29,45 @@ def test_two_processes_equal_one(tmp_path):
     pairs = [pair(f"t{i}", outcome="lose" if i % 3 else "win") for i in range(8)]
     write_jsonl(tmp_path / "pairs.jsonl", pairs)
     build_tiny_model([m["content"] for p in pairs for m in p.prompt + p.chosen + p.rejected], tmp_path / "tiny")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
-           "ACCELERATE_MIXED_PRECISION": "no"}
-    args = ["--model", str(tmp_path / "tiny"), "--data", str(tmp_path / "pairs.jsonl"), "--batch-size", "4",
-            "--learning-rate", "1e-3", "--warmup-ratio", "0", "--num-epochs", "1", "--report-to", "none",
-            "--ref-cache-dir", str(tmp_path / "cache")]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+        "ACCELERATE_MIXED_PRECISION": "no",
+    }
+    args = [
+        "--model",
+        str(tmp_path / "tiny"),
+        "--data",
+        str(tmp_path / "pairs.jsonl"),
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--warmup-ratio",
+        "0",
+        "--num-epochs",
+        "1",
+        "--report-to",
+        "none",
+        "--ref-cache-dir",
+        str(tmp_path / "cache"),
+    ]
 
     def launch(n, out):
-        cmd = [str(TORCHRUN), "--standalone", "--nnodes", "1", "--nproc_per_node", str(n),
-               str(ROOT / "scripts" / "train_dpo.py"), *args, "--output-dir", str(out)]
+        cmd = [
+            str(TORCHRUN),
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(n),
+            str(ROOT / "scripts" / "train_dpo.py"),
+            *args,
+            "--output-dir",
+            str(out),
+        ]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         return res
@@ -48,8 +78,9 @@ def test_two_processes_equal_one(tmp_path):
     log1, log2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert len(log1) == len(log2) == 2
     for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
-        torch.testing.assert_close(torch.tensor([r[key] for r in log2]), torch.tensor([r[key] for r in log1]),
-                                   rtol=1e-5, atol=1e-5, msg=key)
+        torch.testing.assert_close(
+            torch.tensor([r[key] for r in log2]), torch.tensor([r[key] for r in log1]), rtol=1e-5, atol=1e-5, msg=key
+        )
     assert log1[-1]["loss"] < log1[0]["loss"]
     # both runs saw every token of every step: 2 processes really split the batch
     assert [r["trained_tokens"] for r in log2] == [r["trained_tokens"] for r in log1]

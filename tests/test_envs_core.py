@@ -44,8 +44,9 @@ class ScriptedEnv:
         if action == "boom":
             raise ValueError("boom")
         self.steps += 1
-        return Step(observation=f"did {action}", reward=min(1.0, self.steps / self.max_steps),
-                    done=self.steps >= self.max_steps)
+        return Step(
+            observation=f"did {action}", reward=min(1.0, self.steps / self.max_steps), done=self.steps >= self.max_steps
+        )
 
     def expert(self, task_id):
         return ["a"] * self.max_steps

@@ -64,8 +64,9 @@ def test_the_verdict_compares_every_iteration_with_bc_per_seed_and_over_seeds(tm
 
     assert verdict["seeds"] == [0, 1, 2] and verdict["tasks"] == {s: 12 for s in SPLITS}
     assert verdict["runs"]["1"] == "seed-1/run"
-    assert [(c["b"], c["split"]) for c in verdict["comparisons"]] == [(p, s) for p in ("iter-1", "iter-2")
-                                                                      for s in SPLITS]
+    assert [(c["b"], c["split"]) for c in verdict["comparisons"]] == [
+        (p, s) for p in ("iter-1", "iter-2") for s in SPLITS
+    ]
     for c in verdict["comparisons"]:
         bc = {s: _rewards(runs[s], "bc", c["split"]) for s in runs}
         it = {s: _rewards(runs[s], c["b"], c["split"]) for s in runs}
@@ -77,11 +78,13 @@ def test_the_verdict_compares_every_iteration_with_bc_per_seed_and_over_seeds(tm
             assert per_seed == paired_diff(bc[s], it[s], names=("bc", c["b"])).to_dict()
     policy = verdict["policies"]["iter-2"]["test-unseen"]
     assert [p["mean"] for p in policy["per_seed"]] == pytest.approx(
-        [np.mean(list(_rewards(runs[s], "iter-2", "test-unseen").values())) for s in runs])
+        [np.mean(list(_rewards(runs[s], "iter-2", "test-unseen").values())) for s in runs]
+    )
 
     rows = verdict_rows(verdict)
-    assert [(r["comparison"], r["split"]) for r in rows] == [(f"{p} - bc", s) for p in ("iter-1", "iter-2")
-                                                             for s in SPLITS]
+    assert [(r["comparison"], r["split"]) for r in rows] == [
+        (f"{p} - bc", s) for p in ("iter-1", "iter-2") for s in SPLITS
+    ]
     for row, c in zip(rows, verdict["comparisons"]):
         avg = c["seed_averaged"]
         expected = "above zero" if avg["lo"] > 0 else "below zero" if avg["hi"] < 0 else "includes zero"
@@ -90,8 +93,10 @@ def test_the_verdict_compares_every_iteration_with_bc_per_seed_and_over_seeds(tm
 
 
 def test_a_seed_that_stopped_early_limits_the_verdict_to_the_iterations_all_seeds_have(tmp_path):
-    runs = {0: fake_run(tmp_path / "a", iterations=2, tasks=6, seed=0),
-            1: fake_run(tmp_path / "b", iterations=1, tasks=6, seed=1)}
+    runs = {
+        0: fake_run(tmp_path / "a", iterations=2, tasks=6, seed=0),
+        1: fake_run(tmp_path / "b", iterations=1, tasks=6, seed=1),
+    }
     verdict = aggregate(runs)
     assert list(verdict["policies"]) == ["bc", "iter-1"]
     assert {c["b"] for c in verdict["comparisons"]} == {"iter-1"}

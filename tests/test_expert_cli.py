@@ -47,12 +47,14 @@ def _rows(path):
 
 def test_expert_writes_and_resumes_without_duplicates(tmp_path):
     out = tmp_path / "expert.jsonl"
-    first = runner.invoke(app, ["expert", "--env", "textworld-express", "--split", "train", "--limit", "3",
-                                   "--out", str(out)])
+    first = runner.invoke(
+        app, ["expert", "--env", "textworld-express", "--split", "train", "--limit", "3", "--out", str(out)]
+    )
     assert first.exit_code == 0, first.output
     assert [r.task_id for r in _rows(out)] and len(_rows(out)) == 3
-    second = runner.invoke(app, ["expert", "--env", "textworld-express", "--limit", "5", "--workers", "2",
-                                    "--out", str(out)])
+    second = runner.invoke(
+        app, ["expert", "--env", "textworld-express", "--limit", "5", "--workers", "2", "--out", str(out)]
+    )
     assert second.exit_code == 0, second.output
     rows = _rows(out)
     assert sorted(int(r.task_id) for r in rows) == [0, 1, 2, 3, 4]
@@ -67,8 +69,22 @@ def test_expert_writes_and_resumes_without_duplicates(tmp_path):
 def test_expert_seed_picks_a_reproducible_subset(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     for path in (a, b):
-        result = runner.invoke(app, ["expert", "--env", "textworld-express", "--split", "test-seen", "--limit", "2",
-                                        "--seed", "7", "--out", str(path)])
+        result = runner.invoke(
+            app,
+            [
+                "expert",
+                "--env",
+                "textworld-express",
+                "--split",
+                "test-seen",
+                "--limit",
+                "2",
+                "--seed",
+                "7",
+                "--out",
+                str(path),
+            ],
+        )
         assert result.exit_code == 0, result.output
     ids = [r.task_id for r in _rows(a)]
     assert sorted(ids) == sorted(r.task_id for r in _rows(b)) and ids != ["10000", "10001"]
@@ -76,8 +92,7 @@ def test_expert_seed_picks_a_reproducible_subset(tmp_path):
 
 def test_failed_and_crashed_experts_are_reported_not_written(tmp_path):
     out = tmp_path / "expert.jsonl"
-    result = runner.invoke(app, ["expert", "--env", f"{__name__}:FlakyExpertEnv", "--workers", "2",
-                                    "--out", str(out)])
+    result = runner.invoke(app, ["expert", "--env", f"{__name__}:FlakyExpertEnv", "--workers", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     # The gold paths (2 actions) are played whole although the agent's limit is 1 step.

@@ -108,8 +108,10 @@ def test_batched_exploration_equals_one_episode_at_a_time(policy, shops):
     assert len(replies) > 8  # the replies differ across tasks and steps: the comparison has teeth
     for t in batched:
         assert t.num_steps == 3 and t.messages[-1]["role"] == "assistant"
-        assert t.extra["invalid_actions"] == sum(m["content"] == f"Observation: {INVALID_FORMAT_OBS}"
-                                                 for m in t.messages) + 1
+        assert (
+            t.extra["invalid_actions"]
+            == sum(m["content"] == f"Observation: {INVALID_FORMAT_OBS}" for m in t.messages) + 1
+        )
 
 
 @pytest.mark.parametrize("icl, attention", [(False, "sdpa"), (True, "sdpa"), (False, "eager")])
@@ -159,8 +161,14 @@ def test_in_place_cache_equals_the_concatenated_cache(policy, attention):
     try:
         runs = {}
         for in_place in (True, False):
-            decoder = KVReuseDecoder(policy.model, pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id],
-                                     max_new_tokens=14, stopped=lambda ids: ids[-1] % 7 == 0, in_place=in_place)
+            decoder = KVReuseDecoder(
+                policy.model,
+                pad_id=tok.pad_token_id,
+                eos_ids=[tok.eos_token_id],
+                max_new_tokens=14,
+                stopped=lambda ids: ids[-1] % 7 == 0,
+                in_place=in_place,
+            )
             convo, out = {}, []
             for step in steps:
                 for key, w in step:  # an episode's prompt grows by its last reply and a new turn
@@ -225,10 +233,13 @@ def test_sharded_across_two_ranks_equals_one_process(policy, shops):
     config = dict(icl=False, max_new_tokens=8, max_steps=2)
     shards = []
     for rank in range(2):
-        state = SimpleNamespace(num_processes=2, process_index=rank,
-                                split_between_processes=lambda items, apply_padding=False, rank=rank:
-                                PartialState.split_between_processes(
-                                    SimpleNamespace(num_processes=2, process_index=rank), items, apply_padding))
+        state = SimpleNamespace(
+            num_processes=2,
+            process_index=rank,
+            split_between_processes=lambda items, apply_padding=False, rank=rank: PartialState.split_between_processes(
+                SimpleNamespace(num_processes=2, process_index=rank), items, apply_padding
+            ),
+        )
         mine = shard(jobs, state)
         assert len(mine) == (3 if rank == 0 else 2)
         shards.append(_play(policy, shops[:2], [j.task_id for j in mine], **config))
@@ -262,13 +273,33 @@ def test_explore_cli_writes_and_resumes(policy, tmp_path):
 
 def test_explore_cli_samples_per_task(policy, tmp_path):
     out = tmp_path / "samples.jsonl"
-    result = runner.invoke(app, ["explore", "--model", str(policy.path), *_FAST, "--task-ids", "200,201",
-                                    "--samples-per-task", "2", "--temperature", "1.0", "--seed", "5",
-                                    "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "explore",
+            "--model",
+            str(policy.path),
+            *_FAST,
+            "--task-ids",
+            "200,201",
+            "--samples-per-task",
+            "2",
+            "--temperature",
+            "1.0",
+            "--seed",
+            "5",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = read_jsonl(out, "trajectory")
     assert sorted((r.task_id, r.extra["sample"], r.seed) for r in rows) == [
-        ("200", 0, 5), ("200", 1, 6), ("201", 0, 5), ("201", 1, 6)]
+        ("200", 0, 5),
+        ("200", 1, 6),
+        ("201", 0, 5),
+        ("201", 1, 6),
+    ]
     assert all(r.extra["temperature"] == 1.0 for r in rows)
 
 
@@ -280,8 +311,9 @@ def test_explore_cli_from_a_hub_revision_records_the_commit(policy, tmp_path, hu
     sha = api.upload_folder(folder_path=str(policy.path), repo_id=repo_name).oid
     api.create_tag(repo_name, tag="iter-1")
     out = tmp_path / "hub.jsonl"
-    result = runner.invoke(app, ["explore", "--model", f"{repo_name}@iter-1", *_FAST, "--limit", "1",
-                                    "--out", str(out)])
+    result = runner.invoke(
+        app, ["explore", "--model", f"{repo_name}@iter-1", *_FAST, "--limit", "1", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     (row,) = read_jsonl(out, "trajectory")
     assert row.model == repo_name and row.model_revision == sha

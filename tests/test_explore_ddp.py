@@ -23,8 +23,13 @@ FAST = ["--env", "webshop", "--no-icl", "--max-steps", "2", "--max-new-tokens", 
 
 
 def _launch(n: int, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     cmd = [str(TORCHRUN), "--standalone", "--nnodes", "1", "--nproc_per_node", str(n), "-m", "etokit", *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -48,7 +53,19 @@ def test_explore_and_eval_on_two_processes_equal_one(tmp_path):
     reports = {}
     for n in (1, 2):
         out = tmp_path / f"eval{n}.json"
-        _launch(n, "eval", "--model", str(model), *FAST, "--split", "test-seen", "--task-ids", "3,4,5,6,7", "--out", str(out))
+        _launch(
+            n,
+            "eval",
+            "--model",
+            str(model),
+            *FAST,
+            "--split",
+            "test-seen",
+            "--task-ids",
+            "3,4,5,6,7",
+            "--out",
+            str(out),
+        )
         reports[n] = json.loads(out.read_text())
     assert list(reports[2]["rewards"]) == ["3", "4", "5", "6", "7"]
     assert reports[2] == reports[1]
@@ -76,5 +93,6 @@ def test_sampled_exploration_is_the_same_on_two_processes_and_after_a_resume(tmp
     assert rows[2] == rows[1] and rows["resumed"] == rows[1]
     greedy = tmp_path / "greedy.jsonl"
     _launch(1, "explore", "--model", str(model), *FAST, "--task-ids", tasks, "--out", str(greedy))
-    assert [t.to_row()["messages"] for t in read_jsonl(greedy, "trajectory")] != \
-        [rows[1][t]["messages"] for t in tasks.split(",")]  # sampling took effect: the check has teeth
+    assert [t.to_row()["messages"] for t in read_jsonl(greedy, "trajectory")] != [
+        rows[1][t]["messages"] for t in tasks.split(",")
+    ]  # sampling took effect: the check has teeth

@@ -54,10 +54,12 @@ class StairsEnv:
             raise RuntimeError("simulator died")
         if action == f"climb {self.stair + 1}":
             self.stair += 1
-        observation = f"You are on stair {self.stair}." if action in ("where", f"climb {self.stair}") \
-            else "You slip."
-        return Step(observation=observation, reward=self.stair / self.n,
-                    done=self.stair == self.n or self.steps >= self.max_steps)
+        observation = f"You are on stair {self.stair}." if action in ("where", f"climb {self.stair}") else "You slip."
+        return Step(
+            observation=observation,
+            reward=self.stair / self.n,
+            done=self.stair == self.n or self.steps >= self.max_steps,
+        )
 
     def expert(self, task_id):
         return [f"climb {i}" for i in range(1, int(task_id[1:]) + 1)]
@@ -89,8 +91,10 @@ def test_the_agent_plays_on_from_the_replayed_expert_prefix():
         end = 3 + 2 * p
         # The expert's turns and observations of steps 1..t-1, then the agent's, who is on stair t-1.
         assert t.messages[:end] == expert.messages[:end]
-        assert t.messages[end:end + 2] == [{"role": "assistant", "content": "Thought: Where am I?\nAction: where"},
-                                           {"role": "user", "content": f"Observation: You are on stair {p}."}]
+        assert t.messages[end : end + 2] == [
+            {"role": "assistant", "content": "Thought: Where am I?\nAction: where"},
+            {"role": "user", "content": f"Observation: You are on stair {p}."},
+        ]
         assert all(m["content"].endswith("Action: where") for m in t.messages[end::2])
         # Steps count from the episode's start: the prefix uses p of the env's 6.
         assert t.num_steps == 6 and sum(m["role"] == "assistant" for m in t.messages[3:]) == 6
@@ -116,13 +120,16 @@ def test_a_prefix_that_cannot_be_replayed_is_recorded_with_its_reason_not_retrie
     other_view = Trajectory(task_id="s3", env=env.name, reward=1.0, messages=[dict(m) for m in good.messages])
     other_view.messages[6]["content"] = "Observation: You are on stair 9."
     out, _ = _play([Job("s2", 0, 2)], {"s2": too_long})
-    assert out[Job("s2", 0, 2)].extra["error"] == ("the environment ended the episode at expert step 2 of the "
-                                                   "2-step prefix (reward 1)")
+    assert out[Job("s2", 0, 2)].extra["error"] == (
+        "the environment ended the episode at expert step 2 of the 2-step prefix (reward 1)"
+    )
     out, _ = _play([Job("s3", 0, 2)], {"s3": other_view})
     (t,) = out.values()
     assert t.extra["stopped"] == "prefix" and "env_retries" not in t.extra
-    assert t.extra["error"].startswith("after expert step 2 ('climb 2') the environment shows 'Observation: You are "
-                                       "on stair 2.', the expert saw 'Observation: You are on stair 9.'")
+    assert t.extra["error"].startswith(
+        "after expert step 2 ('climb 2') the environment shows 'Observation: You are "
+        "on stair 2.', the expert saw 'Observation: You are on stair 9.'"
+    )
     assert job_of(t) == Job("s3", 0, 2)  # the record keys like the job it failed
 
 
@@ -135,8 +142,12 @@ def test_a_prefix_too_long_for_the_context_is_an_error_record():
 
     expert = expert_trajectory(StairsEnv(), "s4", "train")
     gen = Short(_where, env_retries=1)
-    out = {job_of(t): t for t in run_episodes(gen, [StairsEnv()], [Job("s4", 0, 1), Job("s4", 0, 3)], split="train",
-                                               experts={"s4": expert})}
+    out = {
+        job_of(t): t
+        for t in run_episodes(
+            gen, [StairsEnv()], [Job("s4", 0, 1), Job("s4", 0, 3)], split="train", experts={"s4": expert}
+        )
+    }
     assert out[Job("s4", 0, 1)].extra["stopped"] == "context" and "error" not in out[Job("s4", 0, 1)].extra
     failed = out[Job("s4", 0, 3)]
     assert failed.extra["stopped"] == "prefix" and "env_retries" not in failed.extra
@@ -172,8 +183,11 @@ def test_plan_step_jobs_draws_reproducible_distinct_steps_per_task():
     assert plan_step_jobs(experts, 2, seed=0) == jobs
     assert plan_step_jobs({"s3": experts["s3"]}, 2, seed=0) == [j for j in jobs if j.task_id == "s3"]
     assert {tuple(plan_step_jobs({"s5": experts["s5"]}, 2, seed=s)) for s in range(10)} != {tuple(jobs[:2])}
-    assert plan_step_jobs(experts, None, seed=0) == plan_step_jobs(experts, 5, seed=3) == [
-        Job(t, 0, p) for t, n in (("s5", 5), ("s3", 3), ("s1", 1)) for p in range(n)]
+    assert (
+        plan_step_jobs(experts, None, seed=0)
+        == plan_step_jobs(experts, 5, seed=3)
+        == [Job(t, 0, p) for t, n in (("s5", 5), ("s3", 3), ("s1", 1)) for p in range(n)]
+    )
     assert plan_step_jobs(experts, 2, seed=0, done=set(jobs[1:])) == jobs[:1]
     assert set(jobs) < set(plan_step_jobs(experts, 3, seed=0))  # more steps per task extend the fewer
     # Samples per step, and a step-wise episode from step 1 is not the ordinary episode of its task.
@@ -184,8 +198,9 @@ def test_plan_step_jobs_draws_reproducible_distinct_steps_per_task():
     limited = plan_step_jobs(experts, 2, seed=0, max_steps=3)
     assert all(j.prefix_steps <= 2 for j in limited) and len([j for j in limited if j.task_id == "s5"]) == 2
     assert [j for j in limited if j.task_id != "s5"] == [j for j in jobs if j.task_id != "s5"]
-    assert plan_step_jobs(experts, None, seed=0, max_steps=2) == [Job(t, 0, p) for t in ("s5", "s3") for p in (0, 1)] + [
-        Job("s1", 0, 0)]
+    assert plan_step_jobs(experts, None, seed=0, max_steps=2) == [
+        Job(t, 0, p) for t in ("s5", "s3") for p in (0, 1)
+    ] + [Job("s1", 0, 0)]
 
 
 def test_index_experts_names_the_row_that_cannot_be_replayed(tmp_path):
@@ -195,8 +210,10 @@ def test_index_experts_names_the_row_that_cannot_be_replayed(tmp_path):
     assert list(index_experts(experts[:1])) == ["s2"]
     with pytest.raises(DataError) as e:
         index_experts(experts, path=tmp_path / "expert.jsonl")
-    assert str(e.value) == (f"{tmp_path / 'expert.jsonl'}, row 1 (id 's3'), field 'messages[5].content': an expert "
-                            "turn without an Action: line cannot be replayed")
+    assert str(e.value) == (
+        f"{tmp_path / 'expert.jsonl'}, row 1 (id 's3'), field 'messages[5].content': an expert "
+        "turn without an Action: line cannot be replayed"
+    )
 
 
 # ------------------------------------------------------------------- TextWorldExpress, tiny model
@@ -218,8 +235,10 @@ def twx():
 def test_step_one_is_the_ordinary_greedy_episode(policy, twx):
     gen = Generator(policy.model, policy.tokenizer, ExploreConfig(max_new_tokens=4, max_steps=2))
     ordinary = sorted(run_episodes(gen, twx.envs, [Job(t) for t in twx.tasks], split="train"), key=lambda t: t.task_id)
-    step_one = sorted(run_episodes(gen, twx.envs, [Job(t, 0, 0) for t in twx.tasks], split="train",
-                                   experts=twx.experts), key=lambda t: t.task_id)
+    step_one = sorted(
+        run_episodes(gen, twx.envs, [Job(t, 0, 0) for t in twx.tasks], split="train", experts=twx.experts),
+        key=lambda t: t.task_id,
+    )
     for a, b in zip(ordinary, step_one):
         assert b.extra.pop("step_wise") == {"prefix_steps": 0, "expert_steps": expert_steps(twx.experts[a.task_id])}
         assert a.to_row() == b.to_row()
@@ -234,7 +253,7 @@ def test_the_environment_is_in_the_experts_state_after_the_prefix(twx):
     p = expert_steps(expert) - 2
     gen = ScriptedGenerator(lambda m: "Thought: What do I hold?\nAction: inventory", max_steps=p + 2)
     (t,) = run_episodes(gen, twx.envs[:1], [Job(task, 0, p)], split="train", experts=twx.experts)
-    assert t.messages[:3 + 2 * p] == expert.messages[:3 + 2 * p] and t.num_steps == p + 2
+    assert t.messages[: 3 + 2 * p] == expert.messages[: 3 + 2 * p] and t.num_steps == p + 2
     env = twx.envs[1]
     actions = env.expert(task)
     env.reset(task)
@@ -254,9 +273,25 @@ def test_explore_cli_step_wise_resume_and_step_pairs(policy, twx, tmp_path):
     # Seed 9 draws late steps (t = 8 or 9 of 11 and 13): long prefixes, and the episodes stay
     # short with --max-steps 2 past the last prefix (the tiny model is slow on a busy CPU).
     max_steps = max(j.prefix_steps for j in plan_step_jobs(twx.experts, 2, seed=9)) + 2
-    args = ["explore", "--model", str(policy.path), "--env", "textworld-express", "--step-wise-expert",
-            str(expert_file), "--max-new-tokens", "3", "--max-steps", str(max_steps), "--batch-size", "2",
-            "--seed", "9", "--out", str(out)]
+    args = [
+        "explore",
+        "--model",
+        str(policy.path),
+        "--env",
+        "textworld-express",
+        "--step-wise-expert",
+        str(expert_file),
+        "--max-new-tokens",
+        "3",
+        "--max-steps",
+        str(max_steps),
+        "--batch-size",
+        "2",
+        "--seed",
+        "9",
+        "--out",
+        str(out),
+    ]
     result = runner.invoke(app, [*args, "--steps-per-task", "1"])
     assert result.exit_code == 0, result.output
     rows = read_jsonl(out, "trajectory")
@@ -265,7 +300,7 @@ def test_explore_cli_step_wise_resume_and_step_pairs(policy, twx, tmp_path):
     for t in rows:
         expert, p = twx.experts[t.task_id], t.extra["step_wise"]["prefix_steps"]
         # The first 2(t-1) turns after the task are the expert's, its observation after step t-1 included.
-        assert t.messages[:3 + 2 * p] == expert.messages[:3 + 2 * p]
+        assert t.messages[: 3 + 2 * p] == expert.messages[: 3 + 2 * p]
         assert t.messages[3 + 2 * p]["role"] == "assistant" and p < t.num_steps <= max_steps
         assert t.source == "explore" and t.seed == 9 and t.extra["step_wise"]["expert_steps"] == expert_steps(expert)
     # Resuming plays only what is missing: nothing, then the second step of each task.
@@ -277,15 +312,27 @@ def test_explore_cli_step_wise_resume_and_step_pairs(policy, twx, tmp_path):
     assert sorted(map(job_of, rows), key=str) == sorted(plan_step_jobs(twx.experts, 2, seed=9), key=str)
 
     pairs_file = tmp_path / "pairs.jsonl"
-    result = runner.invoke(app, ["build-pairs", "--mode", "step", "--expert", str(expert_file), "--explore", str(out),
-                                 "--out", str(pairs_file)])
+    result = runner.invoke(
+        app,
+        [
+            "build-pairs",
+            "--mode",
+            "step",
+            "--expert",
+            str(expert_file),
+            "--explore",
+            str(out),
+            "--out",
+            str(pairs_file),
+        ],
+    )
     assert result.exit_code == 0, result.output
     pairs = read_jsonl(pairs_file, "pair")
     assert len(pairs) == sum(r.reward < 1.0 for r in rows) >= 3  # junk replies lose to the expert
     for pair in pairs:
         expert, p = twx.experts[pair.task_id], pair.extra["prefix_steps"]
         assert pair.mode == "step" and pair.outcome == "lose"
-        assert pair.prompt == expert.messages[:3 + 2 * p] and pair.chosen == expert.messages[3 + 2 * p:]
+        assert pair.prompt == expert.messages[: 3 + 2 * p] and pair.chosen == expert.messages[3 + 2 * p :]
         assert pair.rejected[0]["role"] == "assistant" and pair.rejected[0] != pair.chosen[0]
 
 
@@ -296,14 +343,25 @@ def test_explore_cli_step_wise_user_errors(policy, twx, tmp_path):
     broken = Trajectory(**{**experts[1].__dict__, "messages": [dict(m) for m in experts[1].messages]})
     broken.messages[3]["content"] = "Thought: no action here."
     write_jsonl(bad, [experts[0], broken])
-    base = ["explore", "--model", str(policy.path), "--env", "textworld-express", "--batch-size", "1",
-            "--out", str(out)]
+    base = [
+        "explore",
+        "--model",
+        str(policy.path),
+        "--env",
+        "textworld-express",
+        "--batch-size",
+        "1",
+        "--out",
+        str(out),
+    ]
     for args, message in [
         (["--steps-per-task", "2"], "--steps-per-task needs --step-wise-expert"),
         (["--step-wise-expert", str(expert_file), "--steps-per-task", "0"], "--steps-per-task"),
         (["--step-wise-expert", str(bad)], f"{bad}, row 1 (id '{twx.tasks[1]}'), field 'messages[3].content'"),
-        (["--step-wise-expert", str(expert_file), "--env", "webshop"],
-         "env is 'textworld-express', expected 'webshop'"),
+        (
+            ["--step-wise-expert", str(expert_file), "--env", "webshop"],
+            "env is 'textworld-express', expected 'webshop'",
+        ),
         (["--step-wise-expert", str(expert_file), "--task-ids", "5"], "--task-ids: 5 has no expert trajectory"),
         (["--step-wise-expert", str(expert_file), "--split", "test-seen"], "none of its tasks is in"),
     ]:

@@ -70,14 +70,25 @@ CHAIN = [
 
 
 def _run_cmd(run_dir: Path, repo: str, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "etokit", "run", *FLAGS, "--run-dir", str(run_dir), "--push-to", repo,
-            *(["--resume"] if resume else [])]
+    return [
+        sys.executable,
+        "-m",
+        "etokit",
+        "run",
+        *FLAGS,
+        "--run-dir",
+        str(run_dir),
+        "--push-to",
+        repo,
+        *(["--resume"] if resume else []),
+    ]
 
 
 def _launch(cmd: list[str], env: dict[str, str], timeout: float = 400) -> tuple[int, str, int]:
     """Run ``cmd`` as the leader of a new session; (exit code, output, session id)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -133,7 +144,7 @@ def assert_consistent(run_dir: Path, torn_tail_ok: bool = False) -> list[str]:
 
     manifest = _manifest(run_dir)
     recorded = [s["name"] for s in manifest["stages"]]
-    assert recorded == STAGES[:len(recorded)]
+    assert recorded == STAGES[: len(recorded)]
     outputs = {s["name"]: s["outputs"] for s in manifest["stages"]}
     for path in sorted(run_dir.rglob("*")):
         if not path.is_file() or not _visible(path, run_dir):
@@ -144,7 +155,7 @@ def assert_consistent(run_dir: Path, torn_tail_ok: bool = False) -> list[str]:
             data = path.read_bytes()
             if torn_tail_ok and data and not data.endswith(b"\n"):
                 path = path.with_name(path.name + ".complete-lines.jsonl")
-                path.write_bytes(data[:data.rfind(b"\n") + 1])
+                path.write_bytes(data[: data.rfind(b"\n") + 1])
             try:
                 records = read_jsonl(path, kind)
             except DataError as e:
@@ -218,8 +229,10 @@ def test_killed_at_every_stage_then_resumed_equals_uninterrupted_run(hub, refere
     for i, (stage, point) in enumerate(CHAIN):
         once = tmp_path / f"fired-{i}"
         start = time.monotonic()
-        code, out, sid = _launch(_run_cmd(run_dir, repo, resume=i > 0),
-                                 {**env, "ETOKIT_FAULTPOINT": point, "ETOKIT_FAULTPOINT_ONCE": str(once)})
+        code, out, sid = _launch(
+            _run_cmd(run_dir, repo, resume=i > 0),
+            {**env, "ETOKIT_FAULTPOINT": point, "ETOKIT_FAULTPOINT_ONCE": str(once)},
+        )
         timings.append((stage, point, round(time.monotonic() - start, 1)))
         where = f"kill {i + 1}/{len(CHAIN)} ({point})"
         assert once.exists(), f"{where}: the fault point was never reached (exit {code}):\n{out[-3000:]}"
@@ -247,13 +260,18 @@ def test_killed_at_every_stage_then_resumed_equals_uninterrupted_run(hub, refere
     for name in STAGES:
         if not name.startswith("push-"):  # files, counts, metrics, weight digests (pushes: other repos' shas)
             assert ours[name] == theirs[name], name
-    files = ["data/expert.jsonl", "data/explore_iter1.jsonl", "data/pairs_iter1.jsonl",
-             *[f"eval/{m}/{s}.jsonl" for m in ("bc", "iter-1") for s in ("test-seen", "test-unseen")]]
+    files = [
+        "data/expert.jsonl",
+        "data/explore_iter1.jsonl",
+        "data/pairs_iter1.jsonl",
+        *[f"eval/{m}/{s}.jsonl" for m in ("bc", "iter-1") for s in ("test-seen", "test-unseen")],
+    ]
     for rel in files:
         assert _rows(run_dir / rel) == _rows(ref_dir / rel), rel
     for model in ("base", "bc", "iter-1"):
-        assert _sha256(run_dir / "models" / model / "model.safetensors") == \
-            _sha256(ref_dir / "models" / model / "model.safetensors"), model
+        assert _sha256(run_dir / "models" / model / "model.safetensors") == _sha256(
+            ref_dir / "models" / model / "model.safetensors"
+        ), model
     # No trajectory duplicated or lost: every planned episode once.
     from etokit.data import read_jsonl
 
@@ -270,9 +288,11 @@ def test_killed_at_every_stage_then_resumed_equals_uninterrupted_run(hub, refere
     from etokit.data import to_dataset
 
     cfg_like = dataclasses.replace(reference, run_dir=str(run_dir), push_to=repo)
-    for kind, rel, split in (("expert", "data/expert.jsonl", "train"),
-                             ("explore", "data/explore_iter1.jsonl", "iter_1"),
-                             ("pairs", "data/pairs_iter1.jsonl", "iter_1")):
+    for kind, rel, split in (
+        ("expert", "data/expert.jsonl", "train"),
+        ("explore", "data/explore_iter1.jsonl", "iter_1"),
+        ("pairs", "data/pairs_iter1.jsonl", "iter_1"),
+    ):
         remote = datasets.load_dataset(cfg_like.datasets[kind], ENV, split=split).to_list()
         local = to_dataset(read_jsonl(run_dir / rel, "pair" if kind == "pairs" else "trajectory")).to_list()
         assert remote == local, kind
@@ -298,21 +318,52 @@ def test_killed_rank_of_two_process_dpo_resumes_to_the_same_weights(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ETOKIT_FAULTPOINT")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", ACCELERATE_MIXED_PRECISION="no")
     # 4 optimizer steps (8 pairs, 4 a step, 2 epochs), a state checkpoint after each.
-    args = ["--model", str(tmp_path / "tiny"), "--data", str(tmp_path / "pairs.jsonl"), "--batch-size", "4",
-            "--learning-rate", "1e-3", "--warmup-ratio", "0", "--num-epochs", "2", "--report-to", "none",
-            "--save-steps", "1", "--ref-cache-dir", str(tmp_path / "cache"), "--resume"]
+    args = [
+        "--model",
+        str(tmp_path / "tiny"),
+        "--data",
+        str(tmp_path / "pairs.jsonl"),
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--warmup-ratio",
+        "0",
+        "--num-epochs",
+        "2",
+        "--report-to",
+        "none",
+        "--save-steps",
+        "1",
+        "--ref-cache-dir",
+        str(tmp_path / "cache"),
+        "--resume",
+    ]
 
     def torchrun(out: Path, **extra_env) -> tuple[int, str, int]:
-        cmd = [str(TORCHRUN), "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
-               str(ROOT / "scripts" / "train_dpo.py"), *args, "--output-dir", str(out)]
+        cmd = [
+            str(TORCHRUN),
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "scripts" / "train_dpo.py"),
+            *args,
+            "--output-dir",
+            str(out),
+        ]
         return _launch(cmd, {**env, **extra_env}, timeout=300)
 
     code, out, _ = torchrun(tmp_path / "reference")
     assert code == 0 and "DPO on 2 process(es)" in out, out[-3000:]
 
     once = tmp_path / "fired"
-    code, out, sid = torchrun(tmp_path / "killed", ETOKIT_FAULTPOINT="dpo.mid-step:3@1",  # rank 1, step 3
-                              ETOKIT_FAULTPOINT_ONCE=str(once))
+    code, out, sid = torchrun(
+        tmp_path / "killed",
+        ETOKIT_FAULTPOINT="dpo.mid-step:3@1",  # rank 1, step 3
+        ETOKIT_FAULTPOINT_ONCE=str(once),
+    )
     assert once.exists() and code != 0, out[-3000:]  # rank 1 died in step 3; the job failed
     assert_nothing_left(sid, "2-process DPO with a killed rank")  # rank 0 did not hang on, nor the launcher
     from etokit.train.checkpointing import latest_checkpoint
@@ -331,8 +382,12 @@ def test_killed_rank_of_two_process_dpo_resumes_to_the_same_weights(tmp_path):
 
 def test_faultpoint_kills_the_process_at_the_nth_pass(tmp_path):
     code = "from etokit.faults import faultpoint\nfor i in range(3):\n    print(i, flush=True)\n    faultpoint('x.y')\n"
-    env = {**os.environ, "ETOKIT_FAULTPOINT": "x.y:2", "ETOKIT_FAULTPOINT_ONCE": str(tmp_path / "once"),
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "ETOKIT_FAULTPOINT": "x.y:2",
+        "ETOKIT_FAULTPOINT_ONCE": str(tmp_path / "once"),
+        "PYTHONPATH": str(ROOT),
+    }
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == -signal.SIGKILL and res.stdout.split() == ["0", "1"]
     assert (tmp_path / "once").read_text().split()[0] == "x.y"

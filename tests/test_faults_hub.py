@@ -51,16 +51,24 @@ def through(endpoint: str):
     import datasets
     from huggingface_hub import constants
 
-    saved = (constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, datasets.config.HF_ENDPOINT,
-             datasets.config.HUB_DATASETS_URL)
+    saved = (
+        constants.ENDPOINT,
+        constants.HUGGINGFACE_CO_URL_TEMPLATE,
+        datasets.config.HF_ENDPOINT,
+        datasets.config.HUB_DATASETS_URL,
+    )
     constants.ENDPOINT = datasets.config.HF_ENDPOINT = endpoint
     constants.HUGGINGFACE_CO_URL_TEMPLATE = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
     datasets.config.HUB_DATASETS_URL = endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}"
     try:
         yield
     finally:
-        (constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, datasets.config.HF_ENDPOINT,
-         datasets.config.HUB_DATASETS_URL) = saved
+        (
+            constants.ENDPOINT,
+            constants.HUGGINGFACE_CO_URL_TEMPLATE,
+            datasets.config.HF_ENDPOINT,
+            datasets.config.HUB_DATASETS_URL,
+        ) = saved
 
 
 @contextlib.contextmanager
@@ -114,8 +122,11 @@ def tag_target(hub, repo) -> str | None:
 
 
 def folder_tree(folder, readme: str) -> dict[str, str]:
-    files = {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in folder.rglob("*") if p.is_file() and "checkpoints" not in p.parts}
+    files = {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file() and "checkpoints" not in p.parts
+    }
     return files | {"README.md": hashlib.sha256(readme.encode()).hexdigest()}
 
 
@@ -144,12 +155,24 @@ CARD = {"stage": "dpo", "iteration": 1, "base_model": "etokit-tests/bc"}
 
 
 CASES = {
-    "push-expert": (lambda: [trajectory(f"e{i}", r, 2 + i % 3) for i, r in enumerate([1.0, 0.5, 0.0, 1.0])],
-                    "trajectory", "train", []),
-    "push-explore": (lambda: [trajectory(f"x{i}", r, source="explore") for i, r in enumerate([0.0, 1.0, 0.25])],
-                     "trajectory", "iter_1", ["--split", "iter_1"]),
-    "push-pairs": (lambda: [pair(f"p{i}", iteration=1, outcome="win" if i == 2 else "lose") for i in range(4)],
-                   "pair", "iter_1", []),
+    "push-expert": (
+        lambda: [trajectory(f"e{i}", r, 2 + i % 3) for i, r in enumerate([1.0, 0.5, 0.0, 1.0])],
+        "trajectory",
+        "train",
+        [],
+    ),
+    "push-explore": (
+        lambda: [trajectory(f"x{i}", r, source="explore") for i, r in enumerate([0.0, 1.0, 0.25])],
+        "trajectory",
+        "iter_1",
+        ["--split", "iter_1"],
+    ),
+    "push-pairs": (
+        lambda: [pair(f"p{i}", iteration=1, outcome="win" if i == 2 else "lose") for i in range(4)],
+        "pair",
+        "iter_1",
+        [],
+    ),
 }
 
 

@@ -31,11 +31,41 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_faultsSECRET" + uuid.uuid4().hex
 # tests/test_run.py's tiny loop (about a minute on 2 cores), with TensorBoard on for both trainings
 # so that its event files (and the hparams they record) are among the files grepped.
-RUN_FLAGS = ["--train-tasks", "3", "--eval-tasks", "1", "--iterations", "1", "--max-steps", "2",
-             "--max-new-tokens", "16", "--explore-batch-size", "1", "--no-icl", "--bc.num-epochs", "1",
-             "--bc.per-device-batch-size", "2", "--bc.gradient-accumulation-steps", "1", "--bc.learning-rate", "1e-3",
-             "--dpo.num-epochs", "1", "--dpo.batch-size", "2", "--dpo-schedule.learning-rate", "1e-3", "--max-length", "1024",
-             "--bc.report-to", "tensorboard", "--dpo.report-to", "tensorboard"]
+RUN_FLAGS = [
+    "--train-tasks",
+    "3",
+    "--eval-tasks",
+    "1",
+    "--iterations",
+    "1",
+    "--max-steps",
+    "2",
+    "--max-new-tokens",
+    "16",
+    "--explore-batch-size",
+    "1",
+    "--no-icl",
+    "--bc.num-epochs",
+    "1",
+    "--bc.per-device-batch-size",
+    "2",
+    "--bc.gradient-accumulation-steps",
+    "1",
+    "--bc.learning-rate",
+    "1e-3",
+    "--dpo.num-epochs",
+    "1",
+    "--dpo.batch-size",
+    "2",
+    "--dpo-schedule.learning-rate",
+    "1e-3",
+    "--max-length",
+    "1024",
+    "--bc.report-to",
+    "tensorboard",
+    "--dpo.report-to",
+    "tensorboard",
+]
 
 
 def _files_holding(secret: str, *roots: Path) -> list[str]:
@@ -66,8 +96,16 @@ def test_full_run_never_prints_or_writes_the_token(hub_server, hub, tmp_path, mo
 
     # What the grep must have seen: every kind of output the brief lists.
     names = {p.name for p in run_dir.rglob("*") if p.is_file()}
-    assert {"manifest.json", "results.json", "etokit_config.yaml", "train_log.jsonl", "launch.log",
-            "expert.jsonl", "pairs_iter1.jsonl", "reward_per_iteration.md"} <= names
+    assert {
+        "manifest.json",
+        "results.json",
+        "etokit_config.yaml",
+        "train_log.jsonl",
+        "launch.log",
+        "expert.jsonl",
+        "pairs_iter1.jsonl",
+        "reward_per_iteration.md",
+    } <= names
     assert any(n.startswith("events.out.tfevents") for n in names)
     hf_home = Path(os.environ["HF_HOME"])
     hub_files = {p.name for p in hub_server.storage.root.rglob("*") if p.is_file()}
@@ -93,10 +131,12 @@ def test_a_token_typed_into_the_wrong_option_is_not_echoed(hub, tmp_path, monkey
     data = tmp_path / "t.jsonl"
     factories.write_jsonl(data, [factories.trajectory("t1", 1.0)])
     runner = CliRunner()
-    for argv in (["push-expert", str(data), "--repo-id", TOKEN],
-                 ["push-expert", str(data), "--repo-id", f"me/{TOKEN}!"],
-                 ["hub", "serve", "--data-dir", str(tmp_path / "hub"), "--token", TOKEN, "--port", "70000"],
-                 ["run", "--run-dir", str(tmp_path / "run"), "--push-to", TOKEN]):
+    for argv in (
+        ["push-expert", str(data), "--repo-id", TOKEN],
+        ["push-expert", str(data), "--repo-id", f"me/{TOKEN}!"],
+        ["hub", "serve", "--data-dir", str(tmp_path / "hub"), "--token", TOKEN, "--port", "70000"],
+        ["run", "--run-dir", str(tmp_path / "run"), "--push-to", TOKEN],
+    ):
         result = runner.invoke(app, argv)
         assert result.exit_code == 2, result.output
         assert "Error:" in result.output and TOKEN not in result.output, result.output
@@ -137,8 +177,11 @@ def _remote_code_model(tiny: Path, dest: Path, marker: Path) -> Path:
     """``tiny`` with a custom model type whose code (evil.py) leaves ``marker`` when it is imported."""
     shutil.copytree(tiny, dest)
     config = json.loads((dest / "config.json").read_text())
-    config.update(model_type="evil_llama", architectures=["EvilModel"],
-                  auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+    config.update(
+        model_type="evil_llama",
+        architectures=["EvilModel"],
+        auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"},
+    )
     (dest / "config.json").write_text(json.dumps(config))
     (dest / "evil.py").write_text(
         "from pathlib import Path\n"
@@ -226,8 +269,9 @@ def test_every_from_pretrained_states_the_loading_policy():
             assert keywords["trust_remote_code"].value is False, where
         is_model = "Tokenizer" not in ast.unparse(call.func)
         if is_model and "gguf_file" not in keywords:
-            assert isinstance(keywords.get("use_safetensors"), ast.Constant) and \
-                keywords["use_safetensors"].value is True, f"{where}: weights must load with use_safetensors=True"
+            assert (
+                isinstance(keywords.get("use_safetensors"), ast.Constant) and keywords["use_safetensors"].value is True
+            ), f"{where}: weights must load with use_safetensors=True"
 
 
 def test_eval_runs_custom_code_only_with_the_flag(tiny, tmp_path):
@@ -237,8 +281,24 @@ def test_eval_runs_custom_code_only_with_the_flag(tiny, tmp_path):
 
     marker = tmp_path / "RAN"
     model_dir = _remote_code_model(tiny, tmp_path / "remote", marker)
-    argv = ["eval", "--model", str(model_dir), "--env", "textworld-express", "--split", "test-seen", "--limit", "1",
-            "--max-steps", "1", "--max-new-tokens", "4", "--no-icl", "--out", str(tmp_path / "eval.json")]
+    argv = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--env",
+        "textworld-express",
+        "--split",
+        "test-seen",
+        "--limit",
+        "1",
+        "--max-steps",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--no-icl",
+        "--out",
+        str(tmp_path / "eval.json"),
+    ]
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2 and "--trust-remote-code" in result.output, result.output
     assert not marker.exists() and not (tmp_path / "eval.json").exists()

@@ -38,8 +38,10 @@ class Scripted:
         return True
 
     def generate(self, batch, keys=None, seeds=None):
-        return [f"Thought: step.\nAction: {ACTIONS[sum(m['role'] == 'assistant' for m in ms[3:]) % len(ACTIONS)]}"
-                for ms in batch]
+        return [
+            f"Thought: step.\nAction: {ACTIONS[sum(m['role'] == 'assistant' for m in ms[3:]) % len(ACTIONS)]}"
+            for ms in batch
+        ]
 
 
 def _play(envs, on_step=None):
@@ -81,8 +83,9 @@ def assert_no_leftovers(before: set[int], jvms: set[int]) -> None:
                     left.append(f"{p.pid} {p.status()} {p.name()}")
             except psutil.NoSuchProcess:
                 continue
-        alive_jvms = [pid for pid in jvms if psutil.pid_exists(pid)
-                      and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        alive_jvms = [
+            pid for pid in jvms if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        ]
         if not (left or alive_jvms) or time.monotonic() > deadline:
             break
         time.sleep(0.2)

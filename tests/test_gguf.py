@@ -49,17 +49,29 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama_gguf(path: Path, *, tied: bool = False, quantize: bool = False, chat_template: str | None = CHATML,
-                          seed: int = 0):
+def write_tiny_llama_gguf(
+    path: Path, *, tied: bool = False, quantize: bool = False, chat_template: str | None = CHATML, seed: int = 0
+):
     """Write a 2-layer llama GGUF from a random HF model; return that HF model (the ground truth)."""
     import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokens = _byte_level_vocab()
-    config = LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # norms away from 1 so a dropped or misnamed norm changes the logits
@@ -102,8 +114,11 @@ def write_tiny_llama_gguf(path: Path, *, tied: bool = False, quantize: bool = Fa
             data = _permute(data, config.num_key_value_heads)
         name = f"{names.get_name(base)}.{suffix}"
         if quantize and data.ndim == 2:
-            w.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(
+                name,
+                gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
         else:
             w.add_tensor(name, data)
     w.write_header_to_file()
@@ -256,7 +271,7 @@ def test_smollm2_chat_template_and_generation(smollm2):
     inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    answer = tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 
@@ -290,10 +305,29 @@ def test_smollm2_one_dpo_step_with_lora(smollm2, tmp_path):
 
     data = tmp_path / "pairs.jsonl"
     write_jsonl(data, [pair(str(i)) for i in range(4)])
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_dpo.py"), "--model", str(smollm2), "--data", str(data),
-           "--output-dir", str(tmp_path / "dpo"), "--max-steps", "1", "--batch-size", "4", "--lora",
-           "--lora-r", "8", "--report-to", "none", "--ref-cache-dir", str(tmp_path / "ref"),
-           "--max-length", "512"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "train_dpo.py"),
+        "--model",
+        str(smollm2),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "dpo"),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--lora",
+        "--lora-r",
+        "8",
+        "--report-to",
+        "none",
+        "--ref-cache-dir",
+        str(tmp_path / "ref"),
+        "--max-length",
+        "512",
+    ]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     elapsed = time.monotonic() - start
@@ -318,11 +352,37 @@ def test_smollm2_one_short_eto_iteration(smollm2, hub, repo_name, tmp_path):
     from etokit.run import Run, RunConfig
     from etokit.train.config import parse_config
 
-    cfg = parse_config(RunConfig, [
-        "--config", str(ROOT / "etokit" / "configs" / "demo-smollm2.yaml"), "--base-model", str(smollm2),
-        "--run-dir", str(tmp_path / "run"), "--push-to", repo_name, "--train-tasks", "2", "--eval-tasks", "1",
-        "--iterations", "1", "--max-steps", "3", "--max-new-tokens", "24", "--explore-batch-size", "2",
-        "--bc.num-epochs", "1", "--dpo.batch-size", "2", "--max-length", "1536"])
+    cfg = parse_config(
+        RunConfig,
+        [
+            "--config",
+            str(ROOT / "etokit" / "configs" / "demo-smollm2.yaml"),
+            "--base-model",
+            str(smollm2),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--push-to",
+            repo_name,
+            "--train-tasks",
+            "2",
+            "--eval-tasks",
+            "1",
+            "--iterations",
+            "1",
+            "--max-steps",
+            "3",
+            "--max-new-tokens",
+            "24",
+            "--explore-batch-size",
+            "2",
+            "--bc.num-epochs",
+            "1",
+            "--dpo.batch-size",
+            "2",
+            "--max-length",
+            "1536",
+        ],
+    )
     start = time.monotonic()
     rows = Run(cfg).run()
     print(f"one ETO iteration on SmolLM2-135M (LoRA): {time.monotonic() - start:.0f}s")

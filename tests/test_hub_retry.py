@@ -43,8 +43,9 @@ def test_the_shared_client_retries_through_every_transport_it_mounts(monkeypatch
         close_session()
         client = get_session()
         assert isinstance(client._transport, retry.RetryingTransport)
-        assert client._mounts and all(isinstance(t, retry.RetryingTransport) for t in client._mounts.values()
-                                      if t is not None)
+        assert client._mounts and all(
+            isinstance(t, retry.RetryingTransport) for t in client._mounts.values() if t is not None
+        )
         assert client.timeout.read == retry.policy().timeout_s
         # A program's own client factory wins: etokit leaves it alone.
         set_client_factory(hf_http.default_client_factory)
@@ -147,7 +148,11 @@ def test_policy_from_env(monkeypatch):
     assert (pol.total_s, pol.request_s, pol.timeout_s) == (20.0, 20.0, 2.5)
     monkeypatch.setenv("ETOKIT_HUB_RETRY_SECONDS", "600")
     assert retry.RetryPolicy.from_env().request_s == retry.RetryPolicy.request_s
-    for raw, message in (("soon", "expected a number of seconds"), ("0", "must be positive"), ("-3", "must be positive")):
+    for raw, message in (
+        ("soon", "expected a number of seconds"),
+        ("0", "must be positive"),
+        ("-3", "must be positive"),
+    ):
         monkeypatch.setenv("ETOKIT_HUB_TIMEOUT", raw)
         with pytest.raises(EtokitError, match=f"^ETOKIT_HUB_TIMEOUT='{raw}': {message}$"):
             retry.RetryPolicy.from_env()
@@ -210,8 +215,13 @@ def test_is_transient_and_status_of():
         assert not retry.is_transient(_status_error(status)), status
     assert retry.status_of(_status_error(503)) == 503 and retry.status_of(ValueError("x")) is None
     request = httpx2.Request("GET", "http://hub/x")
-    for exc in (retry.Transient("moved"), httpx2.ConnectError("refused", request=request),
-                httpx2.ReadTimeout("slow", request=request), ConnectionResetError(), TimeoutError()):
+    for exc in (
+        retry.Transient("moved"),
+        httpx2.ConnectError("refused", request=request),
+        httpx2.ReadTimeout("slow", request=request),
+        ConnectionResetError(),
+        TimeoutError(),
+    ):
         assert retry.is_transient(exc), exc
     assert not retry.is_transient(ValueError("bad")) and not retry.is_transient(KeyError("k"))
 
@@ -302,8 +312,11 @@ def test_a_step_inside_an_operation_shares_its_budget_and_lets_it_report(monkeyp
     def operation():
         return retry.run(step, what="verify step", retry_policy=pol, sleep=t.sleep, clock=t.monotonic)
 
-    with pytest.raises(ServiceUnavailable, match=r"^push of m: the Hub still failed after 11 attempts in 9s "
-                                                 r"\(last: Transient: not there yet\)") as e:
+    with pytest.raises(
+        ServiceUnavailable,
+        match=r"^push of m: the Hub still failed after 11 attempts in 9s "
+        r"\(last: Transient: not there yet\)",
+    ) as e:
         retry.run(operation, what="push of m", retry_policy=pol, sleep=t.sleep, clock=t.monotonic)
     assert isinstance(e.value.__cause__, retry.Transient) and "verify step" not in str(e.value)
     # The step stopped when the shared 10 s were spent (its next try would start at 10 s), and the
@@ -323,8 +336,9 @@ def hub_endpoint(monkeypatch):
 
 
 def _client(handler, pol, clock: FakeTime):
-    return httpx2.Client(transport=retry.RetryingTransport(httpx2.MockTransport(handler), lambda: pol, clock.sleep),
-                         timeout=None)
+    return httpx2.Client(
+        transport=retry.RetryingTransport(httpx2.MockTransport(handler), lambda: pol, clock.sleep), timeout=None
+    )
 
 
 def test_which_requests_are_replayed(hub_endpoint, monkeypatch):
@@ -340,16 +354,24 @@ def test_which_requests_are_replayed(hub_endpoint, monkeypatch):
         return httpx2.Response(503 if len(seen) % 2 else 200)  # fails once, then answers
 
     client = _client(handler, FAST, t)
-    replayed = [("HEAD", "http://hub.test/api/models/a/b"), ("OPTIONS", "http://hub.test/x"),
-                ("POST", "http://hub.test/api/models/a/b/paths-info/main"),
-                ("POST", "http://hub.test/a/b.git/info/lfs/objects/batch"), ("POST", "http://hub.test/api/validate-yaml"),
-                ("GET", "http://datasets-hub.test/api/datasets/a/b")]
+    replayed = [
+        ("HEAD", "http://hub.test/api/models/a/b"),
+        ("OPTIONS", "http://hub.test/x"),
+        ("POST", "http://hub.test/api/models/a/b/paths-info/main"),
+        ("POST", "http://hub.test/a/b.git/info/lfs/objects/batch"),
+        ("POST", "http://hub.test/api/validate-yaml"),
+        ("GET", "http://datasets-hub.test/api/datasets/a/b"),
+    ]
     for method, url in replayed:
         seen.clear()
         assert client.request(method, url, content=b"{}" if method == "POST" else None).status_code == 200, url
         assert len(seen) == 2, url
-    once = [("POST", "http://hub.test/api/models/a/b/commit/main"), ("PUT", "http://hub.test/api/repos/create"),
-            ("DELETE", "http://hub.test/api/models/a/b/tag/v1"), ("GET", "http://other.test/api/models/a/b")]
+    once = [
+        ("POST", "http://hub.test/api/models/a/b/commit/main"),
+        ("PUT", "http://hub.test/api/repos/create"),
+        ("DELETE", "http://hub.test/api/models/a/b/tag/v1"),
+        ("GET", "http://other.test/api/models/a/b"),
+    ]
     for method, url in once:
         seen.clear()
         assert client.request(method, url).status_code == 503, url
@@ -400,7 +422,10 @@ def test_past_the_operation_budget_a_failed_request_ends_the_operation(hub_endpo
         return httpx2.Response(503)
 
     client = _client(handler, pol, t)
-    for method, url in (("GET", "http://hub.test/api/models/a/b"), ("POST", "http://hub.test/api/models/a/b/commit/main")):
+    for method, url in (
+        ("GET", "http://hub.test/api/models/a/b"),
+        ("POST", "http://hub.test/api/models/a/b/commit/main"),
+    ):
         seen.clear()
         t.now = t.START
 
@@ -410,7 +435,11 @@ def test_past_the_operation_budget_a_failed_request_ends_the_operation(hub_endpo
                     return
                 t.sleep(1)
 
-        with pytest.raises(ServiceUnavailable, match=re.escape(
-                f"(last: BudgetSpent: HTTP 503 ({method} {url[len('http://hub.test'):]}); retry budget spent)")):
+        with pytest.raises(
+            ServiceUnavailable,
+            match=re.escape(
+                f"(last: BudgetSpent: HTTP 503 ({method} {url[len('http://hub.test') :]}); retry budget spent)"
+            ),
+        ):
             retry.run(op, what="push", retry_policy=pol, sleep=t.sleep, clock=t.monotonic)
         assert seen[-1][1] <= t.START + pol.total_s and t.now <= t.START + pol.total_s + pol.cap_s, method

@@ -132,8 +132,14 @@ def test_tiny_llama_pushed_to_a_branch_loads_back_identical(hub, repo_name):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=128, intermediate_size=64,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        vocab_size=128,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
     torch.manual_seed(1)
@@ -191,8 +197,9 @@ def test_restarted_server_on_same_data_dir_keeps_everything(tmp_path):
         assert (api.list_repo_refs("org/model"), [c.commit_id for c in api.list_repo_commits("org/model")]) == before
         got = hf_hub_download("org/model", "w.bin", revision="v0", endpoint=second.endpoint, cache_dir=tmp_path / "c")
         assert Path(got).read_bytes() == b"weights" * 10
-        got = hf_hub_download("org/data", "d.jsonl", repo_type="dataset", endpoint=second.endpoint,
-                              cache_dir=tmp_path / "c")
+        got = hf_hub_download(
+            "org/data", "d.jsonl", repo_type="dataset", endpoint=second.endpoint, cache_dir=tmp_path / "c"
+        )
         assert Path(got).read_bytes() == b"rows"
         assert not second.unknown_routes
 
@@ -240,18 +247,34 @@ def test_commit_operations_delete_file_and_folder_and_copy(hub, repo_name):
     api = api_for()
     api.create_repo(repo_name)
     weights = b"\0w" * 50
-    api.create_commit(repo_name, [CommitOperationAdd("a.txt", b"a"), CommitOperationAdd("d/x.txt", b"x"),
-                                  CommitOperationAdd("d/e/y.txt", b"y"), CommitOperationAdd("m.safetensors", weights)],
-                      commit_message="add")
-    api.create_commit(repo_name, [CommitOperationDelete("d/"), CommitOperationDelete("a.txt"),
-                                  CommitOperationCopy("m.safetensors", "copy.safetensors")], commit_message="edit")
+    api.create_commit(
+        repo_name,
+        [
+            CommitOperationAdd("a.txt", b"a"),
+            CommitOperationAdd("d/x.txt", b"x"),
+            CommitOperationAdd("d/e/y.txt", b"y"),
+            CommitOperationAdd("m.safetensors", weights),
+        ],
+        commit_message="add",
+    )
+    api.create_commit(
+        repo_name,
+        [
+            CommitOperationDelete("d/"),
+            CommitOperationDelete("a.txt"),
+            CommitOperationCopy("m.safetensors", "copy.safetensors"),
+        ],
+        commit_message="edit",
+    )
     assert api.list_repo_files(repo_name) == [".gitattributes", "copy.safetensors", "m.safetensors"]
     copied = {s.rfilename: s.lfs for s in api.model_info(repo_name, files_metadata=True).siblings}["copy.safetensors"]
     assert copied.sha256 == hashlib.sha256(weights).hexdigest() and copied.size == len(weights)
     # The NDJSON copyFile operation, from another revision.
     first = api.list_repo_commits(repo_name)[1].commit_id
-    lines = [{"key": "header", "value": {"summary": "copy"}},
-             {"key": "copyFile", "value": {"srcPath": "d/e/y.txt", "path": "y.txt", "srcRevision": first}}]
+    lines = [
+        {"key": "header", "value": {"summary": "copy"}},
+        {"key": "copyFile", "value": {"srcPath": "d/e/y.txt", "path": "y.txt", "srcRevision": first}},
+    ]
     body = "\n".join(json.dumps(x) for x in lines).encode()
     assert raw(hub.endpoint, "POST", f"/api/models/{repo_name}/commit/main", body)[0] == 200
     status, _, out = raw(hub.endpoint, "GET", f"/{repo_name}/resolve/main/y.txt")
@@ -308,10 +331,14 @@ def test_resolve_headers_and_range_requests(hub, repo_name):
     assert h_txt["etag"].strip('"') == hashlib.sha1(b"blob 10\0plain text").hexdigest()  # git blob oid
     assert "x-linked-etag" not in h_txt
 
-    for rng, (start, end) in {"bytes=100-199": (100, 199), "bytes=10200-": (10200, 10239), "bytes=-7": (10233, 10239),
-                              "bytes=10230-99999": (10230, 10239)}.items():
+    for rng, (start, end) in {
+        "bytes=100-199": (100, 199),
+        "bytes=10200-": (10200, 10239),
+        "bytes=-7": (10233, 10239),
+        "bytes=10230-99999": (10230, 10239),
+    }.items():
         status, h, body = raw(hub.endpoint, "GET", url, headers={"Range": rng})
-        assert status == 206 and body == data[start:end + 1], rng
+        assert status == 206 and body == data[start : end + 1], rng
         assert h["content-range"] == f"bytes {start}-{end}/{len(data)}" and int(h["content-length"]) == len(body)
     status, h, _ = raw(hub.endpoint, "GET", url, headers={"Range": "bytes=20000-"})
     assert status == 416 and h["content-range"] == f"bytes */{len(data)}"
@@ -334,8 +361,13 @@ def test_token_required_server_refuses_missing_or_wrong_token(tmp_path):
         # An LFS upload's PUT carries no token: it is authorised by the batch call's signed href.
         api.upload_file(path_or_fileobj=b"\0binary" * 100, path_in_repo="m.safetensors", repo_id="org/x")
         assert api.model_info("org/x", files_metadata=True).siblings[-1].lfs is not None
-        status, _, _ = raw(server.endpoint, "PUT", f"/api/lfs-upload/{'a' * 64}?size=1", b"x",
-                           headers={"Authorization": "Bearer right-token"})
+        status, _, _ = raw(
+            server.endpoint,
+            "PUT",
+            f"/api/lfs-upload/{'a' * 64}?size=1",
+            b"x",
+            headers={"Authorization": "Bearer right-token"},
+        )
         assert status == 403  # a token alone does not replace the signature
         assert not server.unknown_routes
 
@@ -380,8 +412,10 @@ def test_path_traversal_is_refused(hub, repo_name):
     for path in bad_gets:
         assert raw(hub.endpoint, "GET", path)[0] == 400, path
     for bad in ["../escape.txt", "/etc/escape.txt", "a\\b.txt", "a/\0.txt", "a//b.txt"]:
-        lines = [{"key": "header", "value": {"summary": "evil"}},
-                 {"key": "file", "value": {"path": bad, "content": "eA==", "encoding": "base64"}}]
+        lines = [
+            {"key": "header", "value": {"summary": "evil"}},
+            {"key": "file", "value": {"path": bad, "content": "eA==", "encoding": "base64"}},
+        ]
         body = "\n".join(json.dumps(x) for x in lines).encode()
         assert raw(hub.endpoint, "POST", f"/api/models/{repo_name}/commit/main", body)[0] == 400, bad
     create = json.dumps({"name": "..", "organization": "..", "type": "model"}).encode()
@@ -482,7 +516,9 @@ def _startup_lines(proc) -> list[str]:
 def test_cli_hub_serve_prints_exports_and_stops_on_ctrl_c(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "etokit", "hub", "serve", "--port", "0", "--data-dir", str(tmp_path / "d")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         lines = _startup_lines(proc)
@@ -513,9 +549,26 @@ def test_cli_hub_serve_user_errors_are_one_line(tmp_path):
 def test_cli_hub_serve_token_and_fault_proxy(tmp_path):
     """`--token` is required on every request; `--fault-rate` puts the fault proxy in front."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "etokit", "hub", "serve", "--port", "0", "--data-dir", str(tmp_path / "d"),
-         "--token", "tok-123", "--fault-rate", "1", "--faults", "503"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "etokit",
+            "hub",
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--token",
+            "tok-123",
+            "--fault-rate",
+            "1",
+            "--faults",
+            "503",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         lines = _startup_lines(proc)

@@ -12,8 +12,17 @@ import re
 
 import pytest
 
-from etokit.hub.storage import (GITATTRIBUTES, HubError, Storage, check_path, check_repo_id, check_sha256,
-                                git_blob_sha1, lfs_pointer_size, now_iso)
+from etokit.hub.storage import (
+    GITATTRIBUTES,
+    HubError,
+    Storage,
+    check_path,
+    check_repo_id,
+    check_sha256,
+    git_blob_sha1,
+    lfs_pointer_size,
+    now_iso,
+)
 
 REPO = "me/repo"
 
@@ -70,8 +79,13 @@ def test_now_iso_is_utc_with_milliseconds():
 
 def test_hub_error_carries_status_code_and_headers():
     e = HubError(429, "slow down", "RateLimited", {"Retry-After": "3"})
-    assert (str(e), e.status, e.message, e.code, e.headers) == ("slow down", 429, "slow down", "RateLimited",
-                                                                 {"Retry-After": "3"})
+    assert (str(e), e.status, e.message, e.code, e.headers) == (
+        "slow down",
+        429,
+        "slow down",
+        "RateLimited",
+        {"Retry-After": "3"},
+    )
     assert HubError(400, "x").headers == {} and HubError(400, "x").code is None
 
 
@@ -80,8 +94,9 @@ def test_check_repo_id_accepts_namespace_slash_name(repo_id):
     assert check_repo_id(repo_id) == repo_id
 
 
-@pytest.mark.parametrize("repo_id", ["repo", "a/b/c", "/b", "a/", "a/..", "../b", "a/b..c", "a/b c", "-a/b", "a/.b",
-                                     "x/" + "n" * 97])
+@pytest.mark.parametrize(
+    "repo_id", ["repo", "a/b/c", "/b", "a/", "a/..", "../b", "a/b..c", "a/b c", "-a/b", "a/.b", "x/" + "n" * 97]
+)
 def test_check_repo_id_refuses_anything_else(repo_id):
     with raises(400, re.escape(f"Invalid repo id {repo_id!r}: expected 'namespace/name'")):
         check_repo_id(repo_id)
@@ -181,8 +196,14 @@ def test_create_repo_starts_main_with_the_gitattributes(tmp_path):
     assert set(refs) == {"branches", "tags", "pulls"} and refs["tags"] == refs["pulls"] == {}
     first = s.commit("dataset", REPO, refs["branches"]["main"])
     assert (first["parent"], first["message"], first["author"]) == (None, "initial commit", "etokit-user")
-    assert first["tree"] == {".gitattributes": {"oid": git_blob_sha1(GITATTRIBUTES), "size": len(GITATTRIBUTES),
-                                                "lfs": None, "sha256": hashlib.sha256(GITATTRIBUTES).hexdigest()}}
+    assert first["tree"] == {
+        ".gitattributes": {
+            "oid": git_blob_sha1(GITATTRIBUTES),
+            "size": len(GITATTRIBUTES),
+            "lfs": None,
+            "sha256": hashlib.sha256(GITATTRIBUTES).hexdigest(),
+        }
+    }
     assert b"*.safetensors filter=lfs" in GITATTRIBUTES and b"*.parquet filter=lfs" in GITATTRIBUTES
     with raises(409, "You already created this dataset repo: me/repo"):
         s.create_repo("dataset", REPO, private=False)
@@ -223,8 +244,12 @@ def test_a_commit_records_files_and_its_parent(store):
     assert pr is None and head(store) == sha != first
     c = store.commit("model", REPO, sha)
     assert (c["parent"], c["message"], c["description"]) == (first, "add a", "")
-    assert c["tree"]["dir/a.txt"] == {"oid": "ce013625030ba8dba906f756967f9e9ca394464a", "size": 6, "lfs": None,
-                                      "sha256": hashlib.sha256(b"hello\n").hexdigest()}
+    assert c["tree"]["dir/a.txt"] == {
+        "oid": "ce013625030ba8dba906f756967f9e9ca394464a",
+        "size": 6,
+        "lfs": None,
+        "sha256": hashlib.sha256(b"hello\n").hexdigest(),
+    }
     assert ".gitattributes" in c["tree"]  # the parent's files carry over
     # Its id is the sha1 of its canonical JSON, as stored.
     raw = (store.repo_dir("model", REPO) / "commits" / f"{sha}.json").read_bytes()
@@ -266,16 +291,23 @@ def test_a_failing_operation_commits_nothing(store):
     assert head(store) == before and "a.txt" not in tree(store)
 
 
-@pytest.mark.parametrize("op, status, message", [
-    (("file", {"path": "a.txt", "content": "aGk=", "encoding": "utf-8"}), 400, "a.txt: unsupported encoding 'utf-8'"),
-    (("file", {"path": "a.txt", "content": "aGk=*"}), 400, "a.txt: content is not valid base64"),
-    (("file", {"path": "../a.txt", "content": "aGk="}), 400, "Invalid path '../a.txt'"),
-    (("lfsFile", {"path": "w.bin", "oid": "0" * 64}), 422, f"w.bin: LFS object {'0' * 64} was not uploaded"),
-    (("lfsFile", {"path": "w.bin", "oid": "XYZ"}), 400, "Invalid sha256 oid 'XYZ'"),
-    (("deletedFolder", {"path": "none/"}), 404, "Folder not found: none"),
-    (("copyFile", {"path": "b.txt", "srcPath": "none.txt"}), 404, "copyFile: source not found: none.txt"),
-    (("rename", {"path": "a.txt"}), 400, "Unknown commit operation 'rename'"),
-])
+@pytest.mark.parametrize(
+    "op, status, message",
+    [
+        (
+            ("file", {"path": "a.txt", "content": "aGk=", "encoding": "utf-8"}),
+            400,
+            "a.txt: unsupported encoding 'utf-8'",
+        ),
+        (("file", {"path": "a.txt", "content": "aGk=*"}), 400, "a.txt: content is not valid base64"),
+        (("file", {"path": "../a.txt", "content": "aGk="}), 400, "Invalid path '../a.txt'"),
+        (("lfsFile", {"path": "w.bin", "oid": "0" * 64}), 422, f"w.bin: LFS object {'0' * 64} was not uploaded"),
+        (("lfsFile", {"path": "w.bin", "oid": "XYZ"}), 400, "Invalid sha256 oid 'XYZ'"),
+        (("deletedFolder", {"path": "none/"}), 404, "Folder not found: none"),
+        (("copyFile", {"path": "b.txt", "srcPath": "none.txt"}), 404, "copyFile: source not found: none.txt"),
+        (("rename", {"path": "a.txt"}), 400, "Unknown commit operation 'rename'"),
+    ],
+)
 def test_bad_operations_are_refused_naming_the_path(store, op, status, message):
     with pytest.raises(HubError, match=re.escape(message)) as e:
         commit(store, op)
@@ -299,8 +331,13 @@ def test_lfs_files_point_at_an_uploaded_blob(store):
 
 
 def test_deleted_folder_removes_what_is_under_it_only(store):
-    commit(store, file_op("data/a.txt", b"a"), file_op("data/sub/b.txt", b"b"), file_op("data2/c.txt", b"c"),
-           file_op("data.txt", b"d"))
+    commit(
+        store,
+        file_op("data/a.txt", b"a"),
+        file_op("data/sub/b.txt", b"b"),
+        file_op("data2/c.txt", b"c"),
+        file_op("data.txt", b"d"),
+    )
     commit(store, ("deletedFolder", {"path": "data/"}))  # clients send the trailing slash
     assert set(tree(store)) == {".gitattributes", "data2/c.txt", "data.txt"}
     commit(store, ("deletedFile", {"path": "data.txt"}))
@@ -310,8 +347,11 @@ def test_deleted_folder_removes_what_is_under_it_only(store):
 def test_copy_file_from_the_tree_or_an_older_revision(store):
     old, _ = commit(store, file_op("a.txt", b"old"))
     commit(store, file_op("a.txt", b"new"))
-    commit(store, ("copyFile", {"path": "now.txt", "srcPath": "a.txt"}),
-           ("copyFile", {"path": "then.txt", "srcPath": "a.txt", "srcRevision": old}))
+    commit(
+        store,
+        ("copyFile", {"path": "now.txt", "srcPath": "a.txt"}),
+        ("copyFile", {"path": "then.txt", "srcPath": "a.txt", "srcRevision": old}),
+    )
     t = tree(store)
     assert t["now.txt"] == t["a.txt"] and t["then.txt"] == store.commit("model", REPO, old)["tree"]["a.txt"]
     assert store.open_blob(t["then.txt"]["sha256"]).read() == b"old"

@@ -13,6 +13,7 @@ from etokit.models.init_model import END_OF_TURN, ROLE_TOKENS, SIZES, build_tiny
 
 from tests.factories import trajectory, write_jsonl
 
+
 def random_corpus(n_lines: int, seed: int = 0) -> list[str]:
     """Varied enough text for SentencePiece to fill a few hundred pieces."""
     rng = random.Random(seed)
@@ -128,7 +129,9 @@ def test_cli_builds_from_text_and_trajectory_jsonl(tmp_path):
     text.write_text("\n".join(random_corpus(800, seed=1)))
     result = CliRunner().invoke(app, ["init-model", "--corpus", str(text), "--out", str(tmp_path / "m"), "--seed", "2"])
     assert result.exit_code == 0, result.output
-    assert len(AutoTokenizer.from_pretrained(tmp_path / "m")) == SIZES["tiny"]["vocab_size"]  # the "tiny" size's vocabulary
+    assert (
+        len(AutoTokenizer.from_pretrained(tmp_path / "m")) == SIZES["tiny"]["vocab_size"]
+    )  # the "tiny" size's vocabulary
 
     # A trajectory file trains on its messages: multi-character pieces learned from them.
     data = tmp_path / "expert.jsonl"
@@ -140,5 +143,7 @@ def test_cli_builds_from_text_and_trajectory_jsonl(tmp_path):
     sample = trajectory("t0", 1.0, n_steps=4, seed=0).messages[3]["content"]
     pieces = tok.convert_ids_to_tokens(tok(sample, add_special_tokens=False).input_ids)
     assert len(pieces) < 0.7 * len(sample) and max(map(len, pieces)) >= 4
-    missing = CliRunner().invoke(app, ["init-model", "--corpus", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")])
+    missing = CliRunner().invoke(
+        app, ["init-model", "--corpus", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")]
+    )
     assert missing.exit_code == 2 and "does not exist" in missing.output and "Traceback" not in missing.output

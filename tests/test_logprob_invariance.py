@@ -30,8 +30,15 @@ class Seq:
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg).eval()
 
@@ -39,8 +46,10 @@ def tiny_llama(seed=0):
 def random_seqs(n, seed, lengths=None):
     g = torch.Generator().manual_seed(seed)
     lengths = lengths or [1, 1, 2] + torch.randint(3, 90, (n - 3,), generator=g).tolist()
-    return [Seq(torch.randint(1, 97, (L,), generator=g).tolist(), (torch.rand(L, generator=g) < 0.6).tolist())
-            for L in lengths]
+    return [
+        Seq(torch.randint(1, 97, (L,), generator=g).tolist(), (torch.rand(L, generator=g) < 0.6).tolist())
+        for L in lengths
+    ]
 
 
 def direct_logps(model, seqs):
@@ -106,8 +115,10 @@ def test_editing_one_sequence_changes_no_other(model, seqs):
     assert not torch.isclose(a[i], b[i])
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="FlexAttention on CPU compiles its kernel with a C++ compiler")
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="FlexAttention on CPU compiles its kernel with a C++ compiler",
+)
 def test_packed_rows_through_flex_attention(monkeypatch):
     """The route a CUDA host without flash-attn takes (``packed`` -> FlexAttention, block mask
     built by transformers from the restarting positions), forward only: FlexAttention has no CPU
@@ -155,8 +166,9 @@ def test_isolation_traps_are_real(model, seqs):
 
     torch.testing.assert_close(sums(use_cache=False), expected, rtol=RTOL, atol=ATOL)
     assert not torch.allclose(sums(use_cache=True), expected, rtol=1e-3, atol=1e-3)
-    assert not torch.allclose(sums(use_cache=False, attention_mask=torch.ones_like(b.input_ids)), expected,
-                              rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(
+        sums(use_cache=False, attention_mask=torch.ones_like(b.input_ids)), expected, rtol=1e-3, atol=1e-3
+    )
 
 
 def shared_pairs(seed):
@@ -202,8 +214,17 @@ def flatten(pairs):
 def test_shared_rows_equal_direct_formula(model, kernel, monkeypatch):
     pairs = shared_pairs(seed=4)
     trees = collate_shared(pairs).prefix_tree
-    assert [(p, c, r) for _, p, c, r in trees] == [(30, 20, 35), (15, 9, 12), (0, 25, 18), (22, 1, 1), (28, 0, 10),
-                                                  (28, 4, 0), (28, 0, 0), (0, 1, 1), (1, 8, 3)]
+    assert [(p, c, r) for _, p, c, r in trees] == [
+        (30, 20, 35),
+        (15, 9, 12),
+        (0, 25, 18),
+        (22, 1, 1),
+        (28, 0, 10),
+        (28, 4, 0),
+        (28, 0, 0),
+        (0, 1, 1),
+        (1, 8, 3),
+    ]
     if kernel == "sdpa-masks":  # the portable path (CUDA, or a torch without the CPU kernel)
         monkeypatch.setattr(prefix_attention, "_CPU_FWD", None)
     flat = flatten(pairs)
@@ -226,7 +247,7 @@ def test_shared_rows_under_bf16_autocast():
     def run(backend):
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16), attention_for(model, backend, "cpu"):
-            logps = torch.cat([batch_logps(model, collate(flat[i:i + 6], backend)) for i in range(0, len(flat), 6)])
+            logps = torch.cat([batch_logps(model, collate(flat[i : i + 6], backend)) for i in range(0, len(flat), 6)])
             (logps * w).sum().backward()
         return logps.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -243,8 +264,9 @@ def test_tree_attention_kernel_matches_masked_sdpa():
     output and all three gradients, with grouped-query heads and several trees in one row."""
     g = torch.Generator().manual_seed(0)
     trees = ((0, 37, 50, 23), (110, 0, 5, 7), (122, 10, 0, 9), (141, 12, 1, 1), (155, 3, 0, 0), (158, 1, 1, 0))
-    q, k, v = (torch.randn(1, 160, h, 16, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
-               for h in (8, 4, 4))
+    q, k, v = (
+        torch.randn(1, 160, h, 16, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_() for h in (8, 4, 4)
+    )
     a = prefix_attention._TreeFlashCPU.apply(q, k, v, trees, None)
     b = prefix_attention.tree_attention_sdpa(q, k, v, trees)
     w = torch.randn(a.shape, generator=g, dtype=torch.float64)
@@ -322,8 +344,9 @@ def _train(backend, pairs, steps=3, beta=0.5):
     for _ in range(steps):
         opt.zero_grad()
         total = 0.0
-        groups = plan([len(c.input_ids) + len(r.input_ids) for c, r in pairs], backend, max_tokens=250,
-                      micro_batch_size=3)
+        groups = plan(
+            [len(c.input_ids) + len(r.input_ids) for c, r in pairs], backend, max_tokens=250, micro_batch_size=3
+        )
         assert len(groups) > 1  # gradient accumulation over several micro-batches is exercised
         for g in groups:
             batch = collate([s for i in g for s in pairs[i]], backend)
@@ -342,9 +365,18 @@ def _train(backend, pairs, steps=3, beta=0.5):
 def test_dpo_training_identical_across_backends():
     seqs = random_seqs(20, seed=11)
     # half the pairs share a prefix (what the shared backend computes once), half share nothing
-    pairs = [(seqs[2 * i], seqs[2 * i + 1] if i % 2 else Seq(seqs[2 * i].input_ids[:12] + seqs[2 * i + 1].input_ids,
-                                                           seqs[2 * i].loss_mask[:12] + seqs[2 * i + 1].loss_mask))
-             for i in range(10)]
+    pairs = [
+        (
+            seqs[2 * i],
+            seqs[2 * i + 1]
+            if i % 2
+            else Seq(
+                seqs[2 * i].input_ids[:12] + seqs[2 * i + 1].input_ids,
+                seqs[2 * i].loss_mask[:12] + seqs[2 * i + 1].loss_mask,
+            ),
+        )
+        for i in range(10)
+    ]
     results = {b: _train(b, pairs) for b in BACKENDS}
     base_losses, base_grads, base_state = results["padded"]
     assert base_losses[-1] < base_losses[0]  # it actually trains
@@ -375,7 +407,8 @@ def test_training_step_runs_under_the_backends_attention(monkeypatch):
     ref = sequence_logps(model, tokens.flat(), "padded").view(-1, 2)
     seen = []
     model.model.layers[0].self_attn.register_forward_pre_hook(
-        lambda module, args: seen.append(module.config._attn_implementation))
+        lambda module, args: seen.append(module.config._attn_implementation)
+    )
     monkeypatch.setattr(logprobs, "packed_attn_implementation", lambda device: "eager")
     cfg = DPOConfig(model="m", data="d", output_dir="o", batch_size=3, max_tokens_per_micro_batch=60)
     sums = train_step(Accelerator(cpu=True), model, tokens, ref, [0, 1, 2], 3, "packed", cfg, 0)
@@ -406,8 +439,16 @@ def test_sliding_window_model_runs_shared_only_within_its_window():
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, max_position_embeddings=512, sliding_window=40)
+    cfg = MistralConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=40,
+    )
     cfg._attn_implementation = "sdpa"
     model = MistralForCausalLM(cfg).eval()
     pairs = shared_pairs(seed=9)
@@ -431,27 +472,46 @@ def test_packed_rows_hand_the_varlen_kernel_the_rows_boundaries(monkeypatch):
 
     calls = []
 
-    def varlen_standin(module, query, key, value, attention_mask, *, cu_seq_lens_q, cu_seq_lens_k, max_length_q,
-                       max_length_k, scaling=None, **kwargs):
+    def varlen_standin(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        *,
+        cu_seq_lens_q,
+        cu_seq_lens_k,
+        max_length_q,
+        max_length_k,
+        scaling=None,
+        **kwargs,
+    ):
         calls.append((cu_seq_lens_q.clone(), cu_seq_lens_k.clone(), max_length_q, max_length_k, tuple(query.shape)))
         # flash-attn varlen sees the batch flattened: [total_tokens, heads, dim]
         groups = query.shape[1] // key.shape[1]
-        q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key.repeat_interleave(groups, 1),
-                                                               value.repeat_interleave(groups, 1)))
+        q, k, v = (
+            t.transpose(1, 2).flatten(0, 1)
+            for t in (query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1))
+        )
         out = torch.empty_like(q)
         bounds = cu_seq_lens_q.tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):
             out[start:end] = torch.nn.functional.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
-                is_causal=True, scale=scaling).transpose(0, 1)
+                q[start:end].transpose(0, 1),
+                k[start:end].transpose(0, 1),
+                v[start:end].transpose(0, 1),
+                is_causal=True,
+                scale=scaling,
+            ).transpose(0, 1)
         return out.view(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
 
     # Registered under a plain name (transformers would import flash-attn for a "flash..." one); the
     # model reports it to etokit as flash_attention_2, whose branch is under test.
     AttentionInterface.register("varlen_standin", varlen_standin)
     real = logprobs._attn_implementation
-    monkeypatch.setattr(logprobs, "_attn_implementation",
-                        lambda m: "flash_attention_2" if real(m) == "varlen_standin" else real(m))
+    monkeypatch.setattr(
+        logprobs, "_attn_implementation", lambda m: "flash_attention_2" if real(m) == "varlen_standin" else real(m)
+    )
     model = tiny_llama(seed=4)
     seqs = random_seqs(9, seed=8, lengths=[23, 1, 40, 7, 1, 18, 31, 5, 12])
     expected = direct_logps(model, seqs)
@@ -467,7 +527,7 @@ def test_packed_rows_hand_the_varlen_kernel_the_rows_boundaries(monkeypatch):
     assert len(calls) == layers * len(groups) and len(groups) > 1
     for k, g in enumerate(groups):
         lengths = [len(seqs[i].input_ids) for i in g]
-        for cu_q, cu_k, max_q, max_k, _ in calls[k * layers:(k + 1) * layers]:
+        for cu_q, cu_k, max_q, max_k, _ in calls[k * layers : (k + 1) * layers]:
             assert cu_q.dtype == torch.int32 and cu_q.tolist() == cu_k.tolist() == [0, *itertools.accumulate(lengths)]
             assert max_q == max_k == max(lengths)
 

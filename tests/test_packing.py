@@ -7,8 +7,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from etokit.train.packing import (bucket, chunk, collate_packed, collate_padded, collate_shared, common_prefix, pack,
-                                  shared_length)
+from etokit.train.packing import (
+    bucket,
+    chunk,
+    collate_packed,
+    collate_padded,
+    collate_shared,
+    common_prefix,
+    pack,
+    shared_length,
+)
 
 
 @dataclass

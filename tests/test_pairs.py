@@ -47,8 +47,9 @@ def test_win_tie_lose_follow_the_reward_comparison():
         assert p.chosen[-1]["role"] == p.rejected[-1]["role"] == "assistant"
 
 
-@pytest.mark.parametrize("env,cut", [("webshop", True), ("scienceworld", True), ("alfworld", False),
-                                     ("textworld-express", False)])
+@pytest.mark.parametrize(
+    "env,cut", [("webshop", True), ("scienceworld", True), ("alfworld", False), ("textworld-express", False)]
+)
 def test_losing_agent_is_cut_to_expert_length_plus_5_rounds_on_webshop_and_scienceworld_only(env, cut):
     expert = trajectory("t", 1.0, 2, env=env)  # 3 turns after the prompt
     agent = _explored("t", 0.0, 12, env=env)  # 23 turns after the prompt
@@ -59,8 +60,9 @@ def test_losing_agent_is_cut_to_expert_length_plus_5_rounds_on_webshop_and_scien
     assert pair.rejected[-1]["role"] == "assistant"
     # A winning agent is never cut: the expert is the rejected side. (Official scores never let a
     # ScienceWorld or ALFWorld expert lose, so compare stored rewards for the win.)
-    (win,), _ = trajectory_pairs([trajectory("t", 0.0, 2, env=env)], [_explored("t", 1.0, 12, env=env)],
-                                 rule=PairRule(rewards="stored"))
+    (win,), _ = trajectory_pairs(
+        [trajectory("t", 0.0, 2, env=env)], [_explored("t", 1.0, 12, env=env)], rule=PairRule(rewards="stored")
+    )
     assert len(win.chosen) == 23
 
 
@@ -109,8 +111,9 @@ def test_official_scores_on_alfworld_expert_1_and_agent_won_or_not():
     # The official code scores the expert 1.0 and the agent `1.0 if reward else 0.0`: a tie.
     pairs, stats = trajectory_pairs([expert], [_explored("t", 0.5, 4, env="alfworld")])
     assert pairs == [] and stats.tie == 1
-    (pair,), stats = trajectory_pairs([expert], [_explored("t", 0.5, 4, env="alfworld")],
-                                      rule=PairRule(rewards="stored"))
+    (pair,), stats = trajectory_pairs(
+        [expert], [_explored("t", 0.5, 4, env="alfworld")], rule=PairRule(rewards="stored")
+    )
     assert pair.outcome == "win" and (pair.chosen_reward, pair.rejected_reward) == (0.5, 0.0)
 
 
@@ -126,11 +129,13 @@ def test_alfworld_experts_without_game_file_match_on_the_task_turn():
     episode that starts with the same task turn (the room and the goal), never to another game's."""
     expert = trajectory("17", 1.0, 2, env="alfworld")
     expert.messages[2]["content"] = "You are in a room.\nYour task is to:  put a mug in the sink."
-    agent = _explored("json/train/pick_x/trial_T1", 0.0, 3, env="alfworld",
-                      extra={"game_file": "/data/pick_x/trial_T1/game.tw-pddl"})
+    agent = _explored(
+        "json/train/pick_x/trial_T1", 0.0, 3, env="alfworld", extra={"game_file": "/data/pick_x/trial_T1/game.tw-pddl"}
+    )
     agent.messages[2]["content"] = "You are in a room.\nYour task is to: put a mug in the sink."  # spacing aside
-    other = _explored("json/train/pick_y/trial_T9", 0.0, 3, env="alfworld",
-                      extra={"game_file": "/data/pick_y/trial_T9/game.tw-pddl"})
+    other = _explored(
+        "json/train/pick_y/trial_T9", 0.0, 3, env="alfworld", extra={"game_file": "/data/pick_y/trial_T9/game.tw-pddl"}
+    )
     pairs, stats = trajectory_pairs([expert], [agent, other])
     assert [p.rejected for p in pairs] == [agent.messages[3:]] and stats.missing_expert == 1
     twin = trajectory("18", 1.0, 3, env="alfworld")
@@ -143,6 +148,7 @@ def test_alfworld_experts_without_game_file_match_on_the_task_turn():
 # build_preference_alfworld) onto in-memory rows. Explored rows have no 1-shot example, so the
 # prediction offset is the instruction part's length, 2; etokit's ScienceWorld task turn has no
 # "Task Description:" prefix, so the official strip of it is left out.
+
 
 def _official(task, golden_raw, pred_raw, instruction_part):
     golden_trajs, golden_rewards = {}, {}
@@ -172,13 +178,27 @@ def _official(task, golden_raw, pred_raw, instruction_part):
             continue
         if pred_rewards[key] < golden_rewards[key]:
             lose += 1
-            rejected = pred_trajs[key][1:] if task == "alfworld" else pred_trajs[key][:len(golden_trajs[key]) + 5 * 2][1:]
-            pm_data.append({"id": key, "prompt": instruction_part + golden_trajs[key][:1],
-                            "chosen": golden_trajs[key][1:], "rejected": rejected})
+            rejected = (
+                pred_trajs[key][1:] if task == "alfworld" else pred_trajs[key][: len(golden_trajs[key]) + 5 * 2][1:]
+            )
+            pm_data.append(
+                {
+                    "id": key,
+                    "prompt": instruction_part + golden_trajs[key][:1],
+                    "chosen": golden_trajs[key][1:],
+                    "rejected": rejected,
+                }
+            )
         elif pred_rewards[key] > golden_rewards[key]:
             win += 1
-            pm_data.append({"id": key, "prompt": instruction_part + pred_trajs[key][:1],
-                            "chosen": pred_trajs[key][1:], "rejected": golden_trajs[key][1:]})
+            pm_data.append(
+                {
+                    "id": key,
+                    "prompt": instruction_part + pred_trajs[key][:1],
+                    "chosen": pred_trajs[key][1:],
+                    "rejected": golden_trajs[key][1:],
+                }
+            )
         else:
             tie += 1
             continue
@@ -210,11 +230,25 @@ def _draw_official_inputs(env, rng):
         extra = {"game_file": f"/data/games/pick_x/{task_id}/game.tw-pddl"} if env == "alfworld" else {}
         reward = rng.choice([0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 0.8, 0.9, 1.0])
         if i % 13 == 6:  # the agent replays the expert, scored below it
-            agent = Trajectory(task_id=task_id, env=env, messages=[dict(m) for m in expert.messages], reward=0.0,
-                               source="explore", seed=i, extra=extra)
+            agent = Trajectory(
+                task_id=task_id,
+                env=env,
+                messages=[dict(m) for m in expert.messages],
+                reward=0.0,
+                source="explore",
+                seed=i,
+                extra=extra,
+            )
         else:
-            agent = _explored(task_id, reward, rng.randint(1, 16), env=env, trailing_obs=rng.random() < 0.5,
-                              seed=rng.randint(0, 99), extra=extra)
+            agent = _explored(
+                task_id,
+                reward,
+                rng.randint(1, 16),
+                env=env,
+                trailing_obs=rng.random() < 0.5,
+                seed=rng.randint(0, 99),
+                extra=extra,
+            )
         explored.append(agent)
     return experts, explored
 
@@ -224,8 +258,14 @@ def test_equal_to_the_official_rule(env, task):
     experts, explored = _draw_official_inputs(env, random.Random(env))
     pairs, stats = trajectory_pairs(experts, explored)
     golden = [{"id": t.task_id, "conversations": _conv(t.messages), "reward": t.reward, **t.extra} for t in experts]
-    preds = [{"id": t.task_id, "conversations": _conv(t.messages),
-              "meta": {"reward": t.reward, "error": t.extra.get("game_file")}} for t in explored]
+    preds = [
+        {
+            "id": t.task_id,
+            "conversations": _conv(t.messages),
+            "meta": {"reward": t.reward, "error": t.extra.get("game_file")},
+        }
+        for t in explored
+    ]
     official, counts = _official(task, golden, preds, _conv(experts[0].messages[:2]))
     # The one deliberate difference: a pair with identical sides (no DPO gradient) is dropped.
     identical = [row for row in official if row["chosen"] == row["rejected"]]
@@ -272,11 +312,28 @@ def test_self_play_pairs_best_against_worst_and_drops_ties():
 def test_build_pairs_cli_writes_pairs_and_stats(tmp_path):
     expert_file, explore_file, out = tmp_path / "expert.jsonl", tmp_path / "explore.jsonl", tmp_path / "pairs.jsonl"
     write_jsonl(expert_file, [trajectory(i, 1.0, 3) for i in ("1", "2", "3")])
-    write_jsonl(explore_file, [_explored("1", 0.0, 4, env="textworld-express"),
-                               _explored("2", 1.0, 2, env="textworld-express"),
-                               _explored("9", 0.0, 4, env="textworld-express")])
-    result = runner.invoke(app, ["build-pairs", "--expert", str(expert_file), "--explore", str(explore_file),
-                                    "--out", str(out), "--iteration", "3"])
+    write_jsonl(
+        explore_file,
+        [
+            _explored("1", 0.0, 4, env="textworld-express"),
+            _explored("2", 1.0, 2, env="textworld-express"),
+            _explored("9", 0.0, 4, env="textworld-express"),
+        ],
+    )
+    result = runner.invoke(
+        app,
+        [
+            "build-pairs",
+            "--expert",
+            str(expert_file),
+            "--explore",
+            str(explore_file),
+            "--out",
+            str(out),
+            "--iteration",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     pairs = read_jsonl(out, "pair")
     assert [(p.task_id, p.outcome, p.iteration, p.mode) for p in pairs] == [("1", "lose", 3, "trajectory")]
@@ -286,8 +343,9 @@ def test_build_pairs_cli_writes_pairs_and_stats(tmp_path):
     assert "1 pairs written" in text and "--ties 1" in text and "missing expert (skipped) │ 1" in text
 
     official = tmp_path / "pairs.json"
-    result = runner.invoke(app, ["build-pairs", "--expert", str(expert_file), "--explore", str(explore_file),
-                                    "--out", str(official)])
+    result = runner.invoke(
+        app, ["build-pairs", "--expert", str(expert_file), "--explore", str(explore_file), "--out", str(official)]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(official.read_text()) == [pair_to_eto(Pair(**{**pairs[0].__dict__, "iteration": None}))]
 
@@ -305,8 +363,9 @@ def test_build_pairs_cli_official_rule_by_default_and_deviations_on_request(tmp_
     assert (official.task_id, official.outcome, official.chosen_reward) == ("2", "lose", 1.0)
     assert "pair_rule" not in official.extra
 
-    result = runner.invoke(app, [*base, "--out", str(tmp_path / "dev.jsonl"), "--rewards", "stored",
-                                 "--expert-observation", "trim"])
+    result = runner.invoke(
+        app, [*base, "--out", str(tmp_path / "dev.jsonl"), "--rewards", "stored", "--expert-observation", "trim"]
+    )
     assert result.exit_code == 0, result.output
     pairs = read_jsonl(tmp_path / "dev.jsonl", "pair")
     assert [(p.task_id, p.outcome) for p in pairs] == [("1", "win"), ("2", "win")]

@@ -48,8 +48,11 @@ SCIWORLD_IDS = {name: number for number, name in SCIWORLD_TASK_NAMES.items()}
 
 
 def _row(row_id: str, env: str, task: str, actions: list[str]) -> dict:
-    turns = [{"from": "human", "value": PAPER_INSTRUCTION[env]}, {"from": "gpt", "value": "OK"},
-             {"from": "human", "value": task}]
+    turns = [
+        {"from": "human", "value": PAPER_INSTRUCTION[env]},
+        {"from": "gpt", "value": "OK"},
+        {"from": "human", "value": task},
+    ]
     for i, action in enumerate(actions):
         turns.append({"from": "gpt", "value": f"Thought: step {i} of the plan.\nAction: {action}"})
         if i < len(actions) - 1:
@@ -64,8 +67,10 @@ def official_id(task_id: str) -> str:
 
 
 def sciworld_rows(task_ids: list[str]) -> list[dict]:
-    return [_row(official_id(t), "scienceworld", f"Your task is to do {t}.", ["look around", "teleport to kitchen"])
-            for t in task_ids]
+    return [
+        _row(official_id(t), "scienceworld", f"Your task is to do {t}.", ["look around", "teleport to kitchen"])
+        for t in task_ids
+    ]
 
 
 def publish(repo: str, files: dict[str, object], readme: str) -> None:
@@ -82,11 +87,25 @@ def publish(repo: str, files: dict[str, object], readme: str) -> None:
 def paper_repo(hub, repo_name):
     """A repo laid out as agent-eto/eto-sft-trajectory, its rows without reward or game_file."""
     files = {
-        "data/webshop_sft.json": [_row(str(i), "webshop", f"WebShop [SEP] Instruction: [SEP] i need item {i}",
-                                       [f"search[item {i}]", "click[buy now]"]) for i in range(3)],
+        "data/webshop_sft.json": [
+            _row(
+                str(i),
+                "webshop",
+                f"WebShop [SEP] Instruction: [SEP] i need item {i}",
+                [f"search[item {i}]", "click[buy now]"],
+            )
+            for i in range(3)
+        ],
         "data/sciworld_sft.json": sciworld_rows(["boil_12", "melt_3", "find-animal_0"]),
-        "data/alfworld_sft.json": [_row(f"alf{i}", "alfworld", f"You are in a room.\nYour task is to: put apple {i} in fridge.",
-                                        ["go to fridge 1", "open fridge 1"]) for i in range(2)],
+        "data/alfworld_sft.json": [
+            _row(
+                f"alf{i}",
+                "alfworld",
+                f"You are in a room.\nYour task is to: put apple {i} in fridge.",
+                ["go to fridge 1", "open fridge 1"],
+            )
+            for i in range(2)
+        ],
     }
     publish(repo_name, files, PAPER_README)
     return repo_name
@@ -145,13 +164,46 @@ def test_bc_trains_from_the_published_layout(paper_repo, tmp_path):
 
     texts = [m["value"] for r in sciworld_rows(["boil_12", "melt_3", "find-animal_0"]) for m in r["conversations"]]
     build_tiny_model(texts, tmp_path / "tiny", seed=0)
-    train_bc.main(["--model", str(tmp_path / "tiny"), "--data", paper_repo, "--data-split", "scienceworld",
-                   "--output-dir", str(tmp_path / "bc"), "--max-steps", "2", "--per-device-batch-size", "2",
-                   "--report-to", "none", "--learning-rate", "1e-3", "--warmup-ratio", "0"])
+    train_bc.main(
+        [
+            "--model",
+            str(tmp_path / "tiny"),
+            "--data",
+            paper_repo,
+            "--data-split",
+            "scienceworld",
+            "--output-dir",
+            str(tmp_path / "bc"),
+            "--max-steps",
+            "2",
+            "--per-device-batch-size",
+            "2",
+            "--report-to",
+            "none",
+            "--learning-rate",
+            "1e-3",
+            "--warmup-ratio",
+            "0",
+        ]
+    )
     assert [row["step"] for row in read_log(tmp_path / "bc")] == [1, 2]
     with pytest.raises(DataError, match="--expert-reward"):  # WebShop rows: no reward is assumed
-        train_bc.main(["--model", str(tmp_path / "tiny"), "--data", paper_repo, "--data-split", "webshop",
-                       "--output-dir", str(tmp_path / "bc-webshop"), "--max-steps", "1", "--report-to", "none"])
+        train_bc.main(
+            [
+                "--model",
+                str(tmp_path / "tiny"),
+                "--data",
+                paper_repo,
+                "--data-split",
+                "webshop",
+                "--output-dir",
+                str(tmp_path / "bc-webshop"),
+                "--max-steps",
+                "1",
+                "--report-to",
+                "none",
+            ]
+        )
 
 
 def test_dpo_trains_from_an_official_pm_format_pairs_repo(hub, repo_name, tmp_path):
@@ -161,19 +213,36 @@ def test_dpo_trains_from_an_official_pm_format_pairs_repo(hub, repo_name, tmp_pa
 
     pairs = []
     for i, t in enumerate(["boil_12", "melt_3"]):
-        prompt = [{"from": "human", "value": PAPER_INSTRUCTION["scienceworld"]}, {"from": "gpt", "value": "OK"},
-                  {"from": "human", "value": f"Your task is to do {t}."}]
+        prompt = [
+            {"from": "human", "value": PAPER_INSTRUCTION["scienceworld"]},
+            {"from": "gpt", "value": "OK"},
+            {"from": "human", "value": f"Your task is to do {t}."},
+        ]
         chosen = [{"from": "gpt", "value": "Thought: go.\nAction: teleport to kitchen"}]
         rejected = [{"from": "gpt", "value": "Thought: hm.\nAction: look around"}]
         pairs.append({"id": official_id(t), "prompt": prompt, "chosen": chosen, "rejected": rejected})
-    readme = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/sciworld_pm.json\n---\n"
+    readme = (
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/sciworld_pm.json\n---\n"
+    )
     publish(repo_name, {"data/sciworld_pm.json": pairs}, readme)
     texts = [m["value"] for p in pairs for side in ("prompt", "chosen", "rejected") for m in p[side]]
     build_tiny_model(texts, tmp_path / "tiny", seed=0)
     # Neither the rows nor the names the Hub gives (repo, config "default", split "train") say which
     # environment these are: --data-env does.
-    common = ["--model", str(tmp_path / "tiny"), "--data", repo_name, "--max-steps", "1", "--batch-size", "2",
-              "--report-to", "none", "--ref-cache-dir", str(tmp_path / "ref")]
+    common = [
+        "--model",
+        str(tmp_path / "tiny"),
+        "--data",
+        repo_name,
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--report-to",
+        "none",
+        "--ref-cache-dir",
+        str(tmp_path / "ref"),
+    ]
     with pytest.raises(DataError, match="--env"):
         train_dpo.main([*common, "--output-dir", str(tmp_path / "x")])
     train_dpo.main([*common, "--data-env", "scienceworld", "--output-dir", str(tmp_path / "dpo")])
@@ -196,14 +265,55 @@ def test_etokit_run_takes_the_published_data_and_explores_with_its_instruction(h
     finally:
         env.close()
     data_repo = f"{repo_name}-paper"
-    publish(data_repo, {"data/sciworld_sft.json": sciworld_rows(tasks)}, PAPER_README.replace(
-        "  - split: webshop\n    path: data/webshop_*\n", "").replace("  - split: alfworld\n    path: data/alfworld_*\n", ""))
-    cfg = parse_config(RunConfig, [
-        "--env", "scienceworld", "--expert-data", data_repo, "--run-dir", str(tmp_path / "run"), "--push-to", repo_name,
-        "--train-tasks", "2", "--eval-tasks", "1", "--iterations", "1", "--max-steps", "2", "--max-new-tokens", "8",
-        "--explore-batch-size", "2", "--no-icl", "--bc.num-epochs", "1", "--bc.per-device-batch-size", "2",
-        "--bc.gradient-accumulation-steps", "1", "--bc.learning-rate", "1e-3", "--dpo.num-epochs", "1",
-        "--dpo.batch-size", "2", "--dpo-schedule.learning-rate", "1e-3", "--max-length", "1024"])
+    publish(
+        data_repo,
+        {"data/sciworld_sft.json": sciworld_rows(tasks)},
+        PAPER_README.replace("  - split: webshop\n    path: data/webshop_*\n", "").replace(
+            "  - split: alfworld\n    path: data/alfworld_*\n", ""
+        ),
+    )
+    cfg = parse_config(
+        RunConfig,
+        [
+            "--env",
+            "scienceworld",
+            "--expert-data",
+            data_repo,
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--push-to",
+            repo_name,
+            "--train-tasks",
+            "2",
+            "--eval-tasks",
+            "1",
+            "--iterations",
+            "1",
+            "--max-steps",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--explore-batch-size",
+            "2",
+            "--no-icl",
+            "--bc.num-epochs",
+            "1",
+            "--bc.per-device-batch-size",
+            "2",
+            "--bc.gradient-accumulation-steps",
+            "1",
+            "--bc.learning-rate",
+            "1e-3",
+            "--dpo.num-epochs",
+            "1",
+            "--dpo.batch-size",
+            "2",
+            "--dpo-schedule.learning-rate",
+            "1e-3",
+            "--max-length",
+            "1024",
+        ],
+    )
     run = Run(cfg)
     run.run()
     experts = read_jsonl(tmp_path / "run" / run.manifest.get("expert")["file"], "trajectory")

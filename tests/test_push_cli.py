@@ -48,9 +48,15 @@ def test_push_expert_round_trips_through_load_dataset(hub, repo_name, tmp_path):
     assert from_dataset(ds, "trajectory") == trajs
 
     card = card_text(repo_name)
-    for expected in ("# ETO expert trajectories", "- eto", "- agent", "- trajectory", "config_name: textworld-express",
-                     f'load_dataset("{repo_name}", "textworld-express", split="train")',
-                     "| textworld-express | train | 5 | 70.0 | 60.0% |"):
+    for expected in (
+        "# ETO expert trajectories",
+        "- eto",
+        "- agent",
+        "- trajectory",
+        "config_name: textworld-express",
+        f'load_dataset("{repo_name}", "textworld-express", split="train")',
+        "| textworld-express | train | 5 | 70.0 | 60.0% |",
+    ):
         assert expected in card, expected
     assert HF_TEST_TOKEN not in card + result.output
 
@@ -122,17 +128,27 @@ def test_push_to_a_revision_leaves_main_alone(hub, repo_name, tmp_path):
     r = push("push-explore", tmp_path / "b.jsonl", "--repo-id", repo_name, "--split", "iter_1", "--revision", "dev")
     assert r.exit_code == 0, r.output
     assert 'revision="dev"' in r.output
-    assert [t.task_id for t in from_dataset(load(repo_name, "textworld-express", "iter_1", "dev"), "trajectory")] == ["b", "c"]
+    assert [t.task_id for t in from_dataset(load(repo_name, "textworld-express", "iter_1", "dev"), "trajectory")] == [
+        "b",
+        "c",
+    ]
     assert [t.task_id for t in from_dataset(load(repo_name, "textworld-express", "iter_1"), "trajectory")] == ["a"]
     assert "# ETO exploration trajectories" in card_text(repo_name, "dev")
 
 
 def test_push_official_eto_sft_file(hub, repo_name, tmp_path):
     rows = [
-        {"id": i, "conversations": [{"from": "human", "value": "Instruction"}, {"from": "gpt", "value": "OK"},
-                                    {"from": "human", "value": f"Buy item {i}"},
-                                    {"from": "gpt", "value": "Thought: search.\nAction: search[item]"}],
-         "reward": 0.5 + 0.25 * i, "source": "human"}
+        {
+            "id": i,
+            "conversations": [
+                {"from": "human", "value": "Instruction"},
+                {"from": "gpt", "value": "OK"},
+                {"from": "human", "value": f"Buy item {i}"},
+                {"from": "gpt", "value": "Thought: search.\nAction: search[item]"},
+            ],
+            "reward": 0.5 + 0.25 * i,
+            "source": "human",
+        }
         for i in range(2)
     ]
     src = tmp_path / "webshop_sft.json"
@@ -211,14 +227,17 @@ def test_a_split_is_published_only_with_its_rows_its_card_and_its_stats_entry(hu
     repo = run.cfg.datasets["expert"]
 
     def state():
-        return on_hub(api, repo, "main", env, "train", to_dataset(records.records), _split_entry(records, "expert", None))
+        return on_hub(
+            api, repo, "main", env, "train", to_dataset(records.records), _split_entry(records, "expert", None)
+        )
 
     def read(filename):
         return open(hf_hub_download(repo, filename, repo_type="dataset"), encoding="utf-8").read()
 
     def replace(filename, text):
-        api.create_commit(repo, [CommitOperationAdd(filename, text.encode())], commit_message=f"edit {filename}",
-                          repo_type="dataset")
+        api.create_commit(
+            repo, [CommitOperationAdd(filename, text.encode())], commit_message=f"edit {filename}", repo_type="dataset"
+        )
 
     first = run.push("expert", path, "train")
     assert state().published and state().head == first["card_commit"]

@@ -20,8 +20,10 @@ from etokit.report.html import pair_payload
 from etokit.report.source import load_hub, load_local
 
 CHROMIUM = find_chromium()
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; "
-                                                             "`make install` does it where apt is available)")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium on PATH (apt-get install chromium; `make install` does it where apt is available)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +75,15 @@ def test_report_in_chromium(report, tmp_path):
     with Chromium(CHROMIUM) as browser:
         browser.open(report.as_uri())
         count = lambda: int(browser.eval("document.getElementById('pair-count').dataset.shown"))  # noqa: E731
-        rows = lambda: browser.eval("[...document.querySelectorAll('#pair-list tr')].map(tr => tr.cells[1].textContent)")  # noqa: E731
+        rows = lambda: browser.eval(
+            "[...document.querySelectorAll('#pair-list tr')].map(tr => tr.cells[1].textContent)"
+        )  # noqa: E731
 
         def choose(select_id: str, value: str) -> None:
-            browser.eval(f"(() => {{ const s = document.getElementById('{select_id}'); s.value = '{value}'; "
-                         "s.dispatchEvent(new Event('change')); })()")
+            browser.eval(
+                f"(() => {{ const s = document.getElementById('{select_id}'); s.value = '{value}'; "
+                "s.dispatchEvent(new Event('change')); })()"
+            )
 
         assert count() == 18 and len(rows()) == 18
         choose("f-outcome", "win")  # j % 3 == 0 of 9 pairs, in 2 iterations
@@ -88,8 +94,10 @@ def test_report_in_chromium(report, tmp_path):
         assert rows() == ["task-2-3", "task-2-7"]
         choose("f-iter", "")
         choose("f-mode", "")
-        browser.eval("(() => { const i = document.getElementById('f-task'); i.value = 'task-1-4'; "
-                     "i.dispatchEvent(new Event('input')); })()")
+        browser.eval(
+            "(() => { const i = document.getElementById('f-task'); i.value = 'task-1-4'; "
+            "i.dispatchEvent(new Event('input')); })()"
+        )
         browser.eval("new Promise(r => setTimeout(r, 400))")  # the search box is debounced
         assert rows() == ["task-1-4"]
         browser.eval("document.querySelector('#pair-list tr').click()")
@@ -102,10 +110,14 @@ def test_report_in_chromium(report, tmp_path):
         assert browser.eval("document.querySelectorAll('.turns .idx.diverge').length") == 1
         assert browser.eval("document.querySelector('.turns .idx.diverge').textContent") == str(first)
         # markup inside a message is text (the fixture puts '</script><b>x</b>' in task-1-1's last turn)
-        browser.eval("(() => { const i = document.getElementById('f-task'); i.value = 'task-1-1'; "
-                     "i.dispatchEvent(new Event('input')); })()")
+        browser.eval(
+            "(() => { const i = document.getElementById('f-task'); i.value = 'task-1-1'; "
+            "i.dispatchEvent(new Event('input')); })()"
+        )
         browser.eval("new Promise(r => setTimeout(r, 400))")
-        browser.eval("[...document.querySelectorAll('#pair-list tr')].find(tr => tr.cells[1].textContent === 'task-1-1').click()")
+        browser.eval(
+            "[...document.querySelectorAll('#pair-list tr')].find(tr => tr.cells[1].textContent === 'task-1-1').click()"
+        )
         assert "</script><b>x</b>" in browser.eval("document.getElementById('pair-detail').innerText")
         assert browser.eval("document.querySelectorAll('#pair-detail b').length") == 0
         assert browser.errors() == []
@@ -160,8 +172,11 @@ def test_publish_report_into_a_checkpoint(run_dir, tmp_path):
     results = ModelCard(text).data.eval_results  # what the Hub reads from model-index
     stage = summary["stages"][1]
     got = {(r.dataset_split, r.metric_type): r.metric_value for r in results}
-    assert got == {(split, metric): round(stage[split][key], 4) for split in ("test-seen", "test-unseen")
-                   for metric, key in (("reward", "avg_reward"), ("accuracy", "success_rate"))}
+    assert got == {
+        (split, metric): round(stage[split][key], 4)
+        for split in ("test-seen", "test-unseen")
+        for metric, key in (("reward", "avg_reward"), ("accuracy", "success_rate"))
+    }
     assert yaml.safe_load(text.split("---")[1])["model-index"][0]["name"] == "me/fake-eto@iter-1"
 
 
@@ -185,17 +200,26 @@ def test_report_of_a_hub_repo(run_dir, hub, repo_name, tmp_path):
             card = publish_report(run_dir, folder, upto=stage)
             push_checkpoint(folder, repo_name, stage, card={"stage": stage, **card})
         for k in (1, 2):
-            push_dataset(load_records(run_dir / "data" / f"pairs_iter{k}.jsonl", "pair"), f"{repo_name}-pairs",
-                         card="pairs", config_name=ENV, split=f"iter_{k}")
+            push_dataset(
+                load_records(run_dir / "data" / f"pairs_iter{k}.jsonl", "pair"),
+                f"{repo_name}-pairs",
+                card="pairs",
+                config_name=ENV,
+                split=f"iter_{k}",
+            )
         remote = load_hub(repo_name)
     finally:
         config["push_to"] = local.summary["repo"]
         (run_dir / "etokit_config.yaml").write_text(yaml.safe_dump(config))
-    expected = {**local.summary, "repo": repo_name,
-                "datasets": {k: f"{repo_name}-{k}" for k in ("expert", "explore", "pairs")}}
+    expected = {
+        **local.summary,
+        "repo": repo_name,
+        "datasets": {k: f"{repo_name}-{k}" for k in ("expert", "explore", "pairs")},
+    }
     assert remote.summary == json.loads(json.dumps(expected))  # JSON turns per-task [r, s] tuples into lists
-    assert sorted((p.iteration, p.task_id, p.outcome, p.mode) for p in remote.pairs) == \
-        sorted((p.iteration, p.task_id, p.outcome, p.mode) for p in local.pairs)
+    assert sorted((p.iteration, p.task_id, p.outcome, p.mode) for p in remote.pairs) == sorted(
+        (p.iteration, p.task_id, p.outcome, p.mode) for p in local.pairs
+    )
     assert remote.logs == local.logs
     out = build_report(repo_name, tmp_path / "hub.html")
     assert "18 of 18" not in out.read_text()  # counts are filled in by the page's script

@@ -45,10 +45,15 @@ class TwoProcesses:
         from accelerate import PartialState
 
         me = SimpleNamespace(num_processes=2, process_index=rank)
-        return SimpleNamespace(num_processes=2, process_index=rank, is_main_process=rank == 0,
-                               wait_for_everyone=self.barrier.wait,
-                               split_between_processes=lambda items, apply_padding=False:
-                               PartialState.split_between_processes(me, items, apply_padding))
+        return SimpleNamespace(
+            num_processes=2,
+            process_index=rank,
+            is_main_process=rank == 0,
+            wait_for_everyone=self.barrier.wait,
+            split_between_processes=lambda items, apply_padding=False: PartialState.split_between_processes(
+                me, items, apply_padding
+            ),
+        )
 
     def gather_object(self, items):
         rank = threading.current_thread().rank
@@ -73,9 +78,15 @@ def test_two_processes_write_the_planned_order_and_failed_episodes_nowhere(tmp_p
     def rank(r):
         threading.current_thread().rank = r
         try:
-            results[r] = play("textworld-express", "train", lambda env: planned,
-                              ScriptedGenerator(_script, icl=False, env_retries=1), batch_size=2, out=out,
-                              state=ranks.state(r))
+            results[r] = play(
+                "textworld-express",
+                "train",
+                lambda env: planned,
+                ScriptedGenerator(_script, icl=False, env_retries=1),
+                batch_size=2,
+                out=out,
+                state=ranks.state(r),
+            )
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
             ranks.barrier.abort()
@@ -93,16 +104,19 @@ def test_two_processes_write_the_planned_order_and_failed_episodes_nowhere(tmp_p
     assert [job_of(t) for t in main.episodes] == ok and main.skipped == 0
     assert not list(tmp_path.glob(".explore.jsonl.rank*"))  # parts merged and removed
     # Failed on either rank: returned (the other rank's too, gathered), in planned order, written nowhere.
-    assert [describe_failure(t) for t in main.failed] == ["t8: RuntimeError: simulator died",
-                                                          "t2: RuntimeError: simulator died"]
+    assert [describe_failure(t) for t in main.failed] == [
+        "t8: RuntimeError: simulator died",
+        "t2: RuntimeError: simulator died",
+    ]
     assert [describe_failure(t) for t in results[1].failed] == [describe_failure(t) for t in main.failed]
     assert main.failed[0].extra["env_retries"] == 1  # replayed once before it was given up
     assert [job_of(t) for t in main.played] == planned
 
     # A re-run plays the failed episodes only, and the file is in planned order again.
     FailingEnv.broken = set()
-    again = play("textworld-express", "train", lambda env: planned, ScriptedGenerator(_script, icl=False),
-                 batch_size=3, out=out)
+    again = play(
+        "textworld-express", "train", lambda env: planned, ScriptedGenerator(_script, icl=False), batch_size=3, out=out
+    )
     assert again.skipped == 8 and [job_of(t) for t in again.episodes] == [Job("t8"), Job("t2")] and not again.failed
     assert [job_of(t) for t in read_jsonl(out, "trajectory")] == planned
 
@@ -112,10 +126,16 @@ def test_records_outside_the_plan_keep_their_place_first(tmp_path, monkeypatch):
     out = tmp_path / "both.jsonl"
     gen = ScriptedGenerator(_script, icl=False)
     play("textworld-express", "train", lambda env: [Job("t3"), Job("t1")], gen, batch_size=2, out=out)
-    result = play("textworld-express", "train", lambda env: [Job("t2"), Job("t1", 1), Job("t0")], gen,
-                  batch_size=2, out=out)
-    assert [job_of(t) for t in read_jsonl(out, "trajectory")] == [Job("t3"), Job("t1"), Job("t2"), Job("t1", 1),
-                                                                   Job("t0")]
+    result = play(
+        "textworld-express", "train", lambda env: [Job("t2"), Job("t1", 1), Job("t0")], gen, batch_size=2, out=out
+    )
+    assert [job_of(t) for t in read_jsonl(out, "trajectory")] == [
+        Job("t3"),
+        Job("t1"),
+        Job("t2"),
+        Job("t1", 1),
+        Job("t0"),
+    ]
     assert result.skipped == 0 and len(result.episodes) == 3
 
 
@@ -141,7 +161,9 @@ def _failing_at(monkeypatch, bad: str):
                 raise RuntimeError("simulator died")
             return self.env.reset(task_id, *args, **kwargs)
 
-    monkeypatch.setattr(play_module, "open_envs", lambda name, n, options=None: [Dying(e) for e in real(name, n, options)])
+    monkeypatch.setattr(
+        play_module, "open_envs", lambda name, n, options=None: [Dying(e) for e in real(name, n, options)]
+    )
 
 
 _FAST = ["--env", "webshop", "--no-icl", "--max-steps", "2", "--max-new-tokens", "8", "--batch-size", "2"]
@@ -150,8 +172,9 @@ _FAST = ["--env", "webshop", "--no-icl", "--max-steps", "2", "--max-new-tokens",
 def test_explore_prints_the_failed_episode_and_writes_the_others(policy, tmp_path, monkeypatch):
     _failing_at(monkeypatch, BAD)
     out = tmp_path / "explore.jsonl"
-    result = runner.invoke(app, ["explore", "--model", str(policy.path), *_FAST, "--task-ids", f"202,{BAD},200",
-                                 "--out", str(out)])
+    result = runner.invoke(
+        app, ["explore", "--model", str(policy.path), *_FAST, "--task-ids", f"202,{BAD},200", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert f"error {BAD}: RuntimeError: simulator died" in text and "2 episodes written, 0 already in" in text
@@ -162,8 +185,23 @@ def test_explore_prints_the_failed_episode_and_writes_the_others(policy, tmp_pat
 def test_eval_prints_the_failed_episode_and_keeps_its_task_in_the_report(policy, tmp_path, monkeypatch):
     _failing_at(monkeypatch, "3")
     report, episodes = tmp_path / "eval.json", tmp_path / "eval.jsonl"
-    result = runner.invoke(app, ["eval", "--model", str(policy.path), *_FAST, "--split", "test-seen", "--task-ids",
-                                 "4,3,2", "--out", str(report), "--trajectories", str(episodes)])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(policy.path),
+            *_FAST,
+            "--split",
+            "test-seen",
+            "--task-ids",
+            "4,3,2",
+            "--out",
+            str(report),
+            "--trajectories",
+            str(episodes),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "error 3: RuntimeError: simulator died" in " ".join(result.output.split())
     assert [t.task_id for t in read_jsonl(episodes, "trajectory")] == ["4", "2"]  # a trajectory file: no error rows
@@ -177,14 +215,24 @@ def test_the_run_fails_the_stage_after_recording_the_other_episodes(policy, tmp_
     from etokit.run import Run
 
     _failing_at(monkeypatch, BAD)
-    cfg = SimpleNamespace(explore_batch_size=2, max_new_tokens=8, icl=False, seed=0, max_steps=2,
-                          pairs_mode="trajectory", steps_per_task=None, env="webshop", env_options=None,
-                          push_to="me/run")
+    cfg = SimpleNamespace(
+        explore_batch_size=2,
+        max_new_tokens=8,
+        icl=False,
+        seed=0,
+        max_steps=2,
+        pairs_mode="trajectory",
+        steps_per_task=None,
+        env="webshop",
+        env_options=None,
+        push_to="me/run",
+    )
     manifest = {"bc": {"model": str(policy.path)}, "expert": {}}
     fake = SimpleNamespace(cfg=cfg, dir=tmp_path, manifest=manifest, _instruction=lambda: None)
     out = tmp_path / "explore_iter1.jsonl"
-    with pytest.raises(EtokitError, match=f"webshop task {BAD}: the environment failed \\(RuntimeError: simulator "
-                                          "died\\)"):
+    with pytest.raises(
+        EtokitError, match=f"webshop task {BAD}: the environment failed \\(RuntimeError: simulator died\\)"
+    ):
         Run._play(fake, "bc", "train", out, 3, "explore-1")
     tasks = [t.task_id for t in read_jsonl(out, "trajectory")]
     assert BAD not in tasks and len(tasks) == 2  # the others are recorded: a resume plays only the failed one

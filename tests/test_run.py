@@ -81,20 +81,35 @@ def test_loop_records_every_stage_and_publishes_everything(reference_run, hub):
             assert row[split]["avg_reward"] == stage[split]["avg_reward"] and row[split]["episodes"] == 1
             # each task's result, as its episode in the run folder says; one task: a zero-width interval
             (episode,) = read_jsonl(run_dir / stage[split]["file"], "trajectory")
-            assert row[split]["per_task"] == stage[split]["per_task"] == [
-                {"task_id": episode.task_id, "reward": episode.reward, "success": episode.success,
-                 "steps": episode.num_steps, "seed": episode.seed}]
+            assert (
+                row[split]["per_task"]
+                == stage[split]["per_task"]
+                == [
+                    {
+                        "task_id": episode.task_id,
+                        "reward": episode.reward,
+                        "success": episode.success,
+                        "steps": episode.num_steps,
+                        "seed": episode.seed,
+                    }
+                ]
+            )
             ci = row[split]["avg_reward_ci"]
             assert ci["lo"] == ci["mean"] == ci["hi"] == pytest.approx(100 * episode.reward) and ci["n"] == 1
     for split in ("test-seen", "test-unseen"):  # iter-1 vs BC on the same task
         bc_reward, it_reward = (results["rows"][i][split]["per_task"][0]["reward"] for i in (0, 1))
         vs = results["rows"][1][split]["vs_bc"]
         assert vs["mean"] == vs["lo"] == vs["hi"] == pytest.approx(100 * (it_reward - bc_reward))
-        assert (vs["up"], vs["down"], vs["same"], vs["n"]) == (int(it_reward > bc_reward), int(it_reward < bc_reward),
-                                                               int(it_reward == bc_reward), 1)
+        assert (vs["up"], vs["down"], vs["same"], vs["n"]) == (
+            int(it_reward > bc_reward),
+            int(it_reward < bc_reward),
+            int(it_reward == bc_reward),
+            1,
+        )
     assert "vs_bc" not in results["rows"][0]["test-seen"]
-    assert results["panels"]["test-unseen"]["task_ids"] == [r["task_id"] for r in
-                                                            results["rows"][0]["test-unseen"]["per_task"]]
+    assert results["panels"]["test-unseen"]["task_ids"] == [
+        r["task_id"] for r in results["rows"][0]["test-unseen"]["per_task"]
+    ]
     assert results["rows"][1]["pairs"] == stats
 
 
@@ -110,7 +125,7 @@ def test_crash_then_resume_equals_uninterrupted_run(reference_run, hub, tmp_path
         Run(cfg, after_stage=crash_after_pairs).run()
     manifest_path = Path(cfg.run_dir) / "manifest.json"
     before = json.loads(manifest_path.read_text())
-    assert [s["name"] for s in before["stages"]] == STAGES[:STAGES.index("pairs-1") + 1]
+    assert [s["name"] for s in before["stages"]] == STAGES[: STAGES.index("pairs-1") + 1]
     commits_before = commits(cfg)
 
     with pytest.raises(EtokitError, match="--resume"):
@@ -119,24 +134,27 @@ def test_crash_then_resume_equals_uninterrupted_run(reference_run, hub, tmp_path
     ran = []
     run = Run(cfg, resume=True, after_stage=ran.append)
     rows = run.run()
-    assert ran == STAGES[STAGES.index("pairs-1") + 1:]
-    assert run.skipped == STAGES[:STAGES.index("pairs-1") + 1]
+    assert ran == STAGES[STAGES.index("pairs-1") + 1 :]
+    assert run.skipped == STAGES[: STAGES.index("pairs-1") + 1]
     after = json.loads(manifest_path.read_text())
-    assert after["stages"][:len(before["stages"])] == before["stages"]  # earlier records untouched
+    assert after["stages"][: len(before["stages"])] == before["stages"]  # earlier records untouched
     commits_after = commits(cfg)
     for repo, ids in commits_before.items():
         if repo != "tags" and ids:
-            assert commits_after[repo][-len(ids):] == ids  # history kept, nothing pushed twice
+            assert commits_after[repo][-len(ids) :] == ids  # history kept, nothing pushed twice
     assert commits_after[cfg.datasets["expert"]] == commits_before[cfg.datasets["expert"]]
 
     # Same outputs as the uninterrupted run (repos differ, so compare content, not ids).
     assert rows == reference_rows
-    out_a = {s["name"]: s["outputs"] for s in json.loads((Path(reference.run_dir) / "manifest.json").read_text())["stages"]}
+    out_a = {
+        s["name"]: s["outputs"] for s in json.loads((Path(reference.run_dir) / "manifest.json").read_text())["stages"]
+    }
     out_b = {s["name"]: s["outputs"] for s in after["stages"]}
     for stage in ("bc", "dpo-1"):
         assert out_b[stage]["weights_sha256"] == out_a[stage]["weights_sha256"]
-    assert pair_rows(Path(cfg.run_dir) / out_b["pairs-1"]["file"]) == \
-        pair_rows(Path(reference.run_dir) / out_a["pairs-1"]["file"])
+    assert pair_rows(Path(cfg.run_dir) / out_b["pairs-1"]["file"]) == pair_rows(
+        Path(reference.run_dir) / out_a["pairs-1"]["file"]
+    )
 
     # A crash between a push and its manifest record: the re-push finds the same content on the
     # Hub and makes no commit.
@@ -178,7 +196,9 @@ def test_mixture_pairs_in_the_loop(hub, tmp_path):
     assert stats["by_mode"]["step"]["win"] + stats["by_mode"]["step"]["tie"] + stats["by_mode"]["step"]["lose"] == 6
     for key in ("win", "tie", "lose", "pairs"):
         assert stats[key] == stats["by_mode"]["trajectory"][key] + stats["by_mode"]["step"][key]
-    pairs = [json.loads(line) for line in (tmp_path / "m" / run.manifest.get("pairs-1")["file"]).read_text().splitlines()]
+    pairs = [
+        json.loads(line) for line in (tmp_path / "m" / run.manifest.get("pairs-1")["file"]).read_text().splitlines()
+    ]
     assert len(pairs) == stats["pairs"]
     assert {p["mode"] for p in pairs} <= {"trajectory", "step"}
 
@@ -191,22 +211,49 @@ def test_resume_refuses_a_changed_config(tmp_path):
         Run(make_config(run_dir, "ns/x"), resume=True)
 
 
-@pytest.mark.parametrize("yaml_text, flags, message", [
-    ("push_to: ns/agent\nrun_dir: r\nbogus_key: 1\n", [], "unknown config key 'bogus_key'"),
-    ("push_to: ns/agent\nrun_dir: r\n", ["--dpo-betas", "0.1"], "unknown config key --dpo-betas"),
-    ("push_to: ns/agent\nrun_dir: r\ndpo_schedule: {beta: [0.1, 0]}\n", [], "must be > 0, got 0"),
-    ("push_to: agent\nrun_dir: r\n", [], "--push-to must be NAMESPACE/NAME"),
-    ("push_to: ns/agent\nrun_dir: r\nenv: nethack\n", [], "--env 'nethack'"),
-    ("run_dir: r\n", [], "--push-to is required"),
-    # the keys of the flat config before the recipes' configs became sections name their new place
-    ("push_to: ns/agent\nrun_dir: r\nbc_learning_rate: 1.0e-5\n", [], "is now 'bc.learning_rate' (YAML `bc: {learning_rate: ...}`)"),
-    ("push_to: ns/agent\nrun_dir: r\n", ["--dpo-beta", "0.1"], "--dpo-beta on the command line is now --dpo-schedule.beta"),
-    ("push_to: ns/agent\nrun_dir: r\ndpo_args: [--lora]\n", [], "every option of that recipe is a key of the 'dpo' section"),
-    # what the run sets for each stage is not a key of its section
-    ("push_to: ns/agent\nrun_dir: r\nbc: {output_dir: elsewhere}\n", [], "config key bc.output_dir: the run sets it"),
-    ("push_to: ns/agent\nrun_dir: r\n", ["--dpo.beta", "0.3"], "config key dpo.beta: the run sets it (dpo_schedule.beta"),
-    ("push_to: ns/agent\nrun_dir: r\ndpo_schedule: {beta: []}\n", [], "--dpo-schedule.beta needs at least one value"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, flags, message",
+    [
+        ("push_to: ns/agent\nrun_dir: r\nbogus_key: 1\n", [], "unknown config key 'bogus_key'"),
+        ("push_to: ns/agent\nrun_dir: r\n", ["--dpo-betas", "0.1"], "unknown config key --dpo-betas"),
+        ("push_to: ns/agent\nrun_dir: r\ndpo_schedule: {beta: [0.1, 0]}\n", [], "must be > 0, got 0"),
+        ("push_to: agent\nrun_dir: r\n", [], "--push-to must be NAMESPACE/NAME"),
+        ("push_to: ns/agent\nrun_dir: r\nenv: nethack\n", [], "--env 'nethack'"),
+        ("run_dir: r\n", [], "--push-to is required"),
+        # the keys of the flat config before the recipes' configs became sections name their new place
+        (
+            "push_to: ns/agent\nrun_dir: r\nbc_learning_rate: 1.0e-5\n",
+            [],
+            "is now 'bc.learning_rate' (YAML `bc: {learning_rate: ...}`)",
+        ),
+        (
+            "push_to: ns/agent\nrun_dir: r\n",
+            ["--dpo-beta", "0.1"],
+            "--dpo-beta on the command line is now --dpo-schedule.beta",
+        ),
+        (
+            "push_to: ns/agent\nrun_dir: r\ndpo_args: [--lora]\n",
+            [],
+            "every option of that recipe is a key of the 'dpo' section",
+        ),
+        # what the run sets for each stage is not a key of its section
+        (
+            "push_to: ns/agent\nrun_dir: r\nbc: {output_dir: elsewhere}\n",
+            [],
+            "config key bc.output_dir: the run sets it",
+        ),
+        (
+            "push_to: ns/agent\nrun_dir: r\n",
+            ["--dpo.beta", "0.3"],
+            "config key dpo.beta: the run sets it (dpo_schedule.beta",
+        ),
+        (
+            "push_to: ns/agent\nrun_dir: r\ndpo_schedule: {beta: []}\n",
+            [],
+            "--dpo-schedule.beta needs at least one value",
+        ),
+    ],
+)
 def test_config_errors_are_one_line_exit_2(tmp_path, yaml_text, flags, message):
     from typer.testing import CliRunner
 
@@ -240,10 +287,26 @@ def test_the_run_launches_each_recipe_with_its_section(tmp_path, monkeypatch):
     from etokit.train.config import BCConfig, DPOConfig
 
     path = tmp_path / "run.yaml"
-    path.write_text("bc: {learning_rate: 1.0e-4, lora: true, save_steps: 3}\ndpo: {batch_size: 8, backend: bucketed}\n"
-                    "dpo_schedule: {beta: [0.2, 0.4], learning_rate: [1.0e-5, 2.0e-6]}\nmax_length: 1024\nseed: 7\n")
-    cfg = parse_config(RunConfig, ["--config", str(path), "--run-dir", str(tmp_path / "r"), "--push-to", "ns/a",
-                                   "--bc.num-epochs", "5", "--dpo.no-lora", "--dpo.warmup-ratio", "0"])
+    path.write_text(
+        "bc: {learning_rate: 1.0e-4, lora: true, save_steps: 3}\ndpo: {batch_size: 8, backend: bucketed}\n"
+        "dpo_schedule: {beta: [0.2, 0.4], learning_rate: [1.0e-5, 2.0e-6]}\nmax_length: 1024\nseed: 7\n"
+    )
+    cfg = parse_config(
+        RunConfig,
+        [
+            "--config",
+            str(path),
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--push-to",
+            "ns/a",
+            "--bc.num-epochs",
+            "5",
+            "--dpo.no-lora",
+            "--dpo.warmup-ratio",
+            "0",
+        ],
+    )
     launched = []
 
     def launch(cmd, **kwargs):
@@ -261,20 +324,38 @@ def test_the_run_launches_each_recipe_with_its_section(tmp_path, monkeypatch):
     assert bc_cmd[-2:] == ["--config", str(tmp_path / "r" / "models" / "bc.yaml")]
     bc = parse_config(BCConfig, bc_cmd[-2:])
     assert (bc.learning_rate, bc.num_epochs, bc.lora, bc.save_steps) == (1e-4, 5, True, 3)  # the section
-    assert (bc.per_device_batch_size, bc.gradient_accumulation_steps, bc.warmup_ratio, bc.lr_scheduler,
-            bc.report_to) == (4, 16, 0.03, "cosine", "none")  # ETO's, as before
+    assert (
+        bc.per_device_batch_size,
+        bc.gradient_accumulation_steps,
+        bc.warmup_ratio,
+        bc.lr_scheduler,
+        bc.report_to,
+    ) == (4, 16, 0.03, "cosine", "none")  # ETO's, as before
     assert (bc.model, bc.model_revision, bc.data, bc.output_dir) == (
-        "me/base", "v1", str(tmp_path / "r" / "data" / "expert.jsonl"), str(tmp_path / "r" / "models" / "bc"))
+        "me/base",
+        "v1",
+        str(tmp_path / "r" / "data" / "expert.jsonl"),
+        str(tmp_path / "r" / "models" / "bc"),
+    )
     assert (bc.max_length, bc.seed, bc.resume, bc.push_to) == (1024, 7, True, None)
 
     assert dpo_cmd[-2:] == ["--config", str(tmp_path / "r" / "models" / "iter-2.yaml")]
     dpo = parse_config(DPOConfig, dpo_cmd[-2:])
     assert (dpo.beta, dpo.learning_rate, dpo.iteration) == (0.4, 2e-6, 2)  # dpo_schedule at iteration 2
     assert (dpo.batch_size, dpo.backend, dpo.lora, dpo.warmup_ratio, dpo.num_epochs, dpo.lr_scheduler) == (
-        8, "bucketed", False, 0.0, 3, "constant_with_warmup")
+        8,
+        "bucketed",
+        False,
+        0.0,
+        3,
+        "constant_with_warmup",
+    )
     assert (dpo.model, dpo.ref_model, dpo.data, dpo.ref_cache_dir) == (
-        str(tmp_path / "r" / "models" / "iter-1"), None, str(tmp_path / "r" / "data" / "pairs_iter2.jsonl"),
-        str(tmp_path / "r" / "ref-cache"))
+        str(tmp_path / "r" / "models" / "iter-1"),
+        None,
+        str(tmp_path / "r" / "data" / "pairs_iter2.jsonl"),
+        str(tmp_path / "r" / "ref-cache"),
+    )
     assert (dpo.max_length, dpo.seed, dpo.resume, dpo.report_to) == (1024, 7, True, "none")
 
 
@@ -310,8 +391,16 @@ def test_config_hash_changes_with_every_training_hyperparameter():
             changed = dataclasses.replace(values, **{f.name: _changed(getattr(values, f.name), f)})
             assert config_hash(dataclasses.replace(cfg, **{section: changed})) != base, f"{section}.{f.name}"
             checked.append(f"{section}.{f.name}")
-    assert {"bc.learning_rate", "bc.num_epochs", "bc.gradient_accumulation_steps", "bc.lora", "dpo.batch_size",
-            "dpo.warmup_ratio", "dpo_schedule.beta", "dpo_schedule.learning_rate"} <= set(checked)
+    assert {
+        "bc.learning_rate",
+        "bc.num_epochs",
+        "bc.gradient_accumulation_steps",
+        "bc.lora",
+        "dpo.batch_size",
+        "dpo.warmup_ratio",
+        "dpo_schedule.beta",
+        "dpo_schedule.learning_rate",
+    } <= set(checked)
     assert config_hash(dataclasses.replace(cfg, iterations=5)) == base  # more iterations: the same run, extended
 
 
@@ -351,21 +440,36 @@ def test_two_iterations_explore_with_and_reference_the_previous_policy(hub, tmp_
     monkeypatch.setattr(Run, "_unseen", lambda self, name: unseen[name])
     # FLAGS with 2 train tasks, 3 iterations, no mid-training checkpoints (not what is tested here) and no
     # warmup (2 pairs make one DPO step, which a warmup would take at learning rate 0).
-    flags = FLAGS[:FLAGS.index("--bc.save-steps")]  # FLAGS end with the two save-steps options
+    flags = FLAGS[: FLAGS.index("--bc.save-steps")]  # FLAGS end with the two save-steps options
     for name, value in (("--train-tasks", "2"), ("--iterations", "3")):
         flags[flags.index(name) + 1] = value
     flags.insert(flags.index("--dpo-schedule.learning-rate") + 2, "5e-4")  # a list: 1e-3 at iteration 1, then 5e-4
-    cfg = parse_config(RunConfig, [*flags, "--run-dir", str(tmp_path / "two"), "--push-to", new_repo("two"),
-                                   "--early-stopping", "--dpo-schedule.beta", "0.1", "0.5", "--dpo.warmup-ratio", "0",
-                                   "--pairs-expert-observation", "trim"])
+    cfg = parse_config(
+        RunConfig,
+        [
+            *flags,
+            "--run-dir",
+            str(tmp_path / "two"),
+            "--push-to",
+            new_repo("two"),
+            "--early-stopping",
+            "--dpo-schedule.beta",
+            "0.1",
+            "0.5",
+            "--dpo.warmup-ratio",
+            "0",
+            "--pairs-expert-observation",
+            "trim",
+        ],
+    )
     assert (cfg.dpo_hparams(1), cfg.dpo_hparams(2)) == ((0.1, 1e-3), (0.5, 5e-4))
     rows = Run(cfg).run()
 
     run_dir = Path(cfg.run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     names = [s["name"] for s in manifest["stages"]]
-    iteration = lambda k: [n.replace("-1", f"-{k}") for n in STAGES[STAGES.index("explore-1"):]]  # noqa: E731
-    assert names == STAGES[:STAGES.index("explore-1")] + iteration(1) + iteration(2)  # no explore-3: stopped
+    iteration = lambda k: [n.replace("-1", f"-{k}") for n in STAGES[STAGES.index("explore-1") :]]  # noqa: E731
+    assert names == STAGES[: STAGES.index("explore-1")] + iteration(1) + iteration(2)  # no explore-3: stopped
     assert [r["model"] for r in rows] == ["bc", "iter-1", "iter-2"]
     out = {s["name"]: s["outputs"] for s in manifest["stages"]}
 

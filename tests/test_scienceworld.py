@@ -93,8 +93,12 @@ def test_invalid_action_feedback_and_step_limit(env):
 def _variations(env, task):
     env._server.load(task, 0, "easy", False)
     s = env._server
-    return {"train": set(s.getVariationsTrain()), "dev": set(s.getVariationsDev()),
-            "test": set(s.getVariationsTest()), "max": int(s.getTaskMaxVariations(task))}
+    return {
+        "train": set(s.getVariationsTrain()),
+        "dev": set(s.getVariationsDev()),
+        "test": set(s.getVariationsTest()),
+        "max": int(s.getTaskMaxVariations(task)),
+    }
 
 
 def test_official_index_is_the_default_and_keeps_the_official_files(env):
@@ -105,14 +109,17 @@ def test_official_index_is_the_default_and_keeps_the_official_files(env):
         # Same pairs in the same order as the official files, only renamed to simulator task names.
         assert splits[split] == [f"{simulator_task_name(t)}_{v}" for t, v in official[split]]
         assert env.task_ids(split) == splits[split]
-    assert simulator_task_name("task-10-measure-melting-point-(known-substance)") == \
-        "measure-melting-point-known-substance"
+    assert (
+        simulator_task_name("task-10-measure-melting-point-(known-substance)")
+        == "measure-melting-point-known-substance"
+    )
 
 
 def test_official_split_sizes_and_how_they_overlap(env):
     splits = load_splits()
-    assert {s: len(splits[s]) for s in SPLITS} == OFFICIAL_SIZES == {"train": 1483, "test-seen": 194,
-                                                                      "test-unseen": 211}
+    assert (
+        {s: len(splits[s]) for s in SPLITS} == OFFICIAL_SIZES == {"train": 1483, "test-seen": 194, "test-unseen": 211}
+    )
     for split in SPLITS:
         assert len(set(splits[split])) == len(splits[split])
         assert {parse_task_id(t)[0] for t in splits[split]} == set(MAX_STEPS)  # all 24 task types
@@ -130,8 +137,12 @@ def test_every_official_id_is_a_simulator_variation_of_the_documented_range(env)
             task, v = parse_task_id(t)
             assert 0 <= v < lists[task]["max"], t
             where[split, next(r for r in ("train", "dev", "test") if v in lists[task][r])] += 1
-    assert where == {("train", "train"): 1126, ("train", "dev"): 357, ("test-seen", "dev"): 194,
-                     ("test-unseen", "test"): 211}
+    assert where == {
+        ("train", "train"): 1126,
+        ("train", "dev"): 357,
+        ("test-seen", "dev"): 194,
+        ("test-unseen", "test"): 211,
+    }
 
 
 def test_sampled_official_ids_reset_in_the_simulator(env):

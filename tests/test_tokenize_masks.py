@@ -48,7 +48,9 @@ MESSAGES = [
 
 @pytest.fixture(scope="module")
 def base_tokenizer():
-    texts = [m["content"] for m in MESSAGES] + [m["content"] for i in range(20) for m in trajectory(f"t{i}", 1.0).messages]
+    texts = [m["content"] for m in MESSAGES] + [
+        m["content"] for i in range(20) for m in trajectory(f"t{i}", 1.0).messages
+    ]
     return train_tokenizer(texts, 400)
 
 

@@ -33,8 +33,21 @@ def setup(tmp_path_factory):
 
 
 def args(setup, out, *extra):
-    return ["--model", str(setup / "tiny"), "--data", str(setup / "expert.jsonl"), "--output-dir", str(out),
-            "--per-device-batch-size", "4", "--learning-rate", "3e-3", "--report-to", "none", *extra]
+    return [
+        "--model",
+        str(setup / "tiny"),
+        "--data",
+        str(setup / "expert.jsonl"),
+        "--output-dir",
+        str(out),
+        "--per-device-batch-size",
+        "4",
+        "--learning-rate",
+        "3e-3",
+        "--report-to",
+        "none",
+        *extra,
+    ]
 
 
 def losses(out):
@@ -66,10 +79,14 @@ def test_observations_get_no_gradient(setup):
     batch = pad_batch(seqs, tok.pad_token_id)
     # Labels: the token on the agent's turns, -100 on instruction, observations, headers, padding.
     first = seqs[0]
-    assert batch["labels"][0, : len(first)].tolist() == [t if m else -100 for t, m in zip(first.input_ids, first.loss_mask)]
-    assert (batch["labels"][1, len(seqs[1]):] == -100).all()
+    assert batch["labels"][0, : len(first)].tolist() == [
+        t if m else -100 for t, m in zip(first.input_ids, first.loss_mask)
+    ]
+    assert (batch["labels"][1, len(seqs[1]) :] == -100).all()
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach().requires_grad_()
+    logits = (
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach().requires_grad_()
+    )
     train_bc.causal_lm_loss_sum(logits, batch["labels"]).backward()
     # Position t predicts token t+1: its gradient is non-zero exactly when token t+1 is trained.
     has_grad = logits.grad.abs().sum(-1)[:, :-1] > 0
@@ -94,7 +111,11 @@ def test_maskless_scored_only_loss_equals_the_masked_full_logits_loss(setup):
     model = AutoModelForCausalLM.from_pretrained(setup / "tiny")
     assert model.config._attn_implementation == "sdpa"
     messages = trajectory("t3", 1.0, n_steps=3).messages
-    seqs = [tokenize_messages(tok, messages), tokenize_messages(tok, messages[:3]), tokenize_messages(tok, messages[:7])]
+    seqs = [
+        tokenize_messages(tok, messages),
+        tokenize_messages(tok, messages[:3]),
+        tokenize_messages(tok, messages[:7]),
+    ]
     assert len({len(s) for s in seqs}) == 3  # real padding in the batch
 
     def grads(loss):
@@ -125,8 +146,9 @@ def test_resume_after_kill_continues_bit_for_bit(setup, tmp_path, resume_probe):
     shutil.copy(full / "etokit_config.yaml", killed)
     # Lines 1-2 are marked: a resume keeps the checkpointed steps' lines, a restart would rewrite them.
     rows = read_log(full)[:3]
-    (killed / LOG_FILE).write_text("".join(
-        json.dumps({**row, "killed_run": True} if row["step"] <= 2 else row) + "\n" for row in rows))
+    (killed / LOG_FILE).write_text(
+        "".join(json.dumps({**row, "killed_run": True} if row["step"] <= 2 else row) + "\n" for row in rows)
+    )
 
     resume_probe.steps = 0  # count only the resumed run's steps
     train_bc.main(args(setup, killed, "--num-epochs", "2", "--save-steps", "2", "--resume"))
@@ -142,8 +164,20 @@ def test_gradient_accumulation_matches_a_larger_batch(setup, tmp_path):
     """The loss is a token-level mean over the optimizer step, however the step is split."""
     big, accum = tmp_path / "big", tmp_path / "accum"
     train_bc.main(args(setup, big, "--num-epochs", "1", "--max-steps", "2"))
-    train_bc.main(args(setup, accum, "--num-epochs", "1", "--max-steps", "2", "--per-device-batch-size", "2",
-                       "--gradient-accumulation-steps", "2"))
+    train_bc.main(
+        args(
+            setup,
+            accum,
+            "--num-epochs",
+            "1",
+            "--max-steps",
+            "2",
+            "--per-device-batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "2",
+        )
+    )
     assert losses(big) == pytest.approx(losses(accum), rel=1e-5)
 
 
@@ -171,9 +205,18 @@ def _forked_rank(rank, world_size, port, argv):
 
     from accelerate.state import AcceleratorState
 
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "ACCELERATE_USE_CPU": "true", "ACCELERATE_MIXED_PRECISION": "no"})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "ACCELERATE_USE_CPU": "true",
+            "ACCELERATE_MIXED_PRECISION": "no",
+        }
+    )
     torch.set_num_threads(1)  # as DataLoader workers do: the parent's OpenMP pool is not the child's
     AcceleratorState._reset_state(reset_partial_state=True)  # the parent's single-process state
     train_bc.main(argv)
@@ -221,10 +264,16 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
         port = s.getsockname()[1]
     one, two = tmp_path / "one", tmp_path / "two"
     train_bc.main(args(setup, one, "--num-epochs", "1", "--max-steps", "2"))
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           str(ROOT / "etokit" / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port),
-           str(ROOT / "scripts" / "train_bc.py"),
-           *args(setup, two, "--num-epochs", "1", "--max-steps", "2", "--per-device-batch-size", "2")]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(ROOT / "etokit" / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        "--main_process_port",
+        str(port),
+        str(ROOT / "scripts" / "train_bc.py"),
+        *args(setup, two, "--num-epochs", "1", "--max-steps", "2", "--per-device-batch-size", "2"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (two / "checkpoints" / "step-2" / "random_states_1.pkl").exists()  # rank 1 existed

@@ -40,9 +40,27 @@ def assets(tmp_path_factory):
 
 
 def run(assets, out, *extra, cache=None):
-    args = ["--model", str(assets / "tiny"), "--data", str(assets / "pairs.jsonl"), "--output-dir", str(out),
-            "--batch-size", "4", "--learning-rate", "1e-3", "--warmup-ratio", "0", "--num-epochs", "1",
-            "--ref-cache-dir", str(cache or assets / "cache"), "--report-to", "none", *extra]
+    args = [
+        "--model",
+        str(assets / "tiny"),
+        "--data",
+        str(assets / "pairs.jsonl"),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--warmup-ratio",
+        "0",
+        "--num-epochs",
+        "1",
+        "--ref-cache-dir",
+        str(cache or assets / "cache"),
+        "--report-to",
+        "none",
+        *extra,
+    ]
     train_dpo.main(args)
     return read_log(out)
 
@@ -54,8 +72,16 @@ def test_trains_saves_and_logs(assets, tmp_path):
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert log[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
     assert log[-1]["loss"] < log[0]["loss"] and log[-1]["rewards/margins"] > 0
-    for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
-              "tokens_per_s", "learning_rate", "grad_norm"):
+    for k in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "tokens_per_s",
+        "learning_rate",
+        "grad_norm",
+    ):
         assert k in log[-1]
     out = tmp_path / "out"
     for f in ("model.safetensors", "config.json", "tokenizer.json", "etokit_config.yaml"):
@@ -79,9 +105,23 @@ def test_reference_logps_cached_and_keyed(assets, tmp_path, capsys, hub, repo_na
     model = shutil.copytree(assets / "tiny", tmp_path / "model")  # edited in place below
 
     def outcome(*extra, model_arg=str(model)):
-        args = ["--model", model_arg, "--data", str(assets / "pairs.jsonl"), "--output-dir",
-                str(tmp_path / f"out{len(list(tmp_path.glob('out*')))}"), "--batch-size", "4", "--max-steps", "1",
-                "--ref-cache-dir", str(cache), "--report-to", "none", *extra]
+        args = [
+            "--model",
+            model_arg,
+            "--data",
+            str(assets / "pairs.jsonl"),
+            "--output-dir",
+            str(tmp_path / f"out{len(list(tmp_path.glob('out*')))}"),
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "1",
+            "--ref-cache-dir",
+            str(cache),
+            "--report-to",
+            "none",
+            *extra,
+        ]
         train_dpo.main(args)
         out = capsys.readouterr().out
         assert ("cache hit" in out) != ("computed" in out), out
@@ -117,8 +157,9 @@ def test_reference_logps_cached_and_keyed(assets, tmp_path, capsys, hub, repo_na
     assert outcome(model_arg=repo_name) == "computed"
     assert outcome(model_arg=repo_name) == "hit"
     # main moves to other weights, same tokenizer and template: only the commit sha tells
-    api.upload_file(path_or_fileobj=str(model / "model.safetensors"), path_in_repo="model.safetensors",
-                    repo_id=repo_name)
+    api.upload_file(
+        path_or_fileobj=str(model / "model.safetensors"), path_in_repo="model.safetensors", repo_id=repo_name
+    )
     assert outcome(model_arg=repo_name) == "computed"
     assert len(list(cache.glob("*.safetensors"))) == 7
 
@@ -134,8 +175,17 @@ def test_backends_give_the_same_training(assets, tmp_path, capsys):
     cache = tmp_path / "cache"
     logs = {}
     for b in ("padded", "bucketed", "packed", "shared"):
-        logs[b] = run(assets, tmp_path / b, "--backend", b, "--micro-batch-size", "1",
-                      "--max-tokens-per-micro-batch", "500", cache=cache)
+        logs[b] = run(
+            assets,
+            tmp_path / b,
+            "--backend",
+            b,
+            "--micro-batch-size",
+            "1",
+            "--max-tokens-per-micro-batch",
+            "500",
+            cache=cache,
+        )
         # one reference pass (padded's), reused by every layout: the cache key holds no backend
         assert ("cache hit" if b != "padded" else "computed") in capsys.readouterr().out
     losses = {b: torch.tensor([r["loss"] for r in log]) for b, log in logs.items()}
@@ -154,15 +204,37 @@ def test_model_the_tree_kernels_cannot_run_goes_unshared(assets, tmp_path, capsy
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
     tok = AutoTokenizer.from_pretrained(assets / "tiny")
-    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16, tie_word_embeddings=True)
+    cfg = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+        tie_word_embeddings=True,
+    )
     MistralForCausalLM(cfg).save_pretrained(tmp_path / "mistral")
     tok.save_pretrained(tmp_path / "mistral")
-    args = ["--model", str(tmp_path / "mistral"), "--data", str(assets / "pairs.jsonl"), "--batch-size", "4",
-            "--max-steps", "1", "--ref-cache-dir", str(tmp_path / "cache"), "--report-to", "none"]
+    args = [
+        "--model",
+        str(tmp_path / "mistral"),
+        "--data",
+        str(assets / "pairs.jsonl"),
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "1",
+        "--ref-cache-dir",
+        str(tmp_path / "cache"),
+        "--report-to",
+        "none",
+    ]
     log = train_dpo.main([*args, "--output-dir", str(tmp_path / "auto")]) or read_log(tmp_path / "auto")
     assert "log-prob backend bucketed" in capsys.readouterr().out and len(log) == 1
-    with pytest.raises(EtokitError, match=r"--backend shared: .* sliding-window attention \(16 tokens\).*--backend bucketed"):
+    with pytest.raises(
+        EtokitError, match=r"--backend shared: .* sliding-window attention \(16 tokens\).*--backend bucketed"
+    ):
         train_dpo.main([*args, "--output-dir", str(tmp_path / "shared"), "--backend", "shared"])
 
 
@@ -179,8 +251,9 @@ def _reference_logps_of(model_dir, assets):
     return sequence_logps(AutoModelForCausalLM.from_pretrained(model_dir), flat, "padded").view(-1, 2)
 
 
-def test_lora_merged_weights_are_the_adapted_model_and_the_next_reference_is_the_explorer(assets, tmp_path,
-                                                                                         monkeypatch):
+def test_lora_merged_weights_are_the_adapted_model_and_the_next_reference_is_the_explorer(
+    assets, tmp_path, monkeypatch
+):
     """ETO's reference is the policy that explored. A LoRA iteration ends by merging its (non-zero)
     adapters into the saved weights, so those weights must give the adapted model's outputs, and
     iteration 2 (LoRA again, from them) must take its reference log-probs from them: not from the
@@ -215,9 +288,27 @@ def test_lora_merged_weights_are_the_adapted_model_and_the_next_reference_is_the
 
     # Iteration 2 from the merged iteration-1 policy (the explorer), LoRA again.
     first = set(cache.glob("*.safetensors"))
-    train_dpo.main(["--model", str(it1), "--data", str(assets / "pairs.jsonl"), "--output-dir", str(it2),
-                         "--batch-size", "4", "--max-steps", "1", "--lora", "--lora-r", "4", "--ref-cache-dir",
-                         str(cache), "--report-to", "none"])
+    train_dpo.main(
+        [
+            "--model",
+            str(it1),
+            "--data",
+            str(assets / "pairs.jsonl"),
+            "--output-dir",
+            str(it2),
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "1",
+            "--lora",
+            "--lora-r",
+            "4",
+            "--ref-cache-dir",
+            str(cache),
+            "--report-to",
+            "none",
+        ]
+    )
     assert read_log(it2)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts at its reference
     (second,) = set(cache.glob("*.safetensors")) - first
     reference = load_file(second)["logps"]
@@ -229,7 +320,9 @@ def test_lora_merged_weights_are_the_adapted_model_and_the_next_reference_is_the
 def test_push_to_hub_revision(assets, tmp_path, hub, repo_name):
     from transformers import AutoModelForCausalLM
 
-    run(assets, tmp_path / "out", "--max-steps", "1", "--push-to", repo_name, "--revision", "iter-1", "--iteration", "1")
+    run(
+        assets, tmp_path / "out", "--max-steps", "1", "--push-to", repo_name, "--revision", "iter-1", "--iteration", "1"
+    )
     remote = AutoModelForCausalLM.from_pretrained(repo_name, revision="iter-1")
     local = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.equal(remote.model.norm.weight, local.model.norm.weight)
@@ -252,9 +345,25 @@ def test_kill_and_resume_gives_the_uninterrupted_loss_sequence(assets, tmp_path,
     assert len(full) == 12
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(SCRIPT), "--model", str(assets / "tiny"), "--data", str(assets / "pairs.jsonl"),
-           "--output-dir", str(out), "--learning-rate", "1e-3", "--warmup-ratio", "0", "--report-to", "none",
-           "--ref-cache-dir", str(assets / "cache"), *common]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--model",
+        str(assets / "tiny"),
+        "--data",
+        str(assets / "pairs.jsonl"),
+        "--output-dir",
+        str(out),
+        "--learning-rate",
+        "1e-3",
+        "--warmup-ratio",
+        "0",
+        "--report-to",
+        "none",
+        "--ref-cache-dir",
+        str(assets / "cache"),
+        *common,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     first_ckpt = out / "checkpoints" / "step-2" / "COMPLETE"
@@ -269,14 +378,19 @@ def test_kill_and_resume_gives_the_uninterrupted_loss_sequence(assets, tmp_path,
     checkpoint = latest_checkpoint(out)
     saved = shutil.copytree(checkpoint, tmp_path / "saved" / checkpoint.name)  # what the resume must load
     # The checkpointed steps' log lines are marked: a resume keeps them, a restart would rewrite them.
-    (out / LOG_FILE).write_text("".join(json.dumps({**r, "killed_run": True} if r["step"] <= int(
-        checkpoint.name.split("-")[1]) else r) + "\n" for r in read_log(out)))
+    (out / LOG_FILE).write_text(
+        "".join(
+            json.dumps({**r, "killed_run": True} if r["step"] <= int(checkpoint.name.split("-")[1]) else r) + "\n"
+            for r in read_log(out)
+        )
+    )
 
     resume_probe.steps = 0  # count only the resumed run's steps
     resumed = run(assets, out, *common, "--resume")
     resume_probe.assert_continued(saved, total_steps=12)
-    assert [r.get("killed_run", False) for r in resumed] == [r["step"] <= int(checkpoint.name.split("-")[1])
-                                                             for r in resumed]
+    assert [r.get("killed_run", False) for r in resumed] == [
+        r["step"] <= int(checkpoint.name.split("-")[1]) for r in resumed
+    ]
     assert [r["step"] for r in resumed] == list(range(1, 13))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     assert [r["rewards/margins"] for r in resumed] == [r["rewards/margins"] for r in full]

@@ -28,16 +28,51 @@ runner = CliRunner()
 # source: v0.6.0, v0.9 (entrypoints/llm.py at 0012cf69) and main (10fdb8f0). A name etokit passes
 # must be in these lists; anything else (a misspelling, a parameter only some versions have) is a
 # TypeError here, as in vLLM.
-LLM_INIT_PARAMS = frozenset({
-    "model", "tokenizer", "tokenizer_mode", "skip_tokenizer_init", "trust_remote_code", "tensor_parallel_size",
-    "dtype", "quantization", "revision", "tokenizer_revision", "seed", "gpu_memory_utilization", "swap_space",
-    "cpu_offload_gb", "enforce_eager", "disable_custom_all_reduce"})
+LLM_INIT_PARAMS = frozenset(
+    {
+        "model",
+        "tokenizer",
+        "tokenizer_mode",
+        "skip_tokenizer_init",
+        "trust_remote_code",
+        "tensor_parallel_size",
+        "dtype",
+        "quantization",
+        "revision",
+        "tokenizer_revision",
+        "seed",
+        "gpu_memory_utilization",
+        "swap_space",
+        "cpu_offload_gb",
+        "enforce_eager",
+        "disable_custom_all_reduce",
+    }
+)
 # LLM(**kwargs) goes to EngineArgs: the fields of it that etokit may pass.
 ENGINE_ARGS_FIELDS = frozenset({"enable_prefix_caching", "max_model_len", "max_num_seqs", "download_dir"})
-SAMPLING_PARAMS = frozenset({
-    "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "top_k", "min_p",
-    "seed", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "max_tokens", "min_tokens",
-    "logprobs", "prompt_logprobs", "skip_special_tokens", "spaces_between_special_tokens"})
+SAMPLING_PARAMS = frozenset(
+    {
+        "n",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "include_stop_str_in_output",
+        "ignore_eos",
+        "max_tokens",
+        "min_tokens",
+        "logprobs",
+        "prompt_logprobs",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+    }
+)
 TOKENS_PROMPT_KEYS = frozenset({"prompt_token_ids"})  # vllm.inputs.TokensPrompt's required key
 
 
@@ -81,9 +116,11 @@ def fake_vllm(monkeypatch):
             outs = []
             for p in prompts:
                 text = self.tokenizer.decode(p["prompt_token_ids"])
-                task = text.rsplit("Your task is to say ", 1)[1].split(".")[0] if "Your task is to say " in text else "x"
+                task = (
+                    text.rsplit("Your task is to say ", 1)[1].split(".")[0] if "Your task is to say " in text else "x"
+                )
                 reply = f"Thought: easy.\nAction: say {task}\nObservation: made up"
-                ids = self.tokenizer(reply, add_special_tokens=False)["input_ids"][:sampling_params.max_tokens]
+                ids = self.tokenizer(reply, add_special_tokens=False)["input_ids"][: sampling_params.max_tokens]
                 reply = self.tokenizer.decode(ids)
                 for stop in sampling_params.stop:
                     if stop in reply:
@@ -105,8 +142,7 @@ def test_vllm_generator_plays_episodes(fake_vllm, policy):
     config = ExploreConfig(icl=False, max_new_tokens=20, max_steps=3, seed=7)
     gen = VLLMGenerator(str(policy.path), policy.tokenizer, config)
     envs = [CounterEnv(), CounterEnv()]
-    played = sorted(run_episodes(gen, envs, [Job("t1"), Job("t2"), Job("t3")], split="train"),
-                    key=lambda t: t.task_id)
+    played = sorted(run_episodes(gen, envs, [Job("t1"), Job("t2"), Job("t3")], split="train"), key=lambda t: t.task_id)
     assert [(t.task_id, t.reward, t.num_steps) for t in played] == [("t1", 1.0, 1), ("t2", 1.0, 1), ("t3", 1.0, 1)]
     assert played[0].messages[-1] == {"role": "assistant", "content": "Thought: easy.\nAction: say t1"}
     (init,) = fake_vllm["init"]
@@ -140,8 +176,25 @@ def test_fake_vllm_refuses_what_vllm_refuses(fake_vllm):
 
 def test_explore_cli_with_the_vllm_engine(fake_vllm, policy, tmp_path):
     out = tmp_path / "explore.jsonl"
-    result = runner.invoke(app, ["explore", "--model", str(policy.path), "--env", "webshop", "--engine", "vllm",
-                                 "--no-icl", "--max-steps", "2", "--limit", "2", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "explore",
+            "--model",
+            str(policy.path),
+            "--env",
+            "webshop",
+            "--engine",
+            "vllm",
+            "--no-icl",
+            "--max-steps",
+            "2",
+            "--limit",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = read_jsonl(out, "trajectory")
     assert len(rows) == 2 and all(r.model_revision.startswith("local:") for r in rows)

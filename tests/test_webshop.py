@@ -31,6 +31,7 @@ def _play(env, task_id, actions):
 
 # -- offline shop ---------------------------------------------------------------------------
 
+
 def test_protocol_and_split_sizes(env):
     assert isinstance(env, Env) and env.max_steps == 10
     train, test = env.task_ids("train"), env.task_ids("test-seen")
@@ -43,8 +44,11 @@ def test_protocol_and_split_sizes(env):
 
 
 def test_catalog_is_deterministic_from_seed():
-    a, b, c = build_catalog(seed=3, num_products=40, num_goals=20), build_catalog(seed=3, num_products=40, num_goals=20), \
-        build_catalog(seed=4, num_products=40, num_goals=20)
+    a, b, c = (
+        build_catalog(seed=3, num_products=40, num_goals=20),
+        build_catalog(seed=3, num_products=40, num_goals=20),
+        build_catalog(seed=4, num_products=40, num_goals=20),
+    )
     assert a.goals == b.goals and a.products == b.products
     assert a.goals != c.goals
     assert len({p["category"] for p in a.products}) >= 5
@@ -161,16 +165,27 @@ def _nouns(text):
 
 
 def _product(**over):
-    p = {"Title": "Acme Running Shoe, Non Slip", "name": "Acme Running Shoe, Non Slip", "BulletPoints": ["Rubber sole"],
-         "Description": "comfortable", "Attributes": ["non slip", "rubber sole"], "query": "running shoe",
-         "product_category": "Clothing › Men › Running Shoe"}
+    p = {
+        "Title": "Acme Running Shoe, Non Slip",
+        "name": "Acme Running Shoe, Non Slip",
+        "BulletPoints": ["Rubber sole"],
+        "Description": "comfortable",
+        "Attributes": ["non slip", "rubber sole"],
+        "query": "running shoe",
+        "product_category": "Clothing › Men › Running Shoe",
+    }
     return {**p, **over}
 
 
 def _goal(**over):
-    g = {"attributes": ["non slip", "machine wash", "slim fit"], "goal_options": {"color": "black", "size": "large"},
-         "price_upper": 50.0, "query": "running shoe", "product_category": "Clothing › Men › Running Shoe",
-         "name": "Zed Running Shoe, Machine Wash"}
+    g = {
+        "attributes": ["non slip", "machine wash", "slim fit"],
+        "goal_options": {"color": "black", "size": "large"},
+        "price_upper": 50.0,
+        "query": "running shoe",
+        "product_category": "Clothing › Men › Running Shoe",
+        "name": "Zed Running Shoe, Machine Wash",
+    }
     return {**g, **over}
 
 
@@ -184,7 +199,9 @@ def test_reward_partial_attribute_option_price_matches():
     r, _ = get_reward(_product(), _goal(), 40.0, {"color": "black", "size": "large"}, nouns=_nouns)
     assert r == pytest.approx(4 / 6)
     # An attribute found only in the features text counts; "machine wash" appears nowhere.
-    r, _ = get_reward(_product(Attributes=[]), _goal(attributes=["rubber sole", "machine wash"]), 10.0, {}, nouns=_nouns)
+    r, _ = get_reward(
+        _product(Attributes=[]), _goal(attributes=["rubber sole", "machine wash"]), 10.0, {}, nouns=_nouns
+    )
     assert r == pytest.approx((1 + 0 + 1) / (2 + 2 + 1))
 
 
@@ -195,16 +212,26 @@ def test_reward_type_factor():
     r, info = get_reward(other, goal, 40.0, {"color": "black", "size": "large"}, nouns=_nouns)
     assert info["r_type"] == 0.5 and r == pytest.approx(0.5 * 4 / 6)
     # No shared title noun: r_type = 0 whatever else matches.
-    r, info = get_reward(_product(Title="Acme Sock", name="Acme Sock"), _goal(name="Zed Boot"), 1.0,
-                         {"color": "black", "size": "large"}, nouns=_nouns)
+    r, info = get_reward(
+        _product(Title="Acme Sock", name="Acme Sock"),
+        _goal(name="Zed Boot"),
+        1.0,
+        {"color": "black", "size": "large"},
+        nouns=_nouns,
+    )
     assert info["r_type"] == 0.0 and r == 0.0
 
 
 def test_option_matching_rules():
     # Colors are normalised ("navy blue" -> "blue"); sizes match exactly ("x-large" != "large").
     assert normalize_color("navy blue") == normalize_color("blue")
-    r, info = get_reward(_product(), _goal(goal_options={"color": "blue", "size": "large"}), 1.0,
-                         {"color": "navy blue", "size": "x-large"}, nouns=_nouns)
+    r, info = get_reward(
+        _product(),
+        _goal(goal_options={"color": "blue", "size": "large"}),
+        1.0,
+        {"color": "navy blue", "size": "x-large"},
+        nouns=_nouns,
+    )
     assert info["option_matches"] == 1 and r == pytest.approx((1 + 1 + 1) / 6)
 
 
@@ -216,6 +243,7 @@ def test_token_set_ratio():
 
 
 # -- real-format pages and the adapter ------------------------------------------------------
+
 
 def _fixture(name):
     return (FIXTURES / name).read_text().strip()
@@ -233,11 +261,23 @@ def test_parse_real_pages():
     assert page2.clickables[:3] == ["back to search", "< prev", "next >"]
     item = pages.parse_page(_fixture("item.txt"))
     assert item.kind == "item"
-    assert item.options == {"color": ["dark brown", "natural black", "ash blonde"],
-                            "size": ["18 inch (pack of 1)", "22 inch (pack of 1)"]}
-    assert item.clickables == ["back to search", "< prev", "dark brown", "natural black", "ash blonde",
-                               "18 inch (pack of 1)", "22 inch (pack of 1)", "description", "features", "reviews",
-                               "buy now"]
+    assert item.options == {
+        "color": ["dark brown", "natural black", "ash blonde"],
+        "size": ["18 inch (pack of 1)", "22 inch (pack of 1)"],
+    }
+    assert item.clickables == [
+        "back to search",
+        "< prev",
+        "dark brown",
+        "natural black",
+        "ash blonde",
+        "18 inch (pack of 1)",
+        "22 inch (pack of 1)",
+        "description",
+        "features",
+        "reviews",
+        "buy now",
+    ]
     sub = pages.parse_page(_fixture("features.txt"))
     assert sub.kind == "sub" and sub.clickables == ["back to search", "< prev"]
     done = pages.parse_page(_fixture("done.txt"))
@@ -293,9 +333,13 @@ def test_real_adapter_normalises_pages_and_flags_actions():
 
 # -- prompt files ---------------------------------------------------------------------------
 
+
 def test_prompt_files_replay_in_the_shop(env):
-    root = resources.files("etokit.agent") / "prompts" / "webshop" if _has_agent_pkg() else \
-        Path(__file__).parents[1] / "etokit" / "agent" / "prompts" / "webshop"
+    root = (
+        resources.files("etokit.agent") / "prompts" / "webshop"
+        if _has_agent_pkg()
+        else Path(__file__).parents[1] / "etokit" / "agent" / "prompts" / "webshop"
+    )
     instruction = (root / "instruction.txt").read_text()
     assert "search[keywords]" in instruction and "click[value]" in instruction and "Thought:" in instruction
     icl = json.loads((root / "icl.json").read_text())

@@ -13,5 +13,15 @@ from etokit.agent.protocol import (
     task_turn,
 )
 
-__all__ = ["INVALID_FORMAT_OBS", "STOP_STRINGS", "build_prompt", "expert_thought", "expert_trajectory",
-           "format_observation", "load_icl", "load_instruction", "parse_action", "task_turn"]
+__all__ = [
+    "INVALID_FORMAT_OBS",
+    "STOP_STRINGS",
+    "build_prompt",
+    "expert_thought",
+    "expert_trajectory",
+    "format_observation",
+    "load_icl",
+    "load_instruction",
+    "parse_action",
+    "task_turn",
+]

@@ -73,10 +73,16 @@ def _icl(env_name: str) -> tuple[tuple[str, str], ...]:
     except json.JSONDecodeError as e:
         raise EtokitError(f"etokit/agent/prompts/{env_name}/icl.json: invalid JSON ({e})") from e
     roles = [m.get("role") for m in messages]
-    if not messages or roles[0] != "user" or roles[-1] != "assistant" or any(
-            r != ("user", "assistant")[i % 2] for i, r in enumerate(roles)):
-        raise EtokitError(f"etokit/agent/prompts/{env_name}/icl.json: messages must alternate user/assistant, "
-                          "starting with the task turn and ending on an assistant turn")
+    if (
+        not messages
+        or roles[0] != "user"
+        or roles[-1] != "assistant"
+        or any(r != ("user", "assistant")[i % 2] for i, r in enumerate(roles))
+    ):
+        raise EtokitError(
+            f"etokit/agent/prompts/{env_name}/icl.json: messages must alternate user/assistant, "
+            "starting with the task turn and ending on an assistant turn"
+        )
     return tuple((m["role"], m["content"]) for m in messages)
 
 
@@ -88,8 +94,10 @@ def load_icl(env_name: str) -> list[Message]:
 def build_prompt(env_name: str, reset: Reset, icl: bool, instruction: str | None = None) -> list[Message]:
     """Messages up to and including the task turn; the agent's first reply comes next.
     ``instruction`` replaces etokit's own instruction turn (see ``instruction_of``)."""
-    messages = [{"role": "user", "content": instruction or load_instruction(env_name)},
-                {"role": "assistant", "content": "OK"}]
+    messages = [
+        {"role": "user", "content": instruction or load_instruction(env_name)},
+        {"role": "assistant", "content": "OK"},
+    ]
     if icl:
         messages += load_icl(env_name)
     messages.append({"role": "user", "content": task_turn(reset)})
@@ -195,12 +203,21 @@ def expert_trajectory(env: Env, task_id: str, split: str) -> Trajectory:
     messages = build_prompt(env.name, reset, icl=False)
     reward, steps = 0.0, 0
     for i, action in enumerate(actions):
-        messages.append({"role": "assistant",
-                         "content": f"Thought: {expert_thought(env.name, action)}\nAction: {action}"})
+        messages.append(
+            {"role": "assistant", "content": f"Thought: {expert_thought(env.name, action)}\nAction: {action}"}
+        )
         result = env.step(action)
         steps, reward = steps + 1, result.reward
         if result.done or i == len(actions) - 1:
             break
         messages.append({"role": "user", "content": format_observation(result.observation)})
-    return Trajectory(task_id=task_id, env=env.name, split=split, messages=messages, reward=reward,
-                      num_steps=steps, source="expert", extra={"expert_actions": len(actions)})
+    return Trajectory(
+        task_id=task_id,
+        env=env.name,
+        split=split,
+        messages=messages,
+        reward=reward,
+        num_steps=steps,
+        source="expert",
+        extra={"expert_actions": len(actions)},
+    )

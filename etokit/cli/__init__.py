@@ -42,7 +42,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """ETO in three stages, then a loop: behavioral cloning on expert trajectories, exploration,
     contrastive pairs and DPO. Datasets and checkpoints are published to the Hugging Face Hub."""

@@ -16,6 +16,12 @@ def print_unwrapped(renderable, on: Console = console) -> None:
     if needed <= on.width:
         on.print(renderable)
         return
-    wide = Console(file=on.file, width=needed, highlight=False, soft_wrap=True, color_system=on.color_system,
-                   force_terminal=on.is_terminal)
+    wide = Console(
+        file=on.file,
+        width=needed,
+        highlight=False,
+        soft_wrap=True,
+        color_system=on.color_system,
+        force_terminal=on.is_terminal,
+    )
     wide.print(renderable)

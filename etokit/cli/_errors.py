@@ -20,7 +20,6 @@ from etokit.errors import EtokitError  # re-exported for commands
 F = TypeVar("F", bound=Callable)
 
 
-
 def fail(message: str, code: int = 2) -> None:
     from etokit.train.config import redact
 

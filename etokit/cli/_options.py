@@ -40,19 +40,27 @@ def env_name(value: str | None) -> str | None:
 
 EnvOpt = Annotated[
     Optional[str],
-    typer.Option("--env", callback=env_name,
-                 help="Environment of the rows, for official ETO files that do not record it."),
+    typer.Option(
+        "--env", callback=env_name, help="Environment of the rows, for official ETO files that do not record it."
+    ),
 ]
 ExpertRewardOpt = Annotated[
     Optional[float],
-    typer.Option("--expert-reward", min=0.0, max=1.0,
-                 help="Reward stated for official expert rows that carry none (WebShop's Hub copy of the paper's "
-                      "data): the pair rule compares agents with it, so it is never assumed; recorded in each "
-                      "row's extra and in the cards. ScienceWorld and ALFWorld experts score 1.0 by the official "
-                      "rule.", show_default=False),
+    typer.Option(
+        "--expert-reward",
+        min=0.0,
+        max=1.0,
+        help="Reward stated for official expert rows that carry none (WebShop's Hub copy of the paper's "
+        "data): the pair rule compares agents with it, so it is never assumed; recorded in each "
+        "row's extra and in the cards. ScienceWorld and ALFWorld experts score 1.0 by the official "
+        "rule.",
+        show_default=False,
+    ),
 ]
-HUB_SOURCE_HELP = ("a local file (etokit or official ETO format), or a Hub dataset NAMESPACE/NAME[@REVISION][:SPLIT] "
-                   "(default split: the environment's, e.g. agent-eto/eto-sft-trajectory:scienceworld)")
+HUB_SOURCE_HELP = (
+    "a local file (etokit or official ETO format), or a Hub dataset NAMESPACE/NAME[@REVISION][:SPLIT] "
+    "(default split: the environment's, e.g. agent-eto/eto-sft-trajectory:scienceworld)"
+)
 LicenseOpt = Annotated[str, typer.Option("--license", help="License identifier written into the dataset card.")]
 DataPathArg = Annotated[
     Path,
@@ -73,13 +81,21 @@ def finite_float(value: float | None) -> float | None:
     return value
 
 
-def check_output(out: Path, *, inputs: Iterable[Path | None] = (), suffixes: tuple[str, ...] | None = None,
-                 overwrite: bool | None = None, option: str = "--out") -> None:
+def check_output(
+    out: Path,
+    *,
+    inputs: Iterable[Path | None] = (),
+    suffixes: tuple[str, ...] | None = None,
+    overwrite: bool | None = None,
+    option: str = "--out",
+) -> None:
     """Refuse an output path before anything is read or computed: a wrong extension, one of the
     command's own inputs (it would be replaced by the output), or, for commands with
     ``--overwrite``, an existing file the user did not ask to replace."""
     if suffixes and out.suffix not in suffixes:
-        raise EtokitError(f"{option} {out}: expected a {' or '.join(suffixes)} file, got {out.suffix or 'no extension'!r}")
+        raise EtokitError(
+            f"{option} {out}: expected a {' or '.join(suffixes)} file, got {out.suffix or 'no extension'!r}"
+        )
     if out.exists():
         for src in inputs:
             if src is not None and Path(src).exists() and out.resolve() == Path(src).resolve():

@@ -21,22 +21,30 @@ class Kind(str, Enum):
     pair = "pair"
 
 
-KindOpt = Annotated[Optional[Kind], typer.Option("--kind", help="Fail unless the file holds this kind of record.",
-                                                 show_default=False)]
+KindOpt = Annotated[
+    Optional[Kind], typer.Option("--kind", help="Fail unless the file holds this kind of record.", show_default=False)
+]
 ImportSplitOpt = Annotated[str, typer.Option("--split", help="Split recorded on imported official SFT rows.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")]
 
 _EXAMPLES = {
-    "validate": ("etokit validate expert.jsonl", "etokit validate webshop_sft.json --env webshop",
-                 "etokit validate pairs.parquet --kind pair --json"),
-    "import-eto": ("etokit import-eto webshop_sft.json --env webshop --out expert.jsonl",
-                   "etokit import-eto agent-eto/eto-sft-trajectory:scienceworld --out sciworld.jsonl",
-                   "etokit import-eto agent-eto/eto-sft-trajectory:webshop --expert-reward 1.0 --out webshop.jsonl",
-                   "etokit import-eto alfworld_sft.json --out alfworld.jsonl",
-                   "etokit import-eto webshop_pm.json --env webshop --out pairs.jsonl --overwrite"),
-    "export-eto": ("etokit export-eto expert.jsonl --out webshop_sft.json",
-                   "etokit export-eto pairs.jsonl --out webshop_pm.json"),
+    "validate": (
+        "etokit validate expert.jsonl",
+        "etokit validate webshop_sft.json --env webshop",
+        "etokit validate pairs.parquet --kind pair --json",
+    ),
+    "import-eto": (
+        "etokit import-eto webshop_sft.json --env webshop --out expert.jsonl",
+        "etokit import-eto agent-eto/eto-sft-trajectory:scienceworld --out sciworld.jsonl",
+        "etokit import-eto agent-eto/eto-sft-trajectory:webshop --expert-reward 1.0 --out webshop.jsonl",
+        "etokit import-eto alfworld_sft.json --out alfworld.jsonl",
+        "etokit import-eto webshop_pm.json --env webshop --out pairs.jsonl --overwrite",
+    ),
+    "export-eto": (
+        "etokit export-eto expert.jsonl --out webshop_sft.json",
+        "etokit export-eto pairs.jsonl --out webshop_pm.json",
+    ),
 }
 
 
@@ -44,8 +52,13 @@ def _epilog(command: str) -> str:
     return "[bold]Examples[/bold]\n\n" + "\n".join(f"  $ {line}" for line in _EXAMPLES[command])
 
 
-def validate(path: DataPathArg, kind: KindOpt = None, env: EnvOpt = None, split: ImportSplitOpt = "train",
-             as_json: JsonOpt = False) -> None:
+def validate(
+    path: DataPathArg,
+    kind: KindOpt = None,
+    env: EnvOpt = None,
+    split: ImportSplitOpt = "train",
+    as_json: JsonOpt = False,
+) -> None:
     """Check every row of a trajectory or pair file and summarise it.
 
     Reads etokit files and the official ETO formats (auto-detected). The first problem is reported with its row and field, and the command exits with code 2.
@@ -55,10 +68,13 @@ def validate(path: DataPathArg, kind: KindOpt = None, env: EnvOpt = None, split:
     records = load_records(path, kind.value if kind else None, env=env, split=split)
     stats = trajectory_stats(records.records) if records.kind == "trajectory" else pair_stats(records.records)
     if as_json:
-        typer.echo(json.dumps({"path": str(path), "format": records.format, "kind": records.kind,
-                               "stats": stats}, indent=2))
+        typer.echo(
+            json.dumps({"path": str(path), "format": records.format, "kind": records.kind, "stats": stats}, indent=2)
+        )
         return
-    console.print(f"[green]✓[/] {escape(str(path))}: format [bold]{records.format}[/], {_count(len(records), records.kind)}")
+    console.print(
+        f"[green]✓[/] {escape(str(path))}: format [bold]{records.format}[/], {_count(len(records), records.kind)}"
+    )
     console.print(_stats_table(stats))
 
 
@@ -78,16 +94,23 @@ def import_eto(
     from etokit.data.sources import load_source
 
     _check_out(out, Path(source), (".jsonl",), overwrite)
-    records = load_source(source, env=env, split=split, formats=("eto-sft", "eto-pairs"), expert_reward=expert_reward,
-                          option="SOURCE")
+    records = load_source(
+        source, env=env, split=split, formats=("eto-sft", "eto-pairs"), expert_reward=expert_reward, option="SOURCE"
+    )
     write_jsonl(out, records)
-    typer.echo(f"Imported {_count(len(records), records.kind)} ({records.format}, env {records.records[0].env}) to {out}")
+    typer.echo(
+        f"Imported {_count(len(records), records.kind)} ({records.format}, env {records.records[0].env}) to {out}"
+    )
 
 
 def export_eto(
     path: DataPathArg,
-    out: Annotated[Path, typer.Option("--out", help="File to write: .json (a list, as the official code "
-                                      "writes) or .jsonl.", show_default=False)],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="File to write: .json (a list, as the official code writes) or .jsonl.", show_default=False
+        ),
+    ],
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Convert an etokit trajectory or pair file to the official ETO format (from/value turns)."""

@@ -17,8 +17,10 @@ from etokit.errors import EtokitError
 
 
 EnvNameOpt = Annotated[
-    str, typer.Option("--env", help="Environment: webshop, scienceworld, alfworld or textworld-express.",
-                      show_default=False)
+    str,
+    typer.Option(
+        "--env", help="Environment: webshop, scienceworld, alfworld or textworld-express.", show_default=False
+    ),
 ]
 TaskSplitOpt = Annotated[str, typer.Option("--split", help="Task split: train, test-seen or test-unseen.")]
 LimitOpt = Annotated[
@@ -26,17 +28,27 @@ LimitOpt = Annotated[
 ]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=1, help="Environment processes run in parallel.")]
 OutOpt = Annotated[
-    Path, typer.Option("--out", "-o", help="JSONL file the trajectories are appended to (resumed when it exists).",
-                       show_default=False)
+    Path,
+    typer.Option(
+        "--out", "-o", help="JSONL file the trajectories are appended to (resumed when it exists).", show_default=False
+    ),
 ]
 SeedOpt = Annotated[
-    Optional[int], typer.Option("--seed", help="Shuffle the task order with this seed before --limit (a reproducible "
-                                               "random subset). Default: the split's order.")
+    Optional[int],
+    typer.Option(
+        "--seed",
+        help="Shuffle the task order with this seed before --limit (a reproducible "
+        "random subset). Default: the split's order.",
+    ),
 ]
 StepTimeoutOpt = Annotated[
-    float, typer.Option("--step-timeout", min=1.0, callback=finite_float,
-                        help="Seconds an environment call may take before its worker is killed and the episode "
-                             "reported as an error.")
+    float,
+    typer.Option(
+        "--step-timeout",
+        min=1.0,
+        callback=finite_float,
+        help="Seconds an environment call may take before its worker is killed and the episode reported as an error.",
+    ),
 ]
 
 _LIST_EXAMPLES = """
@@ -108,8 +120,13 @@ def expert(
             todo = [t for t in task_ids if t not in appender.existing_ids]
             skipped = len(task_ids) - len(todo)
             rewards, written, failed, errors = [], 0, [], []
-            columns = (TextColumn("[bold]expert[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), TextColumn("ok {task.fields[ok]}  fail {task.fields[fail]}"))
+            columns = (
+                TextColumn("[bold]expert[/] {task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ok {task.fields[ok]}  fail {task.fields[fail]}"),
+            )
             with Progress(*columns, console=console, transient=False) as progress:
                 bar = progress.add_task(f"{env}/{split}", total=len(todo), ok=0, fail=0)
                 for outcome in pool.map(lambda worker, task_id: expert_trajectory(worker, task_id, split), todo):
@@ -152,8 +169,12 @@ def _failure_reason(trajectory) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    envs_app = typer.Typer(name="envs", help="Environments: what is installed and usable here.",
-                           no_args_is_help=True, rich_markup_mode="rich")
+    envs_app = typer.Typer(
+        name="envs",
+        help="Environments: what is installed and usable here.",
+        no_args_is_help=True,
+        rich_markup_mode="rich",
+    )
     envs_app.command("list", epilog=_LIST_EXAMPLES)(envs_list)
     app.add_typer(envs_app, name="envs", rich_help_panel="Environments")
     app.command("expert", epilog=_EXPERT_EXAMPLES, rich_help_panel="Environments")(expert)

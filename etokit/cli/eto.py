@@ -18,42 +18,83 @@ from etokit.errors import EtokitError
 
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", help="Policy: a local folder or a Hub repo, optionally REPO@REVISION (branch, tag "
-                                      "or commit).", show_default=False)
+    str,
+    typer.Option(
+        "--model",
+        help="Policy: a local folder or a Hub repo, optionally REPO@REVISION (branch, tag or commit).",
+        show_default=False,
+    ),
 ]
 EnvNameOpt = Annotated[
-    str, typer.Option("--env", help="Environment: webshop, scienceworld, alfworld or textworld-express.",
-                      show_default=False)
+    str,
+    typer.Option(
+        "--env", help="Environment: webshop, scienceworld, alfworld or textworld-express.", show_default=False
+    ),
 ]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N tasks of the split.")]
 TaskIdsOpt = Annotated[
     Optional[str], typer.Option("--task-ids", help="Comma-separated task ids to play instead of the whole split.")
 ]
 BatchSizeOpt = Annotated[
-    int, typer.Option("--batch-size", "-b", min=1, help="Episodes played together: one generate call per step for all "
-                                                        "of them (and one environment each).")
+    int,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        min=1,
+        help="Episodes played together: one generate call per step for all of them (and one environment each).",
+    ),
 ]
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Cap on the tokens of one reply.")]
 MaxStepsOpt = Annotated[
-    Optional[int], typer.Option("--max-steps", min=1, help="Agent turns per episode (a step-wise episode's replayed "
-                                                           "expert steps count too). Default: the environment's limit.")
+    Optional[int],
+    typer.Option(
+        "--max-steps",
+        min=1,
+        help="Agent turns per episode (a step-wise episode's replayed "
+        "expert steps count too). Default: the environment's limit.",
+    ),
 ]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights dtype: auto (the checkpoint's), float32, bfloat16 or "
-                                                       "float16.")]
-TrustRemoteCodeOpt = Annotated[bool, typer.Option(
-    "--trust-remote-code", help="Run Python code shipped with the model (auto_map). Off by default: only opt in for "
-                                "a repo you trust.")]
-EngineOpt = Annotated[str, typer.Option(
-    "--engine", help="transformers (batched, each episode's KV cache kept across steps) or vllm (GPU hosts, extra "
-                     "`vllm`; one process).")]
-NoKvReuseOpt = Annotated[bool, typer.Option(
-    "--no-kv-reuse", help="transformers engine: encode the whole conversation again at every step (same replies, "
-                          "slower; for models whose cache cannot be kept).")]
-KvConcatOpt = Annotated[bool, typer.Option(
-    "--kv-concat", help="transformers engine with KV reuse: grow the cache by concatenation at every token (the "
-                        "engine before the in-place cache; same greedy replies, slower; a reference).")]
-NoIclOpt = Annotated[bool, typer.Option("--no-icl", help="Leave the 1-shot example out of the prompt (the paper keeps "
-                                                         "it at exploration and evaluation).")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="Weights dtype: auto (the checkpoint's), float32, bfloat16 or float16.")
+]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run Python code shipped with the model (auto_map). Off by default: only opt in for a repo you trust.",
+    ),
+]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="transformers (batched, each episode's KV cache kept across steps) or vllm (GPU hosts, extra "
+        "`vllm`; one process).",
+    ),
+]
+NoKvReuseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-kv-reuse",
+        help="transformers engine: encode the whole conversation again at every step (same replies, "
+        "slower; for models whose cache cannot be kept).",
+    ),
+]
+KvConcatOpt = Annotated[
+    bool,
+    typer.Option(
+        "--kv-concat",
+        help="transformers engine with KV reuse: grow the cache by concatenation at every token (the "
+        "engine before the in-place cache; same greedy replies, slower; a reference).",
+    ),
+]
+NoIclOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-icl",
+        help="Leave the 1-shot example out of the prompt (the paper keeps it at exploration and evaluation).",
+    ),
+]
 
 _EXPLORE_EXAMPLES = """
 [bold]Examples[/bold]
@@ -98,10 +139,16 @@ _COMPARE_EXAMPLES = """
 # ------------------------------------------------------------------------------------ shared
 
 
-InstructionFromOpt = Annotated[Optional[str], typer.Option(
-    "--instruction-from", help="Expert data whose instruction turn the prompt uses, the one a policy cloned on it was "
-                               f"trained with: {HUB_SOURCE_HELP}. Default: etokit's own instruction for --env (with "
-                               "--step-wise-expert: that data's).", show_default=False)]
+InstructionFromOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--instruction-from",
+        help="Expert data whose instruction turn the prompt uses, the one a policy cloned on it was "
+        f"trained with: {HUB_SOURCE_HELP}. Default: etokit's own instruction for --env (with "
+        "--step-wise-expert: that data's).",
+        show_default=False,
+    ),
+]
 
 
 def _instruction_from(source: str | None, env: str, experts=None) -> str | None:
@@ -136,8 +183,12 @@ def _load_policy(model: str, dtype: str, trust_remote_code: bool = False):
         raise EtokitError(f"--dtype {dtype!r}: expected one of {', '.join(dtypes)}")
     name, revision, sha = _resolve_model(model)
     with console.status(f"Loading {model}..."):
-        policy, tokenizer = load_model_and_tokenizer(name, revision=sha if not sha.startswith("local:") else revision,
-                                                     dtype=dtypes[dtype], trust_remote_code=trust_remote_code)
+        policy, tokenizer = load_model_and_tokenizer(
+            name,
+            revision=sha if not sha.startswith("local:") else revision,
+            dtype=dtypes[dtype],
+            trust_remote_code=trust_remote_code,
+        )
     policy.to(process_state().device).eval()
     return name, sha, policy, tokenizer
 
@@ -158,8 +209,10 @@ def _load_engine(model: str, dtype: str, trust_remote_code: bool, engine: str):
     if importlib.util.find_spec("vllm") is None:
         raise EtokitError("--engine vllm needs vLLM (a CUDA host): pip install 'etokit[vllm]'")
     if process_state().num_processes > 1:
-        raise EtokitError("--engine vllm runs in one process (vLLM spreads a model over GPUs itself); "
-                          "run it without accelerate launch")
+        raise EtokitError(
+            "--engine vllm runs in one process (vLLM spreads a model over GPUs itself); "
+            "run it without accelerate launch"
+        )
     from transformers import AutoTokenizer
 
     from etokit.rollout.vllm_engine import VLLMGenerator
@@ -167,8 +220,13 @@ def _load_engine(model: str, dtype: str, trust_remote_code: bool, engine: str):
     name, _, sha = _resolve_model(model)
     revision = None if sha.startswith("local:") else sha
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    return name, sha, lambda config: VLLMGenerator(name, tokenizer, config, revision=revision, dtype=dtype,
-                                                   trust_remote_code=trust_remote_code)
+    return (
+        name,
+        sha,
+        lambda config: VLLMGenerator(
+            name, tokenizer, config, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code
+        ),
+    )
 
 
 def _check_env_split(env: str, split: str) -> None:
@@ -221,32 +279,65 @@ def _metrics_table(title: str, result) -> Table:
 def explore(
     model: ModelOpt,
     env: EnvNameOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file the trajectories are appended to (resumed when "
-                                                          "it exists).", show_default=False)],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="JSONL file the trajectories are appended to (resumed when it exists).",
+            show_default=False,
+        ),
+    ],
     split: Annotated[str, typer.Option("--split", help="Task split: train, test-seen or test-unseen.")] = "train",
     limit: LimitOpt = None,
     task_ids: TaskIdsOpt = None,
-    samples_per_task: Annotated[int, typer.Option("--samples-per-task", "-n", min=1,
-                                                  help="Episodes per task (Best-of-N / self-play; use with "
-                                                       "--temperature).")] = 1,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, callback=finite_float,
-                                               help="0 = greedy (the paper).")] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, callback=finite_float,
-                                         help="Nucleus sampling when --temperature > 0.")] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="Sampling seed (recorded per trajectory as seed + sample "
-                                                     "index; samples also depend on --batch-size); also picks the "
-                                                     "steps of --steps-per-task.")] = 0,
-    step_wise_expert: Annotated[Optional[str], typer.Option(
-        "--step-wise-expert", help="Step-wise exploration (paper App. B): expert trajectories of this env, "
-                                   f"{HUB_SOURCE_HELP}. Each "
-                                   "episode replays a task's expert steps 1..t-1 in the environment and the "
-                                   "conversation, then the policy plays from step t. Tasks without an expert are "
-                                   "skipped.", show_default=False)] = None,
-    steps_per_task: Annotated[Optional[int], typer.Option(
-        "--steps-per-task", min=1, help="With --step-wise-expert: how many distinct steps t of each task's N expert "
-                                        "steps to play from (drawn with --seed; steps past --max-steps are not "
-                                        "drawn). Default: all N.",
-        show_default=False)] = None,
+    samples_per_task: Annotated[
+        int,
+        typer.Option(
+            "--samples-per-task", "-n", min=1, help="Episodes per task (Best-of-N / self-play; use with --temperature)."
+        ),
+    ] = 1,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, callback=finite_float, help="0 = greedy (the paper).")
+    ] = 0.0,
+    top_p: Annotated[
+        float,
+        typer.Option(
+            "--top-p", min=0.0, max=1.0, callback=finite_float, help="Nucleus sampling when --temperature > 0."
+        ),
+    ] = 1.0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            help="Sampling seed (recorded per trajectory as seed + sample "
+            "index; samples also depend on --batch-size); also picks the "
+            "steps of --steps-per-task.",
+        ),
+    ] = 0,
+    step_wise_expert: Annotated[
+        Optional[str],
+        typer.Option(
+            "--step-wise-expert",
+            help="Step-wise exploration (paper App. B): expert trajectories of this env, "
+            f"{HUB_SOURCE_HELP}. Each "
+            "episode replays a task's expert steps 1..t-1 in the environment and the "
+            "conversation, then the policy plays from step t. Tasks without an expert are "
+            "skipped.",
+            show_default=False,
+        ),
+    ] = None,
+    steps_per_task: Annotated[
+        Optional[int],
+        typer.Option(
+            "--steps-per-task",
+            min=1,
+            help="With --step-wise-expert: how many distinct steps t of each task's N expert "
+            "steps to play from (drawn with --seed; steps past --max-steps are not "
+            "drawn). Default: all N.",
+            show_default=False,
+        ),
+    ] = None,
     batch_size: BatchSizeOpt = 16,
     max_new_tokens: MaxNewTokensOpt = 256,
     max_steps: MaxStepsOpt = None,
@@ -283,25 +374,55 @@ def explore(
     if step_wise_expert is not None:  # checked before the model loads
         from etokit.data.sources import load_source
 
-        loaded = load_source(step_wise_expert, "trajectory", env=env, split=split, expert_reward=expert_reward,
-                             option="--step-wise-expert")
+        loaded = load_source(
+            step_wise_expert,
+            "trajectory",
+            env=env,
+            split=split,
+            expert_reward=expert_reward,
+            option="--step-wise-expert",
+        )
         experts = index_experts(loaded.records, path=loaded.path)
     state = process_state()
     name, sha, make_generator = _load_engine(model, dtype, trust_remote_code, engine)
-    config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           icl=not no_icl, seed=seed, max_steps=max_steps, kv_reuse=not no_kv_reuse,
-                           instruction=_instruction_from(instruction_from, env, experts and experts.values()),
-                           kv_in_place=not kv_concat)
+    config = ExploreConfig(
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        icl=not no_icl,
+        seed=seed,
+        max_steps=max_steps,
+        kv_reuse=not no_kv_reuse,
+        instruction=_instruction_from(instruction_from, env, experts and experts.values()),
+        kv_in_place=not kv_concat,
+    )
 
     def plan(first):  # the planned order is the output's order: the split's (or --task-ids') task order
         if experts is None:
             return plan_jobs(_task_ids([first], env, split, limit, task_ids), samples_per_task)
         tasks, keyed = _step_wise_tasks([first], env, split, limit, task_ids, experts, step_wise_expert)
-        return plan_step_jobs({t: keyed[t] for t in tasks}, steps_per_task, seed=seed,
-                              samples_per_task=samples_per_task, max_steps=max_steps or first.max_steps)
+        return plan_step_jobs(
+            {t: keyed[t] for t in tasks},
+            steps_per_task,
+            seed=seed,
+            samples_per_task=samples_per_task,
+            max_steps=max_steps or first.max_steps,
+        )
 
-    result = play(env, split, plan, make_generator(config), batch_size=batch_size, out=out, experts=experts,
-                  model_name=name, model_revision=sha, state=state, progress=RichProgress(console, "explore"))
+    result = play(
+        env,
+        split,
+        plan,
+        make_generator(config),
+        batch_size=batch_size,
+        out=out,
+        experts=experts,
+        model_name=name,
+        model_revision=sha,
+        state=state,
+        progress=RichProgress(console, "explore"),
+    )
     if not state.is_main_process:
         return
     _print_failures(result)
@@ -325,8 +446,9 @@ def _print_failures(result) -> None:
         console.print(f"[red]error[/] {describe_failure(t)}")
 
 
-def _step_wise_tasks(envs, env: str, split: str, limit: int | None, task_ids: str | None,
-                     experts: dict, path: Path) -> tuple[list[str], dict]:
+def _step_wise_tasks(
+    envs, env: str, split: str, limit: int | None, task_ids: str | None, experts: dict, path: Path
+) -> tuple[list[str], dict]:
     """The tasks of the split (or --task-ids) that have an expert, in split order, and the experts
     keyed by those task ids; --limit counts those (an expert file is often a subset of the split)."""
     from etokit.rollout.jobs import experts_of_tasks
@@ -348,34 +470,65 @@ def _step_wise_tasks(envs, env: str, split: str, limit: int | None, task_ids: st
 
 @user_errors
 def build_pairs(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Pairs file: .jsonl (etokit) or .json (official ETO format). "
-                                                          "Its win/tie/lose counts go to <name>.stats.json.",
-                                      show_default=False)],
-    explore: Annotated[Path, typer.Option("--explore", help="Explored trajectories (etokit or official format).",
-                                          show_default=False)],
-    expert: Annotated[Optional[str], typer.Option("--expert", help="Expert trajectories, the reference of "
-                                                                   "trajectory, step and mixture modes: "
-                                                                   f"{HUB_SOURCE_HELP}.",
-                                                  show_default=False)] = None,
-    mode: Annotated[str, typer.Option("--mode", help="trajectory (agent vs expert, the paper), step (step-wise "
-                                                     "episodes vs the expert from step t, paper App. B), mixture "
-                                                     "(both, from one file) or self-play (the agent's best vs worst "
-                                                     "sample of a task).")] = "trajectory",
-    iteration: Annotated[Optional[int], typer.Option("--iteration", min=0, help="ETO iteration K, stored on every "
-                                                                                "pair.")] = None,
-    env: Annotated[Optional[str], typer.Option("--env", callback=env_name,
-                                               help="Environment of official ETO files, which do not record it.")] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Pairs file: .jsonl (etokit) or .json (official ETO format). "
+            "Its win/tie/lose counts go to <name>.stats.json.",
+            show_default=False,
+        ),
+    ],
+    explore: Annotated[
+        Path, typer.Option("--explore", help="Explored trajectories (etokit or official format).", show_default=False)
+    ],
+    expert: Annotated[
+        Optional[str],
+        typer.Option(
+            "--expert",
+            help=f"Expert trajectories, the reference of trajectory, step and mixture modes: {HUB_SOURCE_HELP}.",
+            show_default=False,
+        ),
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="trajectory (agent vs expert, the paper), step (step-wise "
+            "episodes vs the expert from step t, paper App. B), mixture "
+            "(both, from one file) or self-play (the agent's best vs worst "
+            "sample of a task).",
+        ),
+    ] = "trajectory",
+    iteration: Annotated[
+        Optional[int], typer.Option("--iteration", min=0, help="ETO iteration K, stored on every pair.")
+    ] = None,
+    env: Annotated[
+        Optional[str],
+        typer.Option("--env", callback=env_name, help="Environment of official ETO files, which do not record it."),
+    ] = None,
     expert_reward: ExpertRewardOpt = None,
-    rewards: Annotated[str, typer.Option("--rewards", help="official: score as construct_preference.py (every "
-                                                           "ScienceWorld and ALFWorld expert 1.0, an ALFWorld agent "
-                                                           "1.0 if its reward is non-zero, else 0.0); stored: compare "
-                                                           "the stored rewards (a deviation, recorded on the pairs).")
-                       ] = "official",
-    expert_observation: Annotated[str, typer.Option("--expert-observation",
-                                                    help="drop-pair: an expert side ending on an observation drops "
-                                                         "the pair, as construct_preference.py; trim: cut the "
-                                                         "observation and keep the pair (a deviation, recorded on "
-                                                         "the pairs).")] = "drop-pair",
+    rewards: Annotated[
+        str,
+        typer.Option(
+            "--rewards",
+            help="official: score as construct_preference.py (every "
+            "ScienceWorld and ALFWorld expert 1.0, an ALFWorld agent "
+            "1.0 if its reward is non-zero, else 0.0); stored: compare "
+            "the stored rewards (a deviation, recorded on the pairs).",
+        ),
+    ] = "official",
+    expert_observation: Annotated[
+        str,
+        typer.Option(
+            "--expert-observation",
+            help="drop-pair: an expert side ending on an observation drops "
+            "the pair, as construct_preference.py; trim: cut the "
+            "observation and keep the pair (a deviation, recorded on "
+            "the pairs).",
+        ),
+    ] = "drop-pair",
 ) -> None:
     """Build contrastive trajectory pairs for DPO with the official ETO rule (construct_preference.py):
     an explored trajectory worse than the expert's gives (chosen = expert, rejected = agent), a
@@ -388,8 +541,10 @@ def build_pairs(
 
     if mode not in PAIR_MODES:
         raise EtokitError(f"--mode {mode!r}: expected one of {', '.join(PAIR_MODES)}")
-    for flag, value, allowed in (("--rewards", rewards, REWARD_RULES),
-                                 ("--expert-observation", expert_observation, EXPERT_OBSERVATION_RULES)):
+    for flag, value, allowed in (
+        ("--rewards", rewards, REWARD_RULES),
+        ("--expert-observation", expert_observation, EXPERT_OBSERVATION_RULES),
+    ):
         if value not in allowed:
             raise EtokitError(f"{flag} {value!r}: expected one of {', '.join(allowed)}")
     rule = PairRule(rewards=rewards, expert_observation=expert_observation)
@@ -402,15 +557,21 @@ def build_pairs(
         from etokit.data.sources import load_source
 
         # The expert's env: --env, else the explored episodes' (an official Hub split names it too).
-        experts = load_source(expert, "trajectory", env=env or (explored[0].env if explored else None),
-                              expert_reward=expert_reward, option="--expert").records
+        experts = load_source(
+            expert,
+            "trajectory",
+            env=env or (explored[0].env if explored else None),
+            expert_reward=expert_reward,
+            option="--expert",
+        ).records
     step_wise = sum(map(is_step_wise, explored))
     used = {"step": step_wise, "mixture": len(explored)}.get(mode, len(explored) - step_wise)
     if not used:
-        raise EtokitError(f"--explore {explore}: no step-wise episodes for --mode step (explore with "
-                          "--step-wise-expert)" if mode == "step" else
-                          f"--explore {explore}: all {len(explored)} episodes are step-wise; use --mode step or "
-                          "mixture")
+        raise EtokitError(
+            f"--explore {explore}: no step-wise episodes for --mode step (explore with --step-wise-expert)"
+            if mode == "step"
+            else f"--explore {explore}: all {len(explored)} episodes are step-wise; use --mode step or mixture"
+        )
     if used < len(explored):
         kind = "ordinary" if mode == "step" else "step-wise"
         console.print(f"[dim]{len(explored) - used} {kind} episodes in {explore} are not used in {mode} mode[/]")
@@ -438,8 +599,10 @@ def build_pairs(
     for label, name in rows:
         table.add_row(label, *(str(getattr(s, name)) for s in columns.values()))
     console.print(table)
-    console.print(f"[green]✓[/] {stats.pairs} pairs written to {out}; counts in {stats_file}. "
-                  f"Publish with: etokit push-pairs {out} --repo-id ... --ties {stats.tie}")
+    console.print(
+        f"[green]✓[/] {stats.pairs} pairs written to {out}; counts in {stats_file}. "
+        f"Publish with: etokit push-pairs {out} --repo-id ... --ties {stats.tie}"
+    )
 
 
 # -------------------------------------------------------------------------------------- eval
@@ -448,22 +611,41 @@ def build_pairs(
 @user_errors
 def eval_(
     model: ModelOpt,
-    env: Annotated[Optional[str], typer.Option("--env", help="Environment: webshop, scienceworld, alfworld or "
-                                                             "textworld-express (or --panel).", show_default=False)
-                   ] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="test-seen (default) or test-unseen (train also "
-                                                                 "works).", show_default=False)] = None,
+    env: Annotated[
+        Optional[str],
+        typer.Option(
+            "--env",
+            help="Environment: webshop, scienceworld, alfworld or textworld-express (or --panel).",
+            show_default=False,
+        ),
+    ] = None,
+    split: Annotated[
+        Optional[str],
+        typer.Option("--split", help="test-seen (default) or test-unseen (train also works).", show_default=False),
+    ] = None,
     limit: LimitOpt = None,
     task_ids: TaskIdsOpt = None,
-    panel_file: Annotated[Optional[Path], typer.Option("--panel", help="Play the task panel of an `etokit eval --out` "
-                                                                       "file again: its env, split and task ids, in "
-                                                                       "order.", show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON file: the metrics with their 95% intervals, "
-                                                                    "the task panel (env, split, task ids) and each "
-                                                                    "task's result; the input of `etokit compare`.")
-                   ] = None,
-    trajectories: Annotated[Optional[Path], typer.Option("--trajectories", help="Also write the evaluation "
-                                                                                "episodes to this JSONL file.")] = None,
+    panel_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--panel",
+            help="Play the task panel of an `etokit eval --out` file again: its env, split and task ids, in order.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            "-o",
+            help="JSON file: the metrics with their 95% intervals, "
+            "the task panel (env, split, task ids) and each "
+            "task's result; the input of `etokit compare`.",
+        ),
+    ] = None,
+    trajectories: Annotated[
+        Optional[Path], typer.Option("--trajectories", help="Also write the evaluation episodes to this JSONL file.")
+    ] = None,
     batch_size: BatchSizeOpt = 16,
     max_new_tokens: MaxNewTokensOpt = 256,
     max_steps: MaxStepsOpt = None,
@@ -507,12 +689,26 @@ def eval_(
     _check_env_split(env, split)
     state = process_state()
     name, sha, make_generator = _load_engine(model, dtype, trust_remote_code, engine)
-    config = ExploreConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, icl=not no_icl, max_steps=max_steps,
-                           kv_reuse=not no_kv_reuse, kv_in_place=not kv_concat,
-                           instruction=_instruction_from(instruction_from, env))
-    outcome = play(env, split, lambda first: [Job(t) for t in _task_ids([first], env, split, limit, wanted)],
-                   make_generator(config), batch_size=batch_size, model_name=name, model_revision=sha, state=state,
-                   progress=RichProgress(console, "eval"))
+    config = ExploreConfig(
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        icl=not no_icl,
+        max_steps=max_steps,
+        kv_reuse=not no_kv_reuse,
+        kv_in_place=not kv_concat,
+        instruction=_instruction_from(instruction_from, env),
+    )
+    outcome = play(
+        env,
+        split,
+        lambda first: [Job(t) for t in _task_ids([first], env, split, limit, wanted)],
+        make_generator(config),
+        batch_size=batch_size,
+        model_name=name,
+        model_revision=sha,
+        state=state,
+        progress=RichProgress(console, "eval"),
+    )
     if not state.is_main_process:
         return
     _print_failures(outcome)
@@ -522,8 +718,9 @@ def eval_(
     result = summarize(played)
     console.print(_metrics_table(f"{env}/{split} — {name} ({sha[:16]})", result))
     if out is not None:
-        report = eval_report(played, env=env, split=split, model=name, model_revision=sha, task_ids=tasks,
-                             result=result)
+        report = eval_report(
+            played, env=env, split=split, model=name, model_revision=sha, task_ids=tasks, result=result
+        )
         with atomic_write(out) as f:
             f.write((json.dumps(report, indent=2) + "\n").encode())
         console.print(f"[green]✓[/] metrics written to {out}")
@@ -537,21 +734,34 @@ def eval_(
 
 @user_errors
 def compare(
-    a: Annotated[str, typer.Argument(help="The baseline: an `etokit eval --out` file, or with --run a stage (bc, "
-                                          "iter-1, ...).", show_default=False)],
+    a: Annotated[
+        str,
+        typer.Argument(
+            help="The baseline: an `etokit eval --out` file, or with --run a stage (bc, iter-1, ...).",
+            show_default=False,
+        ),
+    ],
     b: Annotated[str, typer.Argument(help="The evaluation compared with it, the same way.", show_default=False)],
-    run_dir: Annotated[Optional[Path], typer.Option("--run", help="An `etokit run` folder: A and B are its "
-                                                                  "evaluated stages.", show_default=False)] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="With --run: only this test split (default "
-                                                                 "both).")] = None,
-    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Compare the tasks both have when the "
-                                                                          "panels differ (default: refuse, exit "
-                                                                          "2).")] = False,
-    confidence: Annotated[float, typer.Option("--confidence", min=0.5, max=0.999,
-                                              help="Level of the intervals.")] = 0.95,
+    run_dir: Annotated[
+        Optional[Path],
+        typer.Option("--run", help="An `etokit run` folder: A and B are its evaluated stages.", show_default=False),
+    ] = None,
+    split: Annotated[
+        Optional[str], typer.Option("--split", help="With --run: only this test split (default both).")
+    ] = None,
+    allow_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-mismatch", help="Compare the tasks both have when the panels differ (default: refuse, exit 2)."
+        ),
+    ] = False,
+    confidence: Annotated[
+        float, typer.Option("--confidence", min=0.5, max=0.999, help="Level of the intervals.")
+    ] = 0.95,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap resamples.")] = 0,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the comparison to this JSON "
-                                                                    "file.")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Also write the comparison to this JSON file.")
+    ] = None,
 ) -> None:
     """Compare two evaluations of the same tasks: the mean per-task difference B - A in average
     reward x100 with its paired-bootstrap interval (tasks resampled, 10,000 times), and how many
@@ -573,26 +783,50 @@ def compare(
         if split is not None:
             raise EtokitError("--split only applies with --run (an `etokit eval` file holds one split)")
         pairs = [(load_eval_results(Path(a)), load_eval_results(Path(b)))]
-    results = [compare_panels(pa, pb, allow_mismatch=allow_mismatch, confidence=confidence, seed=seed)
-               for pa, pb in pairs]
+    results = [
+        compare_panels(pa, pb, allow_mismatch=allow_mismatch, confidence=confidence, seed=seed) for pa, pb in pairs
+    ]
 
     level = f"{confidence:.0%}" if round(confidence * 100, 6).is_integer() else f"{confidence:.1%}"
     table = Table(title=f"{b} vs {a}: average reward x100, {level} bootstrap intervals over tasks")
     for column in ("split", "A", "B", "B - A (paired)", "up", "down", "same", "tasks"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for c in results:
-        table.add_row(c.split, c.a.format(), c.b.format(), c.diff.diff.format(sign=True), str(c.diff.up),
-                      str(c.diff.down), str(c.diff.same), str(c.diff.n))
+        table.add_row(
+            c.split,
+            c.a.format(),
+            c.b.format(),
+            c.diff.diff.format(sign=True),
+            str(c.diff.up),
+            str(c.diff.down),
+            str(c.diff.same),
+            str(c.diff.n),
+        )
     print_unwrapped(table)
     for c, (pa, pb) in zip(results, pairs):
         if c.diff.missing_in_a or c.diff.missing_in_b or pa.errors or pb.errors:
-            console.print(f"[yellow]{c.split}[/]: compared on the {c.diff.n} common tasks; left out "
-                          f"{len(c.diff.missing_in_b) + len(pa.errors)} of A and "
-                          f"{len(c.diff.missing_in_a) + len(pb.errors)} of B")
+            console.print(
+                f"[yellow]{c.split}[/]: compared on the {c.diff.n} common tasks; left out "
+                f"{len(c.diff.missing_in_b) + len(pa.errors)} of A and "
+                f"{len(c.diff.missing_in_a) + len(pb.errors)} of B"
+            )
     if out is not None:
         with atomic_write(out) as f:
-            f.write((json.dumps({"a": a, "b": b, "run": str(run_dir) if run_dir else None, "unit": "reward x100",
-                                 "comparisons": [c.to_dict() for c in results]}, indent=2) + "\n").encode())
+            f.write(
+                (
+                    json.dumps(
+                        {
+                            "a": a,
+                            "b": b,
+                            "run": str(run_dir) if run_dir else None,
+                            "unit": "reward x100",
+                            "comparisons": [c.to_dict() for c in results],
+                        },
+                        indent=2,
+                    )
+                    + "\n"
+                ).encode()
+            )
         console.print(f"[green]✓[/] comparison written to {out}")
 
 

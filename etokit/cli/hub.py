@@ -15,29 +15,43 @@ PortOpt = Annotated[int, typer.Option("--port", "-p", help="Port to listen on; 0
 DataDirOpt = Annotated[
     Path, typer.Option("--data-dir", help="Directory holding repos, commits and blobs (created if missing).")
 ]
-HostOpt = Annotated[
-    str, typer.Option("--host", help="Interface to bind. Keep 127.0.0.1 unless you set --token.")
-]
+HostOpt = Annotated[str, typer.Option("--host", help="Interface to bind. Keep 127.0.0.1 unless you set --token.")]
 TokenOpt = Annotated[
     Optional[str],
     typer.Option("--token", help="If set, every request must carry `Authorization: Bearer TOKEN`.", show_default=False),
 ]
 FaultRateOpt = Annotated[
     float,
-    typer.Option("--fault-rate", min=0.0, max=1.0,
-                 help="Put a fault-injecting proxy in front: this share of requests fail (5xx, 429, resets, stalls).",
-                 rich_help_panel="Fault injection (testing)"),
+    typer.Option(
+        "--fault-rate",
+        min=0.0,
+        max=1.0,
+        help="Put a fault-injecting proxy in front: this share of requests fail (5xx, 429, resets, stalls).",
+        rich_help_panel="Fault injection (testing)",
+    ),
 ]
-FaultSeedOpt = Annotated[int, typer.Option("--fault-seed", help="Seed of the proxy's faults.",
-                                           rich_help_panel="Fault injection (testing)")]
+FaultSeedOpt = Annotated[
+    int, typer.Option("--fault-seed", help="Seed of the proxy's faults.", rich_help_panel="Fault injection (testing)")
+]
 FaultsOpt = Annotated[
     Optional[str],
-    typer.Option("--faults", help="Comma-separated fault kinds to draw from (default: all): "
-                 "500,502,503,429,reset,reset_after,stall,stall_after.", show_default=False,
-                 rich_help_panel="Fault injection (testing)"),
+    typer.Option(
+        "--faults",
+        help="Comma-separated fault kinds to draw from (default: all): "
+        "500,502,503,429,reset,reset_after,stall,stall_after.",
+        show_default=False,
+        rich_help_panel="Fault injection (testing)",
+    ),
 ]
-StallOpt = Annotated[float, typer.Option("--stall-seconds", min=0.0, help="How long a stalled request hangs.",
-                                         rich_help_panel="Fault injection (testing)")]
+StallOpt = Annotated[
+    float,
+    typer.Option(
+        "--stall-seconds",
+        min=0.0,
+        help="How long a stalled request hangs.",
+        rich_help_panel="Fault injection (testing)",
+    ),
+]
 
 hub_app = typer.Typer(
     name="hub",
@@ -86,11 +100,14 @@ def serve(
     kinds = tuple(k.strip() for k in faults.split(",") if k.strip()) if faults else FAULTS
     unknown = sorted(set(kinds) - set(FAULTS))
     if unknown or not kinds:
-        raise EtokitError(f"--faults {faults!r}: unknown kind {', '.join(unknown) or '(none given)'}; "
-                          f"choose from {', '.join(FAULTS)}")
+        raise EtokitError(
+            f"--faults {faults!r}: unknown kind {', '.join(unknown) or '(none given)'}; choose from {', '.join(FAULTS)}"
+        )
     if not token and host not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo(f"warning: --host {host} without --token: anyone who can reach this port can read and "
-                   "write every repo", err=True)
+        typer.echo(
+            f"warning: --host {host} without --token: anyone who can reach this port can read and write every repo",
+            err=True,
+        )
     try:
         # Behind a fault proxy, the Hub itself takes a free port and the proxy the one asked for.
         server = HubServer(data_dir, host=host, port=0 if fault_rate else port, token=token)
@@ -101,15 +118,24 @@ def serve(
         try:
             server.start()
             if fault_rate:
-                proxy = FaultProxy(server.endpoint, rate=fault_rate, seed=fault_seed, faults=kinds,
-                                   stall_s=stall_seconds, host=host, port=port).start()
+                proxy = FaultProxy(
+                    server.endpoint,
+                    rate=fault_rate,
+                    seed=fault_seed,
+                    faults=kinds,
+                    stall_s=stall_seconds,
+                    host=host,
+                    port=port,
+                ).start()
         except OSError as e:
             raise EtokitError(f"--host {host} --port {port}: cannot bind ({e.strerror or e})") from None
         endpoint = proxy.endpoint if proxy else server.endpoint
         typer.echo(f"etokit hub serving {data_dir} at {endpoint}")
         if proxy:
-            typer.echo(f"fault injection: {fault_rate:.0%} of requests fail ({', '.join(kinds)}; seed {fault_seed}); "
-                       f"the Hub without faults is at {server.endpoint}")
+            typer.echo(
+                f"fault injection: {fault_rate:.0%} of requests fail ({', '.join(kinds)}; seed {fault_seed}); "
+                f"the Hub without faults is at {server.endpoint}"
+            )
         typer.echo("Point Hugging Face clients at it with:")
         typer.echo(f"  export HF_ENDPOINT={endpoint}")
         typer.echo("  export HF_HUB_DISABLE_XET=1")

@@ -22,8 +22,9 @@ _EXAMPLES = """
 
 CorpusOpt = Annotated[
     Path,
-    typer.Option("--corpus", help="A text file, or an etokit trajectory .jsonl (its messages' text is used).",
-                 show_default=False),
+    typer.Option(
+        "--corpus", help="A text file, or an etokit trajectory .jsonl (its messages' text is used).", show_default=False
+    ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Folder to save the model and tokenizer in.", show_default=False)]
 SizeOpt = Annotated[str, typer.Option("--size", help="Model size: tiny (hidden 64, 2 layers) or small.")]
@@ -40,8 +41,9 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("init-model", epilog=_EXAMPLES)
     @user_errors
-    def init_model(corpus: CorpusOpt, out: OutOpt, size: SizeOpt = "tiny", seed: SeedOpt = 0,
-                   overwrite: OverwriteOpt = False) -> None:
+    def init_model(
+        corpus: CorpusOpt, out: OutOpt, size: SizeOpt = "tiny", seed: SeedOpt = 0, overwrite: OverwriteOpt = False
+    ) -> None:
         """Build a tiny Llama model + SentencePiece tokenizer (with a chat template) from a corpus."""
         from etokit.models.init_model import SIZES, build_tiny_model, read_corpus
 
@@ -72,13 +74,17 @@ Then train or explore with [cyan]--model models/smollm2[/cyan], or load it with
 """
 
 GgufPathArg = Annotated[
-    Path, typer.Argument(help="A .gguf file of an architecture transformers can load (llama, qwen2, ...).",
-                         show_default=False),
+    Path,
+    typer.Argument(
+        help="A .gguf file of an architecture transformers can load (llama, qwen2, ...).", show_default=False
+    ),
 ]
 ImportOutOpt = Annotated[
     Path, typer.Option("--out", help="Folder to write (safetensors, config, tokenizer).", show_default=False)
 ]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weight dtype of the saved model: float32, bfloat16 or float16.")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="Weight dtype of the saved model: float32, bfloat16 or float16.")
+]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists and is not empty.")]
 
 models_app = typer.Typer(
@@ -91,8 +97,9 @@ models_app = typer.Typer(
 
 @models_app.command("import-gguf", epilog=_IMPORT_GGUF_EXAMPLES)
 @user_errors
-def import_gguf_cmd(gguf_path: GgufPathArg, out: ImportOutOpt, dtype: DtypeOpt = "float32",
-                    overwrite: OverwriteOpt = False) -> None:
+def import_gguf_cmd(
+    gguf_path: GgufPathArg, out: ImportOutOpt, dtype: DtypeOpt = "float32", overwrite: OverwriteOpt = False
+) -> None:
     """Convert a GGUF checkpoint into a plain transformers model folder.
 
     Weights are dequantized and saved as safetensors with the tokenizer (fast, chat template kept) and generation config; the saved model must give the GGUF model's logits exactly.
@@ -100,8 +107,9 @@ def import_gguf_cmd(gguf_path: GgufPathArg, out: ImportOutOpt, dtype: DtypeOpt =
     from etokit.models.gguf import import_gguf
 
     with console.status("Importing...") as status:
-        out_dir = import_gguf(gguf_path, out, dtype, overwrite=overwrite,
-                             progress=lambda msg: status.update(f"{msg}..."))
+        out_dir = import_gguf(
+            gguf_path, out, dtype, overwrite=overwrite, progress=lambda msg: status.update(f"{msg}...")
+        )
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
     console.print(f"[green]✓[/] {out_dir}: logits match the GGUF model; {size / 1e6:,.1f} MB ({dtype})")
     console.print(f'  AutoModelForCausalLM.from_pretrained("{out_dir}")', markup=False)

@@ -122,7 +122,8 @@ def register(app: typer.Typer) -> None:
         env: EnvOpt = None,
         license: LicenseOpt = "apache-2.0",
         ties: Annotated[
-            Optional[int], typer.Option("--ties", min=0, help="Tasks dropped as ties while building the pairs (for the card).")
+            Optional[int],
+            typer.Option("--ties", min=0, help="Tasks dropped as ties while building the pairs (for the card)."),
         ] = None,
     ) -> None:
         """Publish contrastive trajectory pairs (DPO data) as a Hub dataset.

@@ -21,9 +21,14 @@ _EXAMPLES = """
 
 @user_errors
 def report(
-    source: Annotated[str, typer.Argument(metavar="RUN_DIR_OR_REPO", show_default=False,
-                                          help="A run folder (with manifest.json) or a Hub model repo NAMESPACE/NAME "
-                                               "pushed by `etokit run`.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="RUN_DIR_OR_REPO",
+            show_default=False,
+            help="A run folder (with manifest.json) or a Hub model repo NAMESPACE/NAME pushed by `etokit run`.",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("report.html"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ) -> None:

@@ -35,11 +35,16 @@ def _options_help() -> str:
         section = section_class(hints[f.name])
         if section is None:
             kind = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
-            lines.append(f"  --{f.name.replace('_', '-')} ({kind}, default {default!r}) {f.metadata.get('help', '')}".rstrip())
+            lines.append(
+                f"  --{f.name.replace('_', '-')} ({kind}, default {default!r}) {f.metadata.get('help', '')}".rstrip()
+            )
             continue
         # A section: YAML `bc: {learning_rate: 1e-5}`, flags --bc.learning-rate 1e-5 (--bc.no-lora, ...).
-        keys = ", ".join(f"{k.name.replace('_', '-')} {getattr(default, k.name)!r}" for k in dataclasses.fields(section)
-                         if k.name not in DPO_RUN_SETS or f.name == "dpo_schedule")
+        keys = ", ".join(
+            f"{k.name.replace('_', '-')} {getattr(default, k.name)!r}"
+            for k in dataclasses.fields(section)
+            if k.name not in DPO_RUN_SETS or f.name == "dpo_schedule"
+        )
         lines.append(f"  --{f.name.replace('_', '-')}.KEY VALUE  {f.metadata.get('help', '')}: {keys}")
     return "\n".join(lines).replace("[", r"\[").replace(r"\[bold]Config keys\[/bold]", "[bold]Config keys[/bold]")
 
@@ -47,10 +52,22 @@ def _options_help() -> str:
 @user_errors
 def run(
     ctx: typer.Context,
-    config: Annotated[typing.Optional[str], typer.Option("--config", "-c", help="YAML file of config keys (below), or the name of a config etokit ships.",
-                                                         show_default=False)] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir from its first unfinished "
-                                                          "stage (the config must be the same).")] = False,
+    config: Annotated[
+        typing.Optional[str],
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML file of config keys (below), or the name of a config etokit ships.",
+            show_default=False,
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --run-dir from its first unfinished stage (the config must be the same).",
+        ),
+    ] = False,
 ) -> None:
     """Run ETO end to end: expert data (played or given) -> behavioral cloning -> evaluation on
     test-seen / test-unseen -> N iterations of exploration, contrastive pairs (vs the expert), DPO
@@ -69,10 +86,16 @@ def run(
     cfg = parse_config(RunConfig, argv)
     rows = Run(cfg, resume=resume).run()
     print_unwrapped(results_table(rows), on=console)
-    console.print(f"[green]✓[/] results in {cfg.run_dir}/results.json; checkpoints at {cfg.push_to} "
-                  f"({', '.join(r['model'] for r in rows)}); report in {cfg.run_dir}/report.html")
+    console.print(
+        f"[green]✓[/] results in {cfg.run_dir}/results.json; checkpoints at {cfg.push_to} "
+        f"({', '.join(r['model'] for r in rows)}); report in {cfg.run_dir}/report.html"
+    )
 
 
 def register(app: typer.Typer) -> None:
-    app.command("run", epilog=_EXAMPLES + "\n" + _options_help(), rich_help_panel="ETO",
-                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(run)
+    app.command(
+        "run",
+        epilog=_EXAMPLES + "\n" + _options_help(),
+        rich_help_panel="ETO",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(run)

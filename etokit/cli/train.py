@@ -36,14 +36,25 @@ class Recipe(str, Enum):
 @user_errors
 def train(
     ctx: typer.Context,
-    recipe: Annotated[Recipe, typer.Argument(help="bc (behavioral cloning) or dpo (one ETO iteration's DPO).",
-                                             show_default=False)],
-    num_processes: Annotated[Optional[int], typer.Option(
-        "--num-processes", min=1, help="Processes to launch (several: data parallel; on a host without GPUs, "
-                                       "gloo ranks). Default: accelerate's default config.")] = None,
-    accelerate_config: Annotated[Optional[str], typer.Option(
-        "--accelerate-config", help="accelerate config file, or a config etokit ships: ddp, fsdp, "
-                                    "deepspeed_zero3, cpu_2proc.")] = None,
+    recipe: Annotated[
+        Recipe, typer.Argument(help="bc (behavioral cloning) or dpo (one ETO iteration's DPO).", show_default=False)
+    ],
+    num_processes: Annotated[
+        Optional[int],
+        typer.Option(
+            "--num-processes",
+            min=1,
+            help="Processes to launch (several: data parallel; on a host without GPUs, "
+            "gloo ranks). Default: accelerate's default config.",
+        ),
+    ] = None,
+    accelerate_config: Annotated[
+        Optional[str],
+        typer.Option(
+            "--accelerate-config",
+            help="accelerate config file, or a config etokit ships: ddp, fsdp, deepspeed_zero3, cpu_2proc.",
+        ),
+    ] = None,
     help_recipe: Annotated[bool, typer.Option("--help-recipe", help="Print the recipe's flags and exit.")] = False,
 ) -> None:
     """Launch a training recipe (etokit.recipes.train_bc / train_dpo) with accelerate. Flags other
@@ -60,5 +71,9 @@ def train(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train", epilog=_EXAMPLES, rich_help_panel="ETO",
-                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(train)
+    app.command(
+        "train",
+        epilog=_EXAMPLES,
+        rich_help_panel="ETO",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(train)

@@ -29,5 +29,7 @@ def resolve(name_or_path: str, kind: str = "run") -> Path:
     name = path.stem if path.suffix in (".yaml", ".yml") else path.name
     if name in known and (len(path.parts) == 1 or path.parent.name in ("configs", "accelerate")):
         return known[name]
-    raise EtokitError(f"config {name_or_path!r}: no such file, and etokit ships no {kind} config of that name "
-                      f"(shipped: {', '.join(sorted(known))})")
+    raise EtokitError(
+        f"config {name_or_path!r}: no such file, and etokit ships no {kind} config of that name "
+        f"(shipped: {', '.join(sorted(known))})"
+    )

@@ -37,23 +37,45 @@ def missing_reward_error(loc: Loc, env: str) -> DataError:
         f"an official {env} expert row without a reward: the pair rule compares each agent episode with the "
         "expert's reward, and only ScienceWorld and ALFWorld experts are scored 1.0 by the official code. "
         "Pass --expert-reward R (expert_reward in a run config) to state one, recorded in the dataset and model "
-        "cards, or use the official local file (data/webshop_sft.json keeps each row's reward)", "reward")
+        "cards, or use the official local file (data/webshop_sft.json keeps each row's reward)",
+        "reward",
+    )
+
 
 # ETO names a ScienceWorld task "<task number>_<variation>" (eval_agent/data/sciworld/taskname2id.json),
 # etokit's environment "<simulator task name>_<variation>". Imports use etokit's id, so imported expert
 # rows pair with etokit's exploration; the original id is kept for export, and rows etokit made
 # (its expert, its exploration) export under the official id, so the official scripts read them.
 SCIWORLD_TASK_NAMES = {
-    0: "boil", 1: "change-the-state-of-matter-of", 2: "freeze", 3: "melt",
-    4: "measure-melting-point-known-substance", 6: "use-thermometer", 7: "power-component",
-    8: "power-component-renewable-vs-nonrenewable-energy", 9: "test-conductivity",
-    10: "test-conductivity-of-unknown-substances", 11: "find-animal", 12: "find-living-thing",
-    13: "find-non-living-thing", 14: "find-plant", 15: "grow-fruit", 16: "grow-plant", 17: "chemistry-mix",
-    18: "chemistry-mix-paint-secondary-color", 19: "chemistry-mix-paint-tertiary-color",
-    20: "lifespan-longest-lived", 21: "lifespan-longest-lived-then-shortest-lived", 22: "lifespan-shortest-lived",
-    23: "identify-life-stages-1", 24: "identify-life-stages-2", 25: "inclined-plane-determine-angle",
-    26: "inclined-plane-friction-named-surfaces", 27: "inclined-plane-friction-unnamed-surfaces",
-    28: "mendellian-genetics-known-plant", 29: "mendellian-genetics-unknown-plant",
+    0: "boil",
+    1: "change-the-state-of-matter-of",
+    2: "freeze",
+    3: "melt",
+    4: "measure-melting-point-known-substance",
+    6: "use-thermometer",
+    7: "power-component",
+    8: "power-component-renewable-vs-nonrenewable-energy",
+    9: "test-conductivity",
+    10: "test-conductivity-of-unknown-substances",
+    11: "find-animal",
+    12: "find-living-thing",
+    13: "find-non-living-thing",
+    14: "find-plant",
+    15: "grow-fruit",
+    16: "grow-plant",
+    17: "chemistry-mix",
+    18: "chemistry-mix-paint-secondary-color",
+    19: "chemistry-mix-paint-tertiary-color",
+    20: "lifespan-longest-lived",
+    21: "lifespan-longest-lived-then-shortest-lived",
+    22: "lifespan-shortest-lived",
+    23: "identify-life-stages-1",
+    24: "identify-life-stages-2",
+    25: "inclined-plane-determine-angle",
+    26: "inclined-plane-friction-named-surfaces",
+    27: "inclined-plane-friction-unnamed-surfaces",
+    28: "mendellian-genetics-known-plant",
+    29: "mendellian-genetics-unknown-plant",
 }
 SCIWORLD_TASK_NUMBERS = {name: number for number, name in SCIWORLD_TASK_NAMES.items()}
 
@@ -61,8 +83,14 @@ SFT_REQUIRED = ("id", "conversations")
 PAIR_REQUIRED = ("id", "prompt", "chosen", "rejected")
 
 
-def trajectory_from_eto(row: dict[str, Any], *, env: str, split: str = "train",
-                        where: str | Loc = "ETO row", expert_reward: float | None = None) -> Trajectory:
+def trajectory_from_eto(
+    row: dict[str, Any],
+    *,
+    env: str,
+    split: str = "train",
+    where: str | Loc = "ETO row",
+    expert_reward: float | None = None,
+) -> Trajectory:
     """An official SFT row as a validated expert Trajectory (human -> user, gpt -> assistant).
 
     A row without a reward gets the official rule's 1.0 in ScienceWorld and ALFWorld; elsewhere
@@ -83,14 +111,24 @@ def trajectory_from_eto(row: dict[str, Any], *, env: str, split: str = "train",
     if stated:
         extra["expert_reward_stated"] = reward
     # A null reward (a Parquet column shared with rows that have one) is kept as null on export.
-    others = {k: v for k, v in row.items()
-              if k not in ("id", "conversations", "game_file") and not (k == "reward" and v is not None)}
+    others = {
+        k: v
+        for k, v in row.items()
+        if k not in ("id", "conversations", "game_file") and not (k == "reward" and v is not None)
+    }
     if "game_file" in row:
         extra["game_file"] = row["game_file"]
     if others:
         extra["eto_fields"] = others
-    t = Trajectory(task_id=task_id_from_eto(record_id, env), env=env, split=split, messages=messages,
-                   reward=float(reward), source="expert", extra=extra)
+    t = Trajectory(
+        task_id=task_id_from_eto(record_id, env),
+        env=env,
+        split=split,
+        messages=messages,
+        reward=float(reward),
+        source="expert",
+        extra=extra,
+    )
     validate_trajectory(t, where=loc)
     return t
 
@@ -155,8 +193,11 @@ def messages_to_turns(messages: list[dict[str, str]], field: str, task_id: str) 
     for i, m in enumerate(messages):
         if m["role"] not in ROLE_TO_FROM:
             # The official format has human/gpt turns only; a system prompt has nowhere to go.
-            raise DataError(f"role {m['role']!r} has no official ETO equivalent (only user and assistant turns)",
-                            where=f"task {task_id!r}", field=f"{field}[{i}].role")
+            raise DataError(
+                f"role {m['role']!r} has no official ETO equivalent (only user and assistant turns)",
+                where=f"task {task_id!r}",
+                field=f"{field}[{i}].role",
+            )
         turns.append({"from": ROLE_TO_FROM[m["role"]], "value": m["content"]})
     return turns
 

@@ -17,10 +17,25 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from etokit.data.eto_format import pair_from_eto, pair_to_eto, trajectory_from_eto, trajectory_to_eto
-from etokit.data.schema import (PAIR_COLUMNS, SCHEMA_VERSION, TRAJECTORY_COLUMNS, Pair, RecordKind, Trajectory,
-                                pair_features, trajectory_features)
-from etokit.data.validate import (DataError, Loc, _check_messages, _check_reward, _is_int, validate_pair,
-                                  validate_trajectory)
+from etokit.data.schema import (
+    PAIR_COLUMNS,
+    SCHEMA_VERSION,
+    TRAJECTORY_COLUMNS,
+    Pair,
+    RecordKind,
+    Trajectory,
+    pair_features,
+    trajectory_features,
+)
+from etokit.data.validate import (
+    DataError,
+    Loc,
+    _check_messages,
+    _check_reward,
+    _is_int,
+    validate_pair,
+    validate_trajectory,
+)
 from etokit.durable_io import atomic_write  # noqa: F401 - re-exported: etokit.data.atomic_write
 from etokit.faults import armed, faultpoint, fire
 
@@ -38,8 +53,10 @@ FORMATS = {
 _CLASSES = {"trajectory": Trajectory, "pair": Pair}
 _COLUMNS = {"trajectory": TRAJECTORY_COLUMNS, "pair": PAIR_COLUMNS}
 _PLURAL = {"trajectory": "trajectories", "pair": "pairs"}
-_REQUIRED = {"trajectory": ("task_id", "env", "messages", "reward"),
-             "pair": ("task_id", "env", "prompt", "chosen", "rejected")}
+_REQUIRED = {
+    "trajectory": ("task_id", "env", "messages", "reward"),
+    "pair": ("task_id", "env", "prompt", "chosen", "rejected"),
+}
 
 
 @dataclass
@@ -58,9 +75,15 @@ class Records:
 # ----------------------------------------------------------------------------------------- reading
 
 
-def load_records(path: str | Path, kind: RecordKind | None = None, *, env: str | None = None,
-                 split: str = "train", formats: Iterable[str] | None = None,
-                 expert_reward: float | None = None) -> Records:
+def load_records(
+    path: str | Path,
+    kind: RecordKind | None = None,
+    *,
+    env: str | None = None,
+    split: str = "train",
+    formats: Iterable[str] | None = None,
+    expert_reward: float | None = None,
+) -> Records:
     """Read an etokit or official ETO file (.jsonl, .json or .parquet), auto-detecting the format.
 
     ``kind`` and ``formats`` (names from FORMATS) assert what the file must hold. Official rows have
@@ -70,13 +93,29 @@ def load_records(path: str | Path, kind: RecordKind | None = None, *, env: str |
     does ``expert_reward``: the reward stated for official rows that have none (WebShop's Hub copy).
     """
     path = Path(path)
-    return records_from_rows(_read_rows(path), path, kind, env=env, split=split, formats=formats,
-                             names=(path.stem,), expert_reward=expert_reward)
+    return records_from_rows(
+        _read_rows(path),
+        path,
+        kind,
+        env=env,
+        split=split,
+        formats=formats,
+        names=(path.stem,),
+        expert_reward=expert_reward,
+    )
 
 
-def records_from_rows(rows: list[Any], where: Path, kind: RecordKind | None = None, *, env: str | None = None,
-                      split: str = "train", formats: Iterable[str] | None = None, names: Iterable[str] = (),
-                      expert_reward: float | None = None) -> Records:
+def records_from_rows(
+    rows: list[Any],
+    where: Path,
+    kind: RecordKind | None = None,
+    *,
+    env: str | None = None,
+    split: str = "train",
+    formats: Iterable[str] | None = None,
+    names: Iterable[str] = (),
+    expert_reward: float | None = None,
+) -> Records:
     """Validated records of ``rows`` read from ``where`` (a file, or a Hub dataset's label), in
     whichever format the first row has; ``names`` (file stem, Hub config and split) tell an official
     file's environment when ``env`` does not."""
@@ -95,8 +134,9 @@ def records_from_rows(rows: list[Any], where: Path, kind: RecordKind | None = No
         raise DataError(f"holds {_PLURAL[file_kind]} (format {fmt}), expected {_PLURAL[kind]}", path=where)
     if fmt.startswith("eto-"):
         env = env or infer_env(rows, where, names)
-    records = [_parse_row(row, fmt, i, where, env=env, split=split, expert_reward=expert_reward)
-               for i, row in enumerate(rows)]
+    records = [
+        _parse_row(row, fmt, i, where, env=env, split=split, expert_reward=expert_reward) for i, row in enumerate(rows)
+    ]
     return Records(kind=file_kind, records=records, format=fmt, path=where)
 
 
@@ -127,15 +167,19 @@ def _read_rows(path: Path) -> list[Any]:
     except json.JSONDecodeError as e:
         raise _json_error(e, text, path) from None
     if not isinstance(rows, list):
-        raise DataError(f"expected a JSON list of rows at the top level, got {_kind_of(rows)} "
-                        "(one row per line belongs in a .jsonl file)", path=path)
+        raise DataError(
+            f"expected a JSON list of rows at the top level, got {_kind_of(rows)} "
+            "(one row per line belongs in a .jsonl file)",
+            path=path,
+        )
     return rows
 
 
 def _check_exists(path: Path, extensions: tuple[str, ...]) -> None:
     if path.suffix not in extensions:
-        raise DataError(f"unknown file extension {path.suffix or '(none)'!r}, expected {', '.join(extensions)}",
-                        path=path)
+        raise DataError(
+            f"unknown file extension {path.suffix or '(none)'!r}, expected {', '.join(extensions)}", path=path
+        )
     if not path.exists():
         raise DataError("file does not exist", path=path)
     if not path.is_file():
@@ -147,16 +191,18 @@ def _decode(data: bytes, path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"not UTF-8 text: invalid byte 0x{data[e.start]:02x} at byte offset {e.start} (line {line})",
-                        path=path) from None
+        raise DataError(
+            f"not UTF-8 text: invalid byte 0x{data[e.start]:02x} at byte offset {e.start} (line {line})", path=path
+        ) from None
 
 
 def _json_error(e: json.JSONDecodeError, text: str, path: Path) -> DataError:
     at = f"line {e.lineno}, column {e.colno} (char {e.pos})"
     # A string left open or a parse error at the very end both mean the input stopped early.
     if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
-        return DataError(f"truncated JSON: the file ends (after {len(text)} chars) before the value at {at} "
-                         "is complete", path=path)
+        return DataError(
+            f"truncated JSON: the file ends (after {len(text)} chars) before the value at {at} is complete", path=path
+        )
     return DataError(f"not valid JSON at {at}: {e.msg}", path=path)
 
 
@@ -214,21 +260,32 @@ def _detect(row: Any) -> str | None:
 def _no_format(row: Any, path: Path, i: int) -> DataError:
     shape = f"keys {', '.join(map(repr, row))}" if isinstance(row, dict) else _kind_of(row)
     known = "; ".join(f"{name} ({what})" for name, (_, what) in FORMATS.items())
-    return DataError(f"matches no known format ({shape}); expected one of: {known}", path=path, row=i,
-                     record_id=_row_id(row))
+    return DataError(
+        f"matches no known format ({shape}); expected one of: {known}", path=path, row=i, record_id=_row_id(row)
+    )
 
 
 # Names the official files, configs and splits use for each environment (data/sciworld_sft.json,
 # split "scienceworld" of agent-eto/eto-sft-trajectory).
-_ENV_NAME_WORDS = {"webshop": "webshop", "scienceworld": "scienceworld", "sciworld": "scienceworld",
-                   "alfworld": "alfworld"}
+_ENV_NAME_WORDS = {
+    "webshop": "webshop",
+    "scienceworld": "scienceworld",
+    "sciworld": "scienceworld",
+    "alfworld": "alfworld",
+}
 
 
 def env_from_names(names: Iterable[str | None]) -> str | None:
     """The environment a file stem, Hub config or split names (``sciworld_sft``, ``scienceworld``), if
     exactly one is named."""
-    found = {env for name in names if name for word in re.split(r"[^a-z]+", name.lower())
-             for key, env in _ENV_NAME_WORDS.items() if word == key}
+    found = {
+        env
+        for name in names
+        if name
+        for word in re.split(r"[^a-z]+", name.lower())
+        for key, env in _ENV_NAME_WORDS.items()
+        if word == key
+    }
     return found.pop() if len(found) == 1 else None
 
 
@@ -242,14 +299,24 @@ def infer_env(rows: list, where: Path, names: Iterable[str | None] = ()) -> str:
     if all(isinstance(r, dict) and r.get("game_file") for r in rows):
         return "alfworld"
     named = ", ".join(repr(n) for n in names if n)
-    raise DataError("official ETO rows do not say which environment they come from, and "
-                    f"{'neither of ' + named + ' names one' if named else 'no name tells it'}: --env is needed "
-                    "(e.g. --env webshop or --env scienceworld; rows with game_file are inferred as alfworld)",
-                    path=where)
+    raise DataError(
+        "official ETO rows do not say which environment they come from, and "
+        f"{'neither of ' + named + ' names one' if named else 'no name tells it'}: --env is needed "
+        "(e.g. --env webshop or --env scienceworld; rows with game_file are inferred as alfworld)",
+        path=where,
+    )
 
 
-def _parse_row(row: Any, fmt: str, i: int, path: Path, *, env: str | None = None, split: str = "train",
-               expert_reward: float | None = None):
+def _parse_row(
+    row: Any,
+    fmt: str,
+    i: int,
+    path: Path,
+    *,
+    env: str | None = None,
+    split: str = "train",
+    expert_reward: float | None = None,
+):
     loc = Loc(path=path, row=i, record_id=_row_id(row))
     found = _detect(row)
     if found != fmt:
@@ -273,12 +340,16 @@ def _from_etokit_row(row: dict, kind: RecordKind, loc: Loc):
         raise loc.error(f"missing required field(s) {', '.join(map(repr, missing))}")
     version = row.get("schema_version", SCHEMA_VERSION)
     if not _is_int(version) or version != SCHEMA_VERSION:
-        raise loc.error(f"data schema version {version!r}, this etokit reads version {SCHEMA_VERSION} "
-                        "(a file from a newer etokit needs that etokit, or a conversion)", "schema_version")
+        raise loc.error(
+            f"data schema version {version!r}, this etokit reads version {SCHEMA_VERSION} "
+            "(a file from a newer etokit needs that etokit, or a conversion)",
+            "schema_version",
+        )
     unknown = [k for k in row if k not in _COLUMNS[kind] and k != "schema_version"]
     if unknown:
-        raise loc.error(f"unknown column(s) {', '.join(map(repr, unknown))}; a {kind} row has only "
-                        f"{', '.join(_COLUMNS[kind])}")
+        raise loc.error(
+            f"unknown column(s) {', '.join(map(repr, unknown))}; a {kind} row has only {', '.join(_COLUMNS[kind])}"
+        )
     row = {k: v for k, v in row.items() if k != "schema_version"}
     for name in ("task_id", "env"):
         if not isinstance(row[name], str) or not row[name]:
@@ -333,8 +404,10 @@ def from_dataset(ds, kind: RecordKind) -> list:
         raise DataError(f"unknown kind {kind!r}, expected one of {', '.join(KINDS)}")
     missing = [c for c in _REQUIRED[kind] if c not in ds.column_names]
     if missing:
-        raise DataError(f"dataset has no column(s) {', '.join(map(repr, missing))} of a {kind} dataset "
-                        f"(columns: {', '.join(ds.column_names)})")
+        raise DataError(
+            f"dataset has no column(s) {', '.join(map(repr, missing))} of a {kind} dataset "
+            f"(columns: {', '.join(ds.column_names)})"
+        )
     return [_from_etokit_row(row, kind, Loc(text=f"dataset row {i}")) for i, row in enumerate(ds)]
 
 
@@ -418,8 +491,9 @@ class JsonlAppender:
                 with open(self.path, "r+b") as f:
                     f.truncate(keep)
                     os.fsync(f.fileno())
-                logger.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run",
-                               self.path, self.repaired_bytes)
+                logger.warning(
+                    "%s: dropped a torn last line (%d bytes) left by an interrupted run", self.path, self.repaired_bytes
+                )
         else:
             _prepare_new_jsonl(self.path)
         self.existing_ids = frozenset(r.task_id for r in self.existing)
@@ -438,7 +512,7 @@ class JsonlAppender:
             os.write(self._fd, view[: len(view) // 2])
             fire()
         while view:
-            view = view[os.write(self._fd, view):]
+            view = view[os.write(self._fd, view) :]
         os.fsync(self._fd)
         self.ids.add(record.task_id)
         self.count += 1

@@ -25,10 +25,33 @@ MODES = ("trajectory", "step", "mixture", "self-play")
 SCHEMA_VERSION = 1
 
 # Column order on disk and on the Hub.
-TRAJECTORY_COLUMNS = ("task_id", "env", "split", "messages", "reward", "success", "num_steps", "source",
-                      "model", "model_revision", "seed", "extra")
-PAIR_COLUMNS = ("task_id", "env", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward",
-                "outcome", "mode", "iteration", "extra")
+TRAJECTORY_COLUMNS = (
+    "task_id",
+    "env",
+    "split",
+    "messages",
+    "reward",
+    "success",
+    "num_steps",
+    "source",
+    "model",
+    "model_revision",
+    "seed",
+    "extra",
+)
+PAIR_COLUMNS = (
+    "task_id",
+    "env",
+    "prompt",
+    "chosen",
+    "rejected",
+    "chosen_reward",
+    "rejected_reward",
+    "outcome",
+    "mode",
+    "iteration",
+    "extra",
+)
 
 Message = dict[str, str]
 

@@ -34,14 +34,23 @@ class HubDataset:
     revision: str | None = None
 
     def __str__(self) -> str:
-        parts = [f"config {self.config}" if self.config else "", f"split {self.split}" if self.split else "",
-                 f"revision {self.revision}" if self.revision else ""]
+        parts = [
+            f"config {self.config}" if self.config else "",
+            f"split {self.split}" if self.split else "",
+            f"revision {self.revision}" if self.revision else "",
+        ]
         details = ", ".join(p for p in parts if p)
         return f"{self.repo} ({details})" if details else self.repo
 
 
-def parse_source(text: str | Path, *, config: str | None = None, split: str | None = None,
-                 revision: str | None = None, option: str = "--data") -> Path | HubDataset:
+def parse_source(
+    text: str | Path,
+    *,
+    config: str | None = None,
+    split: str | None = None,
+    revision: str | None = None,
+    option: str = "--data",
+) -> Path | HubDataset:
     """A local file when ``text`` exists, else a Hub dataset ``NAMESPACE/NAME[@REVISION][:SPLIT]``
     (the options ``config``/``split``/``revision`` fill what the text leaves out)."""
     path = Path(text)
@@ -50,8 +59,9 @@ def parse_source(text: str | Path, *, config: str | None = None, split: str | No
     text = str(text)
     match = _SPEC.match(text)
     if match is None or text.startswith((".", "/", "~")) or Path(text).suffix in (".jsonl", ".json", ".parquet"):
-        raise DataError(f"{option} {text!r} is neither an existing file nor a Hub dataset "
-                        "NAMESPACE/NAME[@REVISION][:SPLIT]")
+        raise DataError(
+            f"{option} {text!r} is neither an existing file nor a Hub dataset NAMESPACE/NAME[@REVISION][:SPLIT]"
+        )
     from etokit.data.names import check_repo_id, check_revision
 
     repo = check_repo_id(match["repo"], option)
@@ -61,9 +71,16 @@ def parse_source(text: str | Path, *, config: str | None = None, split: str | No
     return HubDataset(repo=repo, config=config, split=match["split"] or split, revision=revision)
 
 
-def load_source(source: str | Path | HubDataset, kind: RecordKind | None = None, *, env: str | None = None,
-                split: str = "train", formats: Iterable[str] | None = None, expert_reward: float | None = None,
-                option: str = "--data") -> Records:
+def load_source(
+    source: str | Path | HubDataset,
+    kind: RecordKind | None = None,
+    *,
+    env: str | None = None,
+    split: str = "train",
+    formats: Iterable[str] | None = None,
+    expert_reward: float | None = None,
+    option: str = "--data",
+) -> Records:
     """The validated records of a file or Hub dataset. ``split`` is the environment split official
     SFT rows are recorded under (etokit rows carry their own); the Hub split is the source's."""
     if not isinstance(source, HubDataset):
@@ -78,8 +95,16 @@ def load_source(source: str | Path | HubDataset, kind: RecordKind | None = None,
     except Exception as e:  # noqa: BLE001 - datasets raises many types; each becomes one clear line
         raise DataError(f"cannot load {option} {source}: {_describe(e)}") from None
     resolved = HubDataset(source.repo, config, hub_split, source.revision)
-    return records_from_rows(ds.to_list(), Path(str(resolved)), kind, env=env, split=split, formats=formats,
-                             names=(hub_split, config, source.repo.split("/")[1]), expert_reward=expert_reward)
+    return records_from_rows(
+        ds.to_list(),
+        Path(str(resolved)),
+        kind,
+        env=env,
+        split=split,
+        formats=formats,
+        names=(hub_split, config, source.repo.split("/")[1]),
+        expert_reward=expert_reward,
+    )
 
 
 def _resolve(source: HubDataset, env: str | None) -> tuple[str | None, str]:
@@ -113,8 +138,10 @@ def _resolve(source: HubDataset, env: str | None) -> tuple[str | None, str]:
         return config, splits[0]
     if "train" in splits:
         return config, "train"
-    raise DataError(f"{source} has splits {', '.join(splits)}: name one as {source.repo}:SPLIT "
-                    "(or pass --env to pick the environment's)")
+    raise DataError(
+        f"{source} has splits {', '.join(splits)}: name one as {source.repo}:SPLIT "
+        "(or pass --env to pick the environment's)"
+    )
 
 
 def _describe(e: Exception) -> str:

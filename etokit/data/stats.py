@@ -27,8 +27,12 @@ def trajectory_stats(trajs: Iterable[Trajectory]) -> dict:
         "envs": dict(sorted(Counter(t.env for t in trajs).items())),
         "sources": dict(sorted(Counter(t.source for t in trajs).items())),
         # Rewards no row carried, stated by the user (--expert-reward): value -> rows. The cards say so.
-        "expert_reward_stated": {str(v): n for v, n in sorted(Counter(
-            t.extra["expert_reward_stated"] for t in trajs if "expert_reward_stated" in t.extra).items())},
+        "expert_reward_stated": {
+            str(v): n
+            for v, n in sorted(
+                Counter(t.extra["expert_reward_stated"] for t in trajs if "expert_reward_stated" in t.extra).items()
+            )
+        },
     }
 
 
@@ -51,8 +55,10 @@ def pair_stats(pairs: Iterable[Pair], ties: int | None = None) -> dict:
         "envs": dict(sorted(Counter(p.env for p in pairs).items())),
         "modes": dict(sorted(Counter(p.mode for p in pairs).items())),
         # String keys keep the summary JSON-serialisable (it is published next to the dataset).
-        "iterations": {("none" if i is None else str(i)): n for i, n in
-                       sorted(Counter(p.iteration for p in pairs).items(), key=lambda kv: (kv[0] is None, kv[0] or 0))},
+        "iterations": {
+            ("none" if i is None else str(i)): n
+            for i, n in sorted(Counter(p.iteration for p in pairs).items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+        },
     }
 
 

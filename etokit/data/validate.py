@@ -20,8 +20,16 @@ class DataError(EtokitError):
     """A file or record that etokit cannot use. ``str(e)`` reads
     ``<file>, row 3 (id 'x'), field 'messages[2].role': expected ..., got ...``."""
 
-    def __init__(self, problem: str, *, path: str | Path | None = None, row: int | None = None,
-                 record_id: Any = None, field: str | None = None, where: str | None = None):
+    def __init__(
+        self,
+        problem: str,
+        *,
+        path: str | Path | None = None,
+        row: int | None = None,
+        record_id: Any = None,
+        field: str | None = None,
+        where: str | None = None,
+    ):
         self.problem = problem
         self.path = Path(path) if path is not None else None
         self.row = row
@@ -97,15 +105,21 @@ def validate_pair(p: Pair, *, where: str | Loc = "pair") -> None:
     _check_messages(p.prompt, "prompt", loc)
     _check_order(p.prompt, "prompt", loc, first="user", allow_system=True)
     if p.prompt[-1]["role"] != "user":
-        raise loc.error(f"the prompt must end on a turn of role {_role('user', loc)} (the task), "
-                        f"got {_role(p.prompt[-1]['role'], loc)} last", "prompt")
+        raise loc.error(
+            f"the prompt must end on a turn of role {_role('user', loc)} (the task), "
+            f"got {_role(p.prompt[-1]['role'], loc)} last",
+            "prompt",
+        )
     for side in ("chosen", "rejected"):
         msgs = getattr(p, side)
         _check_messages(msgs, side, loc)
         _check_order(msgs, side, loc, first="assistant", allow_system=False)
         if msgs[-1]["role"] != "assistant":
-            raise loc.error(f"{side} must end on a turn of role {_role('assistant', loc)} (drop the trailing "
-                            f"observation), got {_role(msgs[-1]['role'], loc)} last", side)
+            raise loc.error(
+                f"{side} must end on a turn of role {_role('assistant', loc)} (drop the trailing "
+                f"observation), got {_role(msgs[-1]['role'], loc)} last",
+                side,
+            )
     if _plain(p.chosen) == _plain(p.rejected):
         raise loc.error("chosen is identical to rejected; a pair needs two different continuations", "chosen")
     _check_reward(p.chosen_reward, "chosen_reward", loc, optional=True)
@@ -136,8 +150,11 @@ def _check_messages(msgs: Any, field: str, loc: Loc) -> None:
         if not isinstance(m, dict):
             raise loc.error(f"expected a message object, got {type(m).__name__}", name)
         if "from" in m or "value" in m:
-            raise loc.error("message uses the official ETO keys from/value, expected role/content; "
-                            "convert official files with `etokit import-eto`", name)
+            raise loc.error(
+                "message uses the official ETO keys from/value, expected role/content; "
+                "convert official files with `etokit import-eto`",
+                name,
+            )
         check_turn_keys(m, ("role", "content"), "a message", loc, name)
         if m["role"] not in ROLES:
             raise loc.error(f"unknown role {m['role']!r}, expected one of {', '.join(ROLES)}", f"{name}.role")
@@ -145,7 +162,7 @@ def _check_messages(msgs: Any, field: str, loc: Loc) -> None:
         if not isinstance(content, str):
             raise loc.error(f"expected a string, got {type(content).__name__}", f"{name}.{_content_key(loc)}")
         if content == "":
-            raise loc.error("empty content: expected non-empty text, got \"\"", f"{name}.{_content_key(loc)}")
+            raise loc.error('empty content: expected non-empty text, got ""', f"{name}.{_content_key(loc)}")
 
 
 def _check_order(msgs: list, field: str, loc: Loc, *, first: str, allow_system: bool) -> None:
@@ -157,8 +174,10 @@ def _check_order(msgs: list, field: str, loc: Loc, *, first: str, allow_system: 
         role = msgs[i]["role"]
         if role != expected:
             why = "a system turn is only allowed first" if role == "system" else "turns must alternate"
-            raise loc.error(f"expected role {_role(expected, loc)}, got {_role(role, loc)} ({why})",
-                            f"{field}[{i}].{_role_key(loc)}")
+            raise loc.error(
+                f"expected role {_role(expected, loc)}, got {_role(role, loc)} ({why})",
+                f"{field}[{i}].{_role_key(loc)}",
+            )
         expected = other[expected]
     if start == len(msgs):
         raise loc.error("only a system turn; expected user/assistant turns after it", field)
@@ -208,5 +227,7 @@ def check_turn_keys(turn: dict, keys: tuple[str, str], what: str, loc: Loc, name
         raise loc.error(f"missing required key(s) {', '.join(repr(k) for k in missing)}", name)
     unexpected = set(turn) - set(keys)
     if unexpected:
-        raise loc.error(f"unexpected key(s) {', '.join(sorted(map(repr, unexpected)))}; "
-                        f"{what} has only {keys[0]} and {keys[1]}", name)
+        raise loc.error(
+            f"unexpected key(s) {', '.join(sorted(map(repr, unexpected)))}; {what} has only {keys[0]} and {keys[1]}",
+            name,
+        )

@@ -38,7 +38,7 @@ def default_data_dir() -> Path:
 
 def _strip_arrival(obs: str) -> str:
     # ETO drops the "You arrive at loc N. " prefix older grammars put before the receptacle text.
-    return obs[obs.find(". ") + 2:] if obs.startswith("You arrive at loc ") else obs
+    return obs[obs.find(". ") + 2 :] if obs.startswith("You arrive at loc ") else obs
 
 
 def to_eto_action(action: str) -> str:
@@ -123,8 +123,12 @@ class AlfWorldEnv:
         self._admissible = list(state["admissible_commands"] or [])
         # ETO's task turn: the room description and the goal, without the banner paragraph.
         text = "\n".join(state["feedback"].strip().split("\n\n")[1:])
-        return Reset(task_id=task_id, instruction=text, observation="",
-                     info={"game_file": str(path), "available_actions": self._admissible})
+        return Reset(
+            task_id=task_id,
+            instruction=text,
+            observation="",
+            info={"game_file": str(path), "available_actions": self._admissible},
+        )
 
     def _to_game_action(self, action: str) -> str:
         action = " ".join(action.strip().split())
@@ -144,9 +148,16 @@ class AlfWorldEnv:
         self._admissible = list(state["admissible_commands"] or [])
         truncated = not (won or game_over) and self._steps >= self._limit
         self._done = won or game_over or truncated
-        info = {"valid": valid, "steps": self._steps, "truncated": truncated, "won": won,
-                "available_actions": [to_eto_action(a) for a in self._admissible]}
-        return Step(observation=_strip_arrival(state["feedback"].strip()), reward=float(won), done=self._done, info=info)
+        info = {
+            "valid": valid,
+            "steps": self._steps,
+            "truncated": truncated,
+            "won": won,
+            "available_actions": [to_eto_action(a) for a in self._admissible],
+        }
+        return Step(
+            observation=_strip_arrival(state["feedback"].strip()), reward=float(won), done=self._done, info=info
+        )
 
     def expert(self, task_id: str) -> list[str] | None:
         game = json.loads(self.game_file(task_id).read_text())

@@ -54,16 +54,24 @@ def initial_state_pddl(scene: Scene, goal: str) -> str:
     lines = ["(define (problem plan_etokit)", "(:domain alfred)", "(:objects", "agent1 - agent"]
     lines += [f"{t}Type - otype" for t in otypes] + [f"{t}Type - rtype" for t in rtypes]
     lines += [f"{i} - object" for i, _, _ in obj_ids] + [f"{recep_ids[k]} - receptacle" for k in rtypes]
-    lines += ["loc_start - location", *[f"{loc} - location" for loc in locs.values()], ")", "(:init",
-              "(atLocation agent1 loc_start)"]
+    lines += [
+        "loc_start - location",
+        *[f"{loc} - location" for loc in locs.values()],
+        ")",
+        "(:init",
+        "(atLocation agent1 loc_start)",
+    ]
     for kind, openable in scene.receptacles:
         rid = recep_ids[kind]
         lines += [f"(receptacleType {rid} {kind}Type)", f"(receptacleAtLocation {rid} {locs[kind]})"]
         if openable:
             lines.append(f"(openable {rid})")
     for oid, obj, where in obj_ids:
-        lines += [f"(objectType {oid} {obj.type}Type)", f"(inReceptacle {oid} {recep_ids[where]})",
-                  f"(objectAtLocation {oid} {locs[where]})"]
+        lines += [
+            f"(objectType {oid} {obj.type}Type)",
+            f"(inReceptacle {oid} {recep_ids[where]})",
+            f"(objectAtLocation {oid} {locs[where]})",
+        ]
         if "toggleable" not in obj.properties:
             lines.append(f"(pickupable {oid})")
         lines += [f"({p} {oid})" for p in obj.properties]
@@ -73,8 +81,15 @@ def initial_state_pddl(scene: Scene, goal: str) -> str:
     return "\n".join(lines)
 
 
-def write_task(task_dir: str | os.PathLike, task_type: str, scene: Scene, obj: str, recep: str = "",
-               toggle: str = "", mrecep: str = "") -> Path:
+def write_task(
+    task_dir: str | os.PathLike,
+    task_type: str,
+    scene: Scene,
+    obj: str,
+    recep: str = "",
+    toggle: str = "",
+    mrecep: str = "",
+) -> Path:
     """Write an ALFRED-format task folder; the goal is ALFRED's own PDDL goal for ``task_type``."""
     from alfworld.gen.goal_library import gdict
 
@@ -85,9 +100,16 @@ def write_task(task_dir: str | os.PathLike, task_type: str, scene: Scene, obj: s
     if goal.endswith(")") and goal.count(")") > goal.count("("):
         goal = goal[:-1].rstrip()  # ALFRED's templates also close the problem; we close it ourselves
     (task_dir / "initial_state.pddl").write_text(initial_state_pddl(scene, goal) + "\n)\n")
-    traj = {"task_type": task_type,
-            "pddl_params": {"object_target": obj, "parent_target": recep, "toggle_target": toggle,
-                            "mrecep_target": mrecep, "object_sliced": False}}
+    traj = {
+        "task_type": task_type,
+        "pddl_params": {
+            "object_target": obj,
+            "parent_target": recep,
+            "toggle_target": toggle,
+            "mrecep_target": mrecep,
+            "object_sliced": False,
+        },
+    }
     (task_dir / "traj_data.json").write_text(json.dumps(traj, indent=2))
     return task_dir
 
@@ -110,8 +132,13 @@ def make_game(task_dir: str | os.PathLike, seed: int = 0, expert_type: str = "ha
         grammar = add_task_to_grammar(Path(ALFRED_TWL2_PATH).read_text(), traj, rng=random.Random(seed))
     finally:
         random.setstate(state)
-    game = {"pddl_domain": Path(ALFRED_PDDL_PATH).read_text(), "grammar": grammar,
-            "pddl_problem": (task_dir / "initial_state.pddl").read_text(), "solvable": None, "walkthrough": None}
+    game = {
+        "pddl_domain": Path(ALFRED_PDDL_PATH).read_text(),
+        "grammar": grammar,
+        "pddl_problem": (task_dir / "initial_state.pddl").read_text(),
+        "solvable": None,
+        "walkthrough": None,
+    }
     path = task_dir / "game.tw-pddl"
     _write_json(path, game)
 

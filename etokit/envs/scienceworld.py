@@ -86,8 +86,10 @@ def task_id_of(task: str, variation: int) -> str:
 def parse_task_id(task_id: str) -> tuple[str, int]:
     task, _, variation = task_id.rpartition("_")
     if task not in MAX_STEPS or not variation.isdigit():
-        raise EtokitError(f"scienceworld: bad task id {task_id!r}; expected '<task-name>_<variation>' "
-                          f"with a task name among: {', '.join(MAX_STEPS)}")
+        raise EtokitError(
+            f"scienceworld: bad task id {task_id!r}; expected '<task-name>_<variation>' "
+            f"with a task name among: {', '.join(MAX_STEPS)}"
+        )
     return task, int(variation)
 
 
@@ -111,8 +113,9 @@ class ScienceWorldEnv:
     name = "scienceworld"
     max_steps = max(MAX_STEPS.values())  # set to the task's own limit by reset()
 
-    def __init__(self, simplification: str = "easy", max_steps: int | None = None, heap: str = "512m",
-                 splits: str = "official"):
+    def __init__(
+        self, simplification: str = "easy", max_steps: int | None = None, heap: str = "512m", splits: str = "official"
+    ):
         from scienceworld.constants import BASEPATH, JAR_PATH
 
         from etokit.envs.worker import JavaServer
@@ -159,8 +162,12 @@ class ScienceWorldEnv:
         self.max_steps = self._max_steps_override or MAX_STEPS[task]  # the agent's limit
         self._limit = max_steps or self.max_steps
         self._done, self._steps, self._reward = False, 0, 0.0
-        return Reset(task_id=task_id, instruction=str(self._server.getTaskDescription()).strip(), observation="",
-                     info={"task": task, "max_steps": self.max_steps})
+        return Reset(
+            task_id=task_id,
+            instruction=str(self._server.getTaskDescription()).strip(),
+            observation="",
+            info={"task": task, "max_steps": self.max_steps},
+        )
 
     def step(self, action: str) -> Step:
         if self._done:
@@ -171,8 +178,12 @@ class ScienceWorldEnv:
         self._steps += 1
         self._reward = max(self._reward, min(1.0, max(0.0, score)))
         self._done = completed or score < 0 or self._steps >= self._limit
-        return Step(observation=observation.strip(), reward=self._reward, done=self._done,
-                    info={"score": score, "steps": self._steps})
+        return Step(
+            observation=observation.strip(),
+            reward=self._reward,
+            done=self._done,
+            info={"score": score, "steps": self._steps},
+        )
 
     def expert(self, task_id: str) -> list[str] | None:
         """The simulator's gold action sequence. It may answer "ambiguous request" prompts with a

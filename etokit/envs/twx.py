@@ -23,8 +23,7 @@ _FOLDS = {"train": "train", "test-seen": "dev", "test-unseen": "test"}
 class TextWorldExpressEnv:
     name = "textworld-express"
 
-    def __init__(self, game: str = DEFAULT_GAME, params: str = DEFAULT_PARAMS, max_steps: int = 30,
-                 heap: str = "256m"):
+    def __init__(self, game: str = DEFAULT_GAME, params: str = DEFAULT_PARAMS, max_steps: int = 30, heap: str = "256m"):
         from textworld_express.constants import BASEPATH, JAR_PATH
 
         from etokit.envs.worker import JavaServer
@@ -75,8 +74,12 @@ class TextWorldExpressEnv:
         self._task_id, self._steps, self._done, self._reward = task_id, 0, False, 0.0
         self._limit = max_steps or self.max_steps
         self._valid = state.get("validActions", [])
-        return Reset(task_id=task_id, instruction=self._server.getTaskDescription(),
-                     observation=state["observation"].strip(), info={"game": self.game})
+        return Reset(
+            task_id=task_id,
+            instruction=self._server.getTaskDescription(),
+            observation=state["observation"].strip(),
+            info={"game": self.game},
+        )
 
     def step(self, action: str) -> Step:
         if self._done:
@@ -87,10 +90,15 @@ class TextWorldExpressEnv:
         # The game's score is the fraction of the recipe done; a failed game (wrong cut, eating
         # too early) can go negative, which the reward clips to 0.
         self._reward = min(1.0, max(0.0, float(state["score"])))
-        self._done = bool(state["tasksuccess"] or state["taskfailure"]) or self._reward >= 1.0 \
-            or self._steps >= self._limit
-        return Step(observation=state["observation"].strip(), reward=self._reward, done=self._done,
-                    info={"score": state["score"], "steps": self._steps, "won": bool(state["tasksuccess"])})
+        self._done = (
+            bool(state["tasksuccess"] or state["taskfailure"]) or self._reward >= 1.0 or self._steps >= self._limit
+        )
+        return Step(
+            observation=state["observation"].strip(),
+            reward=self._reward,
+            done=self._done,
+            info={"score": state["score"], "steps": self._steps, "won": bool(state["tasksuccess"])},
+        )
 
     def expert(self, task_id: str) -> list[str] | None:
         if task_id not in self._gold:

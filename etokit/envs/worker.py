@@ -45,8 +45,9 @@ class JavaServer:
         port, self.process = launch_gateway(
             classpath=jar, cwd=cwd, die_on_exit=True, javaopts=[f"-Xmx{heap}", *java_opts], return_proc=True
         )
-        self.gateway = JavaGateway(gateway_parameters=GatewayParameters(auto_field=True, port=port),
-                                   java_process=self.process)
+        self.gateway = JavaGateway(
+            gateway_parameters=GatewayParameters(auto_field=True, port=port), java_process=self.process
+        )
         self.jvm = self.gateway.jvm
 
     @property
@@ -110,8 +111,9 @@ class EnvWorker:
     :class:`EnvWorkerError` the worker is restarted on the next call; ``restarts`` counts them.
     """
 
-    def __init__(self, name: str, options: dict[str, Any] | None = None, step_timeout: float = 60.0,
-                 start_timeout: float = 180.0):
+    def __init__(
+        self, name: str, options: dict[str, Any] | None = None, step_timeout: float = 60.0, start_timeout: float = 180.0
+    ):
         self.env_name = name
         self.options = dict(options or {})
         self.step_timeout = step_timeout
@@ -133,8 +135,9 @@ class EnvWorker:
 
     def _start(self) -> None:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_serve, args=(child, self.env_name, self.options), daemon=True,
-                                 name=f"etokit-env-{self.env_name}")
+        proc = self._ctx.Process(
+            target=_serve, args=(child, self.env_name, self.options), daemon=True, name=f"etokit-env-{self.env_name}"
+        )
         proc.start()
         child.close()
         self._proc, self._conn = proc, parent
@@ -151,14 +154,17 @@ class EnvWorker:
         try:
             if not self._conn.poll(timeout):
                 self._kill()
-                raise EnvWorkerError(f"{self.env_name} worker: no answer after {timeout:g}s while {what}; "
-                                     "killed it (restarted on the next call)")
+                raise EnvWorkerError(
+                    f"{self.env_name} worker: no answer after {timeout:g}s while {what}; "
+                    "killed it (restarted on the next call)"
+                )
             return self._conn.recv()
         except (EOFError, ConnectionError, OSError) as e:
             code = self._proc.exitcode if self._proc is not None else None
             self._kill()
-            raise EnvWorkerError(f"{self.env_name} worker died while {what} (exit code {code}); "
-                                 "restarted on the next call") from e
+            raise EnvWorkerError(
+                f"{self.env_name} worker died while {what} (exit code {code}); restarted on the next call"
+            ) from e
 
     def _kill(self) -> None:
         """Stop the worker and everything it started (its JVM), without waiting for manners."""

@@ -64,16 +64,25 @@ def push_checkpoint(folder, repo_id, revision, *, card: dict, commit_message=Non
     api = HfApi()
     readme = render_model_card(repo_id, revision, card).encode()
     local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    local = [p for p in local if p != "README.md" and p.split("/")[0] not in _LOCAL_ONLY
-             and not any(part.startswith(".") for part in p.split("/"))]
+    local = [
+        p
+        for p in local
+        if p != "README.md"
+        and p.split("/")[0] not in _LOCAL_ONLY
+        and not any(part.startswith(".") for part in p.split("/"))
+    ]
     expected = {p: _Expected.of_file(folder / p) for p in local} | {"README.md": _Expected.of_bytes(readme)}
     what = f"push of {folder} to '{repo_id}' revision '{revision}'"
 
     def attempt() -> str:
-        retry.run(lambda: api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True),
-                  what=f"creating model '{repo_id}'")
-        retry.run(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True),
-                  what=f"creating branch '{revision}' of '{repo_id}'")
+        retry.run(
+            lambda: api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True),
+            what=f"creating model '{repo_id}'",
+        )
+        retry.run(
+            lambda: api.create_branch(repo_id, branch=revision, exist_ok=True),
+            what=f"creating branch '{revision}' of '{repo_id}'",
+        )
         head = api.model_info(repo_id, revision=revision).sha
         sha = _commit(api, repo_id, revision, head, folder, local, readme, commit_message or f"Upload {revision}")
         faultpoint("hub.checkpoint.before-tag")  # crash tests (etokit/faults.py): committed, not yet tagged
@@ -98,8 +107,9 @@ def _commit(api, repo_id, revision, head, folder, local, readme, message) -> str
     remote = set(api.list_repo_files(repo_id, revision=head))
     stale = sorted(remote - set(local) - {"README.md"} - _HUB_OWNED)
     operations += [CommitOperationDelete(path_in_repo=p) for p in stale]
-    info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision,
-                             parent_commit=head)
+    info = api.create_commit(
+        repo_id, operations=operations, commit_message=message, revision=revision, parent_commit=head
+    )
     return info.oid
 
 
@@ -188,8 +198,16 @@ def render_model_card(repo_id: str, revision: str, card: dict[str, Any]) -> str:
     from etokit.train.config import redact
 
     card = redact(dict(card))
-    datasets = [{"config": None, "split": None, "revision": None, "local": False,
-                 **(d if isinstance(d, dict) else {"repo": str(d)})} for d in card.get("datasets") or []]
+    datasets = [
+        {
+            "config": None,
+            "split": None,
+            "revision": None,
+            "local": False,
+            **(d if isinstance(d, dict) else {"repo": str(d)}),
+        }
+        for d in card.get("datasets") or []
+    ]
     eval_rows = card.get("eval") or []
     columns: list[str] = []
     for row in eval_rows:
@@ -208,13 +226,15 @@ def render_model_card(repo_id: str, revision: str, card: dict[str, Any]) -> str:
         # checks it (every entry needs a task, a dataset and a metric).
         from huggingface_hub import EvalResult, ModelCardData
 
-        data = ModelCardData(model_name=f"{repo_id}@{revision}",
-                             eval_results=[EvalResult(**r) for r in card["eval_results"]]).to_dict()
+        data = ModelCardData(
+            model_name=f"{repo_id}@{revision}", eval_results=[EvalResult(**r) for r in card["eval_results"]]
+        ).to_dict()
         metadata["model-index"] = data["model-index"]
     from etokit.hub.cards import template_dir
 
-    env = Environment(loader=FileSystemLoader(template_dir("model_cards")), undefined=StrictUndefined,
-                      keep_trailing_newline=True)
+    env = Environment(
+        loader=FileSystemLoader(template_dir("model_cards")), undefined=StrictUndefined, keep_trailing_newline=True
+    )
     text = env.get_template(CARD_TEMPLATE).render(
         metadata_yaml=yaml.safe_dump(metadata, sort_keys=False),
         repo_id=repo_id,

@@ -40,8 +40,17 @@ logger = logging.getLogger("etokit.hub.faults")
 
 FAULTS = ("500", "502", "503", "429", "reset", "reset_after", "stall", "stall_after")
 # Headers about one hop's connection, never forwarded (RFC 9110 7.6.1).
-_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-        "transfer-encoding", "upgrade", "proxy-connection"}
+_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+}
 _MAX_BODY = 1 << 30  # a proxy for tests: bodies are buffered, so refuse anything absurd
 
 
@@ -193,8 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
         logger.info("fault proxy: %s %s -> %s", method, path, fault)
         if fault in ("500", "502", "503", "429"):
             headers = {"Retry-After": str(self.proxy.retry_after_s)} if fault == "429" else {}
-            self._answer(int(fault), {"Content-Type": "application/json", **headers},
-                         b'{"error": "injected fault"}')
+            self._answer(int(fault), {"Content-Type": "application/json", **headers}, b'{"error": "injected fault"}')
             return
         if fault in ("reset_after", "stall_after"):
             try:

@@ -97,8 +97,9 @@ def push_dataset(
                 commit_message=message,
             ).oid
         faultpoint("hub.dataset.before-card")  # crash tests (etokit/faults.py): data committed, card not yet
-        card_commit = _refresh_card(api, repo_id, branch, data_commit, card, template, license, config_name,
-                                    split, entry)
+        card_commit = _refresh_card(
+            api, repo_id, branch, data_commit, card, template, license, config_name, split, entry
+        )
         return data_commit, card_commit
 
     with _hub_errors(repo_id):
@@ -110,11 +111,15 @@ def _ensure_repo(api, repo_id: str, branch: str, private: bool) -> None:
     from etokit.hub import retry
 
     # Creating what exists is a 409 that exist_ok accepts: safe to retry after a lost response.
-    retry.run(lambda: api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True),
-              what=f"creating dataset '{repo_id}'")
+    retry.run(
+        lambda: api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True),
+        what=f"creating dataset '{repo_id}'",
+    )
     if branch != "main":
-        retry.run(lambda: api.create_branch(repo_id, branch=branch, repo_type="dataset", exist_ok=True),
-                  what=f"creating branch '{branch}' of dataset '{repo_id}'")
+        retry.run(
+            lambda: api.create_branch(repo_id, branch=branch, repo_type="dataset", exist_ok=True),
+            what=f"creating branch '{branch}' of dataset '{repo_id}'",
+        )
 
 
 @dataclass
@@ -150,8 +155,9 @@ def on_hub(api, repo_id: str, branch: str, config_name: str, split: str, dataset
     card = stats.get(config_name, {}).get(split) == json.loads(json.dumps(entry))
     shard = re.compile(rf"^{re.escape(config_name)}/{re.escape(split)}-(\d{{5}})-of-(\d{{5}})\.parquet$")
     shards = sorted(p for p in api.list_repo_files(repo_id, repo_type="dataset", revision=head) if shard.match(p))
-    if not shards or [shard.match(p).groups() for p in shards] != [(f"{i:05d}", f"{len(shards):05d}")
-                                                                     for i in range(len(shards))]:
+    if not shards or [shard.match(p).groups() for p in shards] != [
+        (f"{i:05d}", f"{len(shards):05d}") for i in range(len(shards))
+    ]:
         return OnHub(head, False, card)
     meta = DatasetCard(_read(api, repo_id, "README.md", head) or "").data.to_dict()
     files = next((c.get("data_files") for c in meta.get("configs") or [] if c.get("config_name") == config_name), None)
@@ -166,7 +172,9 @@ def on_hub(api, repo_id: str, branch: str, config_name: str, split: str, dataset
         [pq.read_table(api.hf_hub_download(repo_id, p, repo_type="dataset", revision=head)) for p in shards]
     )
     local = dataset.data.table
-    same = remote.schema.remove_metadata() == local.schema.remove_metadata() and remote.equals(local, check_metadata=False)
+    same = remote.schema.remove_metadata() == local.schema.remove_metadata() and remote.equals(
+        local, check_metadata=False
+    )
     return OnHub(head, same, card)
 
 
@@ -178,8 +186,11 @@ def _split_entry(records: Records, card: str, ties: int | None) -> dict[str, Any
     if card == "pairs":
         # Deviations from construct_preference.py's rule (etokit.pairs.PairRule) that made these pairs.
         rules = {tuple(sorted((r.extra.get("pair_rule") or {}).items())) for r in recs}
-        provenance |= {"modes": distinct("mode"), "iterations": distinct("iteration"),
-                       "rule_deviations": sorted(f"{k}={v}" for rule in rules for k, v in rule)}
+        provenance |= {
+            "modes": distinct("mode"),
+            "iterations": distinct("iteration"),
+            "rule_deviations": sorted(f"{k}={v}" for rule in rules for k, v in rule),
+        }
     else:
         provenance |= {
             "sources": distinct("source"),
@@ -207,7 +218,9 @@ def _refresh_card(api, repo_id, branch, parent, card, template, license, config_
             "license": existing.get("license") or license,
             "language": existing.get("language") or ["en"],
             "task_categories": sorted(set(existing.get("task_categories") or []) | {"text-generation"}),
-            "tags": sorted(set(existing.get("tags") or []) | {"eto", "agent", "trajectory", *entry["provenance"]["envs"]}),
+            "tags": sorted(
+                set(existing.get("tags") or []) | {"eto", "agent", "trajectory", *entry["provenance"]["envs"]}
+            ),
         }
         # A fixed key order, so re-pushing the same data renders the same README (no new commit).
         metadata = ours | {k: existing[k] for k in sorted(existing) if k not in ours}
@@ -258,7 +271,9 @@ def _yaml(metadata: dict) -> str:
 def _single_env(records: Records) -> str:
     envs = sorted({r.env for r in records.records})
     if len(envs) != 1:
-        raise EtokitError(f"{records.path}: rows come from several environments ({', '.join(envs)}); pass --config-name")
+        raise EtokitError(
+            f"{records.path}: rows come from several environments ({', '.join(envs)}); pass --config-name"
+        )
     return envs[0]
 
 

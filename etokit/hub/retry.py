@@ -372,12 +372,15 @@ def _client_factory():
     pol = policy()
     client.timeout = httpx.Timeout(pol.timeout_s, connect=min(pol.timeout_s, 30.0))
     if isinstance(getattr(client, "_transport", None), httpx.BaseTransport) and isinstance(
-            getattr(client, "_mounts", None), dict):
+        getattr(client, "_mounts", None), dict
+    ):
         client._transport = _wrap(client._transport)
         client._mounts = {pattern: _wrap(t) for pattern, t in client._mounts.items()}
     else:
-        logger.warning("etokit: this huggingface_hub's HTTP client has no transport etokit can wrap; Hub requests "
-                       "are not retried (install a huggingface-hub in the range etokit's setup.cfg names)")
+        logger.warning(
+            "etokit: this huggingface_hub's HTTP client has no transport etokit can wrap; Hub requests "
+            "are not retried (install a huggingface-hub in the range etokit's setup.cfg names)"
+        )
     return client
 
 

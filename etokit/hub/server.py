@@ -43,9 +43,33 @@ logger = logging.getLogger("etokit.hub")
 
 LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub's rule: files from 10 MB go through LFS
 BINARY_SUFFIXES = (
-    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npy", ".npz",
-    ".pkl", ".pickle", ".parquet", ".arrow", ".tar", ".gz", ".zip", ".zst", ".7z", ".png", ".jpg", ".jpeg",
-    ".wav", ".mp3", ".mp4", ".model",
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".gguf",
+    ".npy",
+    ".npz",
+    ".pkl",
+    ".pickle",
+    ".parquet",
+    ".arrow",
+    ".tar",
+    ".gz",
+    ".zip",
+    ".zst",
+    ".7z",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".wav",
+    ".mp3",
+    ".mp4",
+    ".model",
 )
 _PLURAL = {f"{t}s": t for t in REPO_TYPES}
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -217,8 +241,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self._left or self._chunked:
             self.close_connection = True
 
-    def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        self, status: int, body: bytes = b"", headers: dict | None = None, content_type: str = "application/json"
+    ) -> None:
         self._discard_body()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -336,11 +361,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- account and repos ---------------------------------------------------------------------
     def whoami(self):
-        self._send_json({
-            "type": "user", "id": "etokit-user-id", "name": USER, "fullname": "etokit local user",
-            "email": None, "emailVerified": False, "isPro": False, "orgs": [],
-            "auth": {"type": "access_token", "accessToken": {"displayName": "etokit", "role": "write"}},
-        })
+        self._send_json(
+            {
+                "type": "user",
+                "id": "etokit-user-id",
+                "name": USER,
+                "fullname": "etokit local user",
+                "email": None,
+                "emailVerified": False,
+                "isPro": False,
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "etokit", "role": "write"}},
+            }
+        )
 
     def _repo_from_body(self, body: dict) -> tuple[str, str]:
         t = body.get("type") or "model"
@@ -361,8 +394,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub.storage.create_repo(t, repo, private)
         except HubError as e:
             if e.status == 409:  # create_repo(exist_ok=True) still reads `url` from a 409
-                self._send_json({"error": e.message, "url": self._repo_url(t, repo)}, 409,
-                                {"X-Error-Message": e.message})
+                self._send_json(
+                    {"error": e.message, "url": self._repo_url(t, repo)}, 409, {"X-Error-Message": e.message}
+                )
                 return
             raise
         self._send_json({"url": self._repo_url(t, repo), "name": repo, "id": repo})
@@ -391,9 +425,18 @@ class _Handler(BaseHTTPRequestHandler):
         meta = st.repo_meta(t, repo)
         sha, commit = self._tree(t, repo, rev or "main")
         info = {
-            "id": repo, "_id": hashlib.sha1(f"{t}/{repo}".encode()).hexdigest()[:24], "author": repo.split("/")[0],
-            "sha": sha, "lastModified": commit["date"], "createdAt": meta["createdAt"], "private": meta["private"],
-            "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
+            "id": repo,
+            "_id": hashlib.sha1(f"{t}/{repo}".encode()).hexdigest()[:24],
+            "author": repo.split("/")[0],
+            "sha": sha,
+            "lastModified": commit["date"],
+            "createdAt": meta["createdAt"],
+            "private": meta["private"],
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
             "siblings": [_sibling(p, e) for p, e in sorted(commit["tree"].items())],
             "cardData": self._card_data(commit["tree"]),
         }
@@ -415,18 +458,20 @@ class _Handler(BaseHTTPRequestHandler):
     # -- refs ----------------------------------------------------------------------------------
     def list_refs(self, t: str, repo: str):
         refs = self.hub.storage.refs(t, repo)
-        self._send_json({
-            "branches": [
-                {"name": n, "ref": f"refs/heads/{n}", "targetCommit": s} for n, s in refs["branches"].items()
-            ],
-            "tags": [
-                {"name": n, "ref": f"refs/tags/{n}", "targetCommit": v["target"]} for n, v in refs["tags"].items()
-            ],
-            "converts": [],
-            "pullRequests": [
-                {"name": f"refs/pr/{n}", "ref": f"refs/pr/{n}", "targetCommit": s} for n, s in refs["pulls"].items()
-            ],
-        })
+        self._send_json(
+            {
+                "branches": [
+                    {"name": n, "ref": f"refs/heads/{n}", "targetCommit": s} for n, s in refs["branches"].items()
+                ],
+                "tags": [
+                    {"name": n, "ref": f"refs/tags/{n}", "targetCommit": v["target"]} for n, v in refs["tags"].items()
+                ],
+                "converts": [],
+                "pullRequests": [
+                    {"name": f"refs/pr/{n}", "ref": f"refs/pr/{n}", "targetCommit": s} for n, s in refs["pulls"].items()
+                ],
+            }
+        )
 
     def branch(self, method: str, t: str, repo: str, name: str):
         check_path(name, "branch name")
@@ -462,7 +507,7 @@ class _Handler(BaseHTTPRequestHandler):
         for p, e in sorted(tree.items()):
             if not p.startswith(prefix):
                 continue
-            parts = p[len(prefix):].split("/")
+            parts = p[len(prefix) :].split("/")
             if recursive:  # every parent folder, then the file
                 for i in range(1, len(parts)):
                     folder = prefix + "/".join(parts[:i])
@@ -520,8 +565,13 @@ class _Handler(BaseHTTPRequestHandler):
         formatted = "formatted" in self.query.get("expand[]", [])
         items = []
         for cid, c in self.hub.storage.history(t, repo, sha):
-            item = {"id": cid, "title": c["message"], "message": c["description"], "date": c["date"],
-                    "authors": [{"user": c["author"]}]}
+            item = {
+                "id": cid,
+                "title": c["message"],
+                "message": c["description"],
+                "date": c["date"],
+                "authors": [{"user": c["author"]}],
+            }
             if formatted:
                 item["formatted"] = {"title": c["message"], "message": c["description"]}
             items.append(item)
@@ -539,7 +589,7 @@ class _Handler(BaseHTTPRequestHandler):
             query = {k: v for k, v in self.query.items() if k != "cursor"} | {"cursor": [str(start + limit)]}
             next_url = f"{self.base}{urlsplit(self.path).path}?{urlencode(query, doseq=True)}"
             headers["Link"] = f'<{next_url}>; rel="next"'
-        self._send_json(items[start:start + limit], headers=headers)
+        self._send_json(items[start : start + limit], headers=headers)
 
     # -- upload --------------------------------------------------------------------------------
     def preupload(self, t: str, repo: str, rev: str):
@@ -609,7 +659,13 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(header, dict) or not header.get("summary"):
             raise HubError(400, "Commit payload needs a 'header' line with a 'summary'")
         sha, pr = self.hub.storage.commit_ops(
-            t, repo, rev, ops, header["summary"], header.get("description") or "", header.get("parentCommit"),
+            t,
+            repo,
+            rev,
+            ops,
+            header["summary"],
+            header.get("description") or "",
+            header.get("parentCommit"),
             create_pr=self._flag("create_pr"),
         )
         url = self._repo_url(t, repo)
@@ -626,8 +682,12 @@ class _Handler(BaseHTTPRequestHandler):
         if entry is None:
             raise HubError(404, f"Entry not found: {path} at {rev}", "EntryNotFound", {"X-Repo-Commit": sha})
         size = entry["size"]
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{entry["oid"]}"', "Accept-Ranges": "bytes",
-                   "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}"}
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{entry["oid"]}"',
+            "Accept-Ranges": "bytes",
+            "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}",
+        }
         if entry["lfs"]:
             headers.update({"X-Linked-Etag": f'"{entry["lfs"]}"', "X-Linked-Size": size})
         start, end, status = 0, size - 1, 200
@@ -635,8 +695,11 @@ class _Handler(BaseHTTPRequestHandler):
         if rng:
             parsed = _parse_range(rng, size)
             if parsed is None:
-                raise HubError(416, f"Range {rng!r} not satisfiable for {size} bytes",
-                               headers={"Content-Range": f"bytes */{size}", **headers})
+                raise HubError(
+                    416,
+                    f"Range {rng!r} not satisfiable for {size} bytes",
+                    headers={"Content-Range": f"bytes */{size}", **headers},
+                )
             (start, end), status = parsed, 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         length = max(0, end - start + 1)
@@ -676,8 +739,8 @@ def _take_rev(segs: list[str], i: int) -> tuple[str, list[str]]:
     """A revision is one URL segment when quoted (``refs%2Fpr%2F1``); an unquoted ``refs/pr/1``
     spans three."""
     if segs[i] == "refs" and len(segs) >= i + 3:
-        return "/".join(segs[i:i + 3]), segs[i + 3:]
-    return segs[i], segs[i + 1:]
+        return "/".join(segs[i : i + 3]), segs[i + 3 :]
+    return segs[i], segs[i + 1 :]
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:

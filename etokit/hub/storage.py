@@ -133,8 +133,11 @@ class Storage:
                 f.flush()
                 os.fsync(f.fileno())
             if n != size or digest.hexdigest() != sha256:
-                raise HubError(400, f"Uploaded object does not match: expected sha256 {sha256} size {size}, "
-                               f"got sha256 {digest.hexdigest()} size {n}")
+                raise HubError(
+                    400,
+                    f"Uploaded object does not match: expected sha256 {sha256} size {size}, "
+                    f"got sha256 {digest.hexdigest()} size {n}",
+                )
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -168,8 +171,14 @@ class Storage:
             d = self.repo_dir(repo_type, repo_id)
             write_bytes_atomic(d / "repo.json", _dump({"createdAt": now_iso(), "private": bool(private)}), point=None)
             oid = self.put_blob(GITATTRIBUTES)
-            tree = {".gitattributes": {"oid": git_blob_sha1(GITATTRIBUTES), "size": len(GITATTRIBUTES),
-                                       "lfs": None, "sha256": oid}}
+            tree = {
+                ".gitattributes": {
+                    "oid": git_blob_sha1(GITATTRIBUTES),
+                    "size": len(GITATTRIBUTES),
+                    "lfs": None,
+                    "sha256": oid,
+                }
+            }
             sha = self._write_commit(d, None, "initial commit", "", tree)
             # refs.json last: its presence is what makes the repo exist.
             write_bytes_atomic(d / "refs.json", _dump({"branches": {"main": sha}, "tags": {}, "pulls": {}}), point=None)
@@ -199,8 +208,8 @@ class Storage:
         refs = self.refs(repo_type, repo_id)
         rev = revision
         for prefix, table in (("refs/heads/", "branches"), ("refs/tags/", "tags"), ("refs/pr/", "pulls")):
-            if rev.startswith(prefix) and rev[len(prefix):] in refs[table]:
-                return self._target(refs[table][rev[len(prefix):]])
+            if rev.startswith(prefix) and rev[len(prefix) :] in refs[table]:
+                return self._target(refs[table][rev[len(prefix) :]])
         if rev in refs["branches"]:
             return refs["branches"][rev]
         if rev in refs["tags"]:
@@ -214,8 +223,14 @@ class Storage:
         return ref["target"] if isinstance(ref, dict) else ref
 
     def _write_commit(self, d: Path, parent: str | None, message: str, description: str, tree: dict) -> str:
-        obj = {"parent": parent, "message": message, "description": description, "author": USER,
-               "date": now_iso(), "tree": tree}
+        obj = {
+            "parent": parent,
+            "message": message,
+            "description": description,
+            "author": USER,
+            "date": now_iso(),
+            "tree": tree,
+        }
         data = _dump(obj)
         sha = hashlib.sha1(data).hexdigest()
         write_bytes_atomic(d / "commits" / f"{sha}.json", data, point=None)
@@ -227,8 +242,17 @@ class Storage:
             yield sha, c
             sha = c["parent"]
 
-    def commit_ops(self, repo_type: str, repo_id: str, branch: str, ops: list[tuple[str, dict]], message: str,
-                   description: str, parent_commit: str | None, create_pr: bool) -> tuple[str, int | None]:
+    def commit_ops(
+        self,
+        repo_type: str,
+        repo_id: str,
+        branch: str,
+        ops: list[tuple[str, dict]],
+        message: str,
+        description: str,
+        parent_commit: str | None,
+        create_pr: bool,
+    ) -> tuple[str, int | None]:
         """Apply NDJSON commit operations on top of ``branch`` (or a new PR ref from it).
         Returns (commit sha, PR number or None). Serialized per repo so heads never fork."""
         with self.lock(repo_type, repo_id):
@@ -243,8 +267,11 @@ class Storage:
             else:
                 raise HubError(404, f"Invalid rev id: {branch} (commits go to a branch)", "RevisionNotFound")
             if parent_commit is not None and parent_commit != head:
-                raise HubError(412, f"A commit has happened since. Please refresh and try again. "
-                                    f"(parentCommit {parent_commit} is not the head {head} of {branch})")
+                raise HubError(
+                    412,
+                    f"A commit has happened since. Please refresh and try again. "
+                    f"(parentCommit {parent_commit} is not the head {head} of {branch})",
+                )
             tree = dict(self.commit(repo_type, repo_id, head)["tree"])
             for key, value in ops:
                 self._apply(repo_type, repo_id, tree, key, value)

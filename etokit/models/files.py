@@ -33,21 +33,30 @@ def check_model_dir(path: str | Path, *, option: str = "--model", trust_remote_c
     if not list(path.glob("*.safetensors")):
         pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
         if pickles:
-            raise EtokitError(f"{option} {path}: weights only in pickle format ({', '.join(pickles[:3])}); etokit loads "
-                              "safetensors only: re-save them with save_pretrained(..., safe_serialization=True)")
+            raise EtokitError(
+                f"{option} {path}: weights only in pickle format ({', '.join(pickles[:3])}); etokit loads "
+                "safetensors only: re-save them with save_pretrained(..., safe_serialization=True)"
+            )
         raise EtokitError(f"{option} {path}: no model weights (no *.safetensors file)")
     if config.get("auto_map") and not trust_remote_code and config.get("model_type") not in _builtin_model_types():
         # A built-in model_type loads with transformers' own class and the auto_map is ignored.
-        raise EtokitError(f"{option} {path}: model type {config.get('model_type')!r} needs the folder's own code "
-                          f"(auto_map {sorted(config['auto_map'])}); etokit runs it only with --trust-remote-code")
+        raise EtokitError(
+            f"{option} {path}: model type {config.get('model_type')!r} needs the folder's own code "
+            f"(auto_map {sorted(config['auto_map'])}); etokit runs it only with --trust-remote-code"
+        )
     tokenizer_config = _read_json(path / "tokenizer_config.json", option)
     if tokenizer_config is None and not (path / "tokenizer.json").exists():
         raise EtokitError(f"{option} {path}: no tokenizer (tokenizer.json / tokenizer_config.json)")
     tokenizer_config = tokenizer_config or {}
-    if not (tokenizer_config.get("chat_template") or any((path / f).exists() for f in _TEMPLATE_FILES)
-            or (path / "additional_chat_templates").is_dir()):
-        raise EtokitError(f"{option} {path}: the tokenizer has no chat template; etokit renders conversations with "
-                          "it (set tokenizer.chat_template and save the tokenizer again)")
+    if not (
+        tokenizer_config.get("chat_template")
+        or any((path / f).exists() for f in _TEMPLATE_FILES)
+        or (path / "additional_chat_templates").is_dir()
+    ):
+        raise EtokitError(
+            f"{option} {path}: the tokenizer has no chat template; etokit renders conversations with "
+            "it (set tokenizer.chat_template and save the tokenizer again)"
+        )
 
 
 def _builtin_model_types() -> set[str]:

@@ -111,16 +111,18 @@ def _load_gguf(path: Path):
 
     try:
         # A GGUF file holds tensors and metadata only (no pickle, no code); remote code stays off all the same.
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                     trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except (ValueError, KeyError, NotImplementedError) as e:
         # transformers' GGUF loader raises these for architectures / tokenizer types it lacks.
         raise EtokitError(f"transformers cannot load {path}: {e}") from None
     if not tokenizer.is_fast:
         # Loss masks are built from a fast tokenizer's character offsets.
-        raise EtokitError(f"{path}: transformers built a slow tokenizer ({type(tokenizer).__name__}); "
-                          "etokit needs a fast one")
+        raise EtokitError(
+            f"{path}: transformers built a slow tokenizer ({type(tokenizer).__name__}); etokit needs a fast one"
+        )
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and tokenizer.model_max_length > max_positions:
         # A GGUF tokenizer knows no length limit; the model's context length is the real one.
@@ -149,14 +151,17 @@ def _plain_copy(gguf_model, path: Path, dtype):
     config.dtype = dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if type(model) is not type(gguf_model):
-        raise EtokitError(f"{path}: the config builds {type(model).__name__}, but the GGUF loaded as "
-                          f"{type(gguf_model).__name__}")
+        raise EtokitError(
+            f"{path}: the config builds {type(model).__name__}, but the GGUF loaded as {type(gguf_model).__name__}"
+        )
     # Strict: a GGUF tensor the plain class lacks, or a parameter the file did not fill, is an error
     # rather than a silently random weight. Values are cast to `dtype` as they are copied.
     result = model.load_state_dict(gguf_model.state_dict(), strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise EtokitError(f"{path}: weights do not match {type(model).__name__} "
-                          f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
+        raise EtokitError(
+            f"{path}: weights do not match {type(model).__name__} "
+            f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
+        )
     model.generation_config = copy.deepcopy(gguf_model.generation_config)
     return model.eval()
 
@@ -171,8 +176,9 @@ def _verify(folder: Path, gguf_tokenizer, probe, expected, path: Path) -> None:
     ids = _probe_ids(tokenizer)
     if not torch.equal(ids, probe):
         raise EtokitError(f"{path}: the saved tokenizer encodes the probe differently from the GGUF tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=expected.dtype, use_safetensors=True,
-                                                 trust_remote_code=False).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=expected.dtype, use_safetensors=True, trust_remote_code=False
+    ).eval()
     with torch.no_grad():
         logits = model(probe).logits
     if not torch.equal(logits, expected):

@@ -38,10 +38,22 @@ CHAT_TEMPLATE = (
 
 SIZES = {
     # vocab, hidden, intermediate, layers, heads, kv heads
-    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
-    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=4),
+    "tiny": dict(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "small": dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    ),
 }
 
 
@@ -145,7 +157,9 @@ def train_tokenizer(texts, vocab_size: int):
     try:
         _train_spm(texts, vocab_size, model_bytes)
     except RuntimeError as e:  # e.g. more distinct characters in the corpus than vocabulary slots
-        raise EtokitError(f"cannot train a {vocab_size}-token tokenizer on this corpus: {str(e).splitlines()[-1]}") from None
+        raise EtokitError(
+            f"cannot train a {vocab_size}-token tokenizer on this corpus: {str(e).splitlines()[-1]}"
+        ) from None
     proto = import_protobuf().ModelProto()
     proto.ParseFromString(model_bytes.getvalue())
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
@@ -157,7 +171,10 @@ def train_tokenizer(texts, vocab_size: int):
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
         additional_special_tokens=[*ROLE_TOKENS.values(), END_OF_TURN],
         chat_template=CHAT_TEMPLATE,
         model_max_length=2048,
@@ -179,8 +196,14 @@ def _train_spm(texts, vocab_size: int, model_bytes) -> None:
         hard_vocab_limit=False,  # a small corpus may not fill the vocabulary
         byte_fallback=True,  # any text round-trips, even characters unseen in the corpus
         character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece=UNK,
+        bos_piece=BOS,
+        eos_piece=EOS,
+        pad_piece=PAD,
         user_defined_symbols=[*ROLE_TOKENS.values(), END_OF_TURN],
         normalization_rule_name="identity",  # offsets must map 1:1 to the rendered text
         remove_extra_whitespaces=False,

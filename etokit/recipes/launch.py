@@ -11,8 +11,14 @@ from etokit.errors import EtokitError
 from etokit.recipes import RECIPES
 
 
-def recipe_command(recipe: str, args: Sequence[str], *, accelerate_config: str | None = None,
-                   num_processes: int | None = None, launcher: bool = True) -> list[str]:
+def recipe_command(
+    recipe: str,
+    args: Sequence[str],
+    *,
+    accelerate_config: str | None = None,
+    num_processes: int | None = None,
+    launcher: bool = True,
+) -> list[str]:
     """The argv that runs ``recipe`` ("bc" or "dpo") with its flags ``args``.
 
     With ``launcher`` (the default), accelerate's launcher starts it, as `accelerate launch -m

@@ -33,19 +33,28 @@ def main(argv=None) -> None:
     cfg = parse_config(BCConfig, argv)
 
     # --- setup: processes and seeds (nothing is written before the model and data are checked) ---
-    accelerator = distributed.make_accelerator(cfg.output_dir, mixed_precision=cfg.mixed_precision,
-                                               report_to=cfg.report_to, seed=cfg.seed)
+    accelerator = distributed.make_accelerator(
+        cfg.output_dir, mixed_precision=cfg.mixed_precision, report_to=cfg.report_to, seed=cfg.seed
+    )
 
     # --- model and data -----------------------------------------------------------------------
     model, tokenizer = model_loading.load_model_and_tokenizer(
-        cfg.model, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code,
+        cfg.model,
+        revision=cfg.model_revision,
+        trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
     )
     model = model_loading.adapt_for_training(model, cfg)  # LoRA, gradient checkpointing
 
-    trajectories = data.load_training_records(cfg.data, "trajectory", config=cfg.data_config,
-                                              split=cfg.data_split, revision=cfg.data_revision, env=cfg.data_env,
-                                              expert_reward=cfg.expert_reward)
+    trajectories = data.load_training_records(
+        cfg.data,
+        "trajectory",
+        config=cfg.data_config,
+        split=cfg.data_split,
+        revision=cfg.data_revision,
+        env=cfg.data_env,
+        expert_reward=cfg.expert_reward,
+    )
     examples = [tokenize_messages(tokenizer, t.messages, max_length=cfg.max_length) for t in trajectories]
     truncated = sum(e.truncated for e in examples)
     examples = [e for e in examples if any(e.loss_mask)]
@@ -58,14 +67,20 @@ def main(argv=None) -> None:
         save_config(cfg, cfg.output_dir)
 
     schedule = data.step_schedule(
-        len(examples), batch_size=cfg.per_device_batch_size, grad_accum=cfg.gradient_accumulation_steps,
-        world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed, epochs=cfg.num_epochs,
+        len(examples),
+        batch_size=cfg.per_device_batch_size,
+        grad_accum=cfg.gradient_accumulation_steps,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        seed=cfg.seed,
+        epochs=cfg.num_epochs,
     )
     total_steps = min(len(schedule), cfg.max_steps or len(schedule))
 
     # --- optimizer, schedule, resumable state -------------------------------------------------
     model, optimizer, scheduler, state, metrics_log = optimization.prepare_training(
-        accelerator, model, cfg, total_steps, "train_bc", asdict(cfg))
+        accelerator, model, cfg, total_steps, "train_bc", asdict(cfg)
+    )
 
     # --- training loop --------------------------------------------------------------------------
     model.train()
@@ -75,12 +90,15 @@ def main(argv=None) -> None:
         micro_batches = schedule[state.step]
         # Token-level mean over the whole step: every micro-batch on every process divides by the
         # step's total number of trained tokens (DDP then averages gradients over processes).
-        step_tokens = distributed.reduce_sum(accelerator,
-                                             sum(sum(examples[i].loss_mask) for mb in micro_batches for i in mb))
+        step_tokens = distributed.reduce_sum(
+            accelerator, sum(sum(examples[i].loss_mask) for mb in micro_batches for i in mb)
+        )
         step_loss = 0.0
         for k, indices in enumerate(micro_batches):
-            batch = {key: v.to(accelerator.device) for key, v in
-                     data.pad_batch([examples[i] for i in indices], tokenizer.pad_token_id).items()}
+            batch = {
+                key: v.to(accelerator.device)
+                for key, v in data.pad_batch([examples[i] for i in indices], tokenizer.pad_token_id).items()
+            }
             sync = k == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 loss_sum = trained_loss_sum(model, batch["input_ids"], batch["labels"])
@@ -94,10 +112,13 @@ def main(argv=None) -> None:
 
         if state.step % cfg.logging_steps == 0 or state.step == total_steps:
             loss = distributed.reduce_sum(accelerator, step_loss) / step_tokens
-            metrics = {"loss": loss, "learning_rate": scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm,
-                       "tokens_per_s": distributed.reduce_sum(accelerator, throughput.rate()),
-                       "trained_tokens": state.tokens}
+            metrics = {
+                "loss": loss,
+                "learning_rate": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": distributed.reduce_sum(accelerator, throughput.rate()),
+                "trained_tokens": state.tokens,
+            }
             metrics_log.log(metrics, step=state.step)
             bar.set_postfix(loss=f"{loss:.4f}")
         checkpointing.save_state_if_due(accelerator, cfg, state.step, total_steps)
@@ -105,11 +126,18 @@ def main(argv=None) -> None:
     bar.close()
 
     # --- output: state, model + tokenizer (safetensors), then the Hub -------------------------
-    checkpointing.finish(accelerator, model, tokenizer, cfg, state.step,
-                         commit_message=f"BC checkpoint {cfg.revision}", card={
-        "stage": "behavioral cloning (SFT)",
-        "hyperparameters": _card_hyperparameters(cfg, accelerator.num_processes, len(examples), total_steps),
-    })
+    checkpointing.finish(
+        accelerator,
+        model,
+        tokenizer,
+        cfg,
+        state.step,
+        commit_message=f"BC checkpoint {cfg.revision}",
+        card={
+            "stage": "behavioral cloning (SFT)",
+            "hyperparameters": _card_hyperparameters(cfg, accelerator.num_processes, len(examples), total_steps),
+        },
+    )
 
 
 def trained_loss_sum(model, input_ids, labels):
@@ -138,9 +166,24 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def _card_hyperparameters(cfg: BCConfig, world_size: int, n_examples: int, steps: int) -> dict:
-    hp = {k: v for k, v in asdict(cfg).items() if k in {
-        "learning_rate", "lr_scheduler", "warmup_ratio", "num_epochs", "max_length", "weight_decay",
-        "max_grad_norm", "seed", "gradient_accumulation_steps", "per_device_batch_size", "lora"}}
+    hp = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k
+        in {
+            "learning_rate",
+            "lr_scheduler",
+            "warmup_ratio",
+            "num_epochs",
+            "max_length",
+            "weight_decay",
+            "max_grad_norm",
+            "seed",
+            "gradient_accumulation_steps",
+            "per_device_batch_size",
+            "lora",
+        }
+    }
     hp["global_batch_size"] = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size
     hp["num_processes"] = world_size
     hp["train_trajectories"] = n_examples

@@ -44,8 +44,10 @@ def publish_report(run_dir: Path, checkpoint: Path, *, upto: str) -> dict[str, A
             f.write(plot.png())
     with atomic_write(checkpoint / SUMMARY_FILE) as f:
         f.write((json.dumps(data.summary, indent=1, sort_keys=True) + "\n").encode())
-    return {"plots": [{"title": p.title, "path": f"{PLOTS_DIR}/{p.name}.png"} for p in plots],
-            "eval_results": eval_results(data.summary, upto)}
+    return {
+        "plots": [{"title": p.title, "path": f"{PLOTS_DIR}/{p.name}.png"} for p in plots],
+        "eval_results": eval_results(data.summary, upto),
+    }
 
 
 def eval_results(summary: dict[str, Any], model: str) -> list[dict[str, Any]]:
@@ -59,9 +61,20 @@ def eval_results(summary: dict[str, Any], model: str) -> list[dict[str, Any]]:
     for split in EVAL_SPLITS:
         if split not in stage:
             continue
-        for metric, name, value in (("reward", "Average reward x100", stage[split]["avg_reward"]),
-                                    ("accuracy", "Success rate", stage[split]["success_rate"])):
-            out.append({"task_type": "text-generation", "task_name": "LLM agent (ETO)", "dataset_type": env,
-                        "dataset_name": f"{env} {split}", "dataset_split": split, "metric_type": metric,
-                        "metric_name": name, "metric_value": round(float(value), 4)})
+        for metric, name, value in (
+            ("reward", "Average reward x100", stage[split]["avg_reward"]),
+            ("accuracy", "Success rate", stage[split]["success_rate"]),
+        ):
+            out.append(
+                {
+                    "task_type": "text-generation",
+                    "task_name": "LLM agent (ETO)",
+                    "dataset_type": env,
+                    "dataset_name": f"{env} {split}",
+                    "dataset_split": split,
+                    "metric_type": metric,
+                    "metric_name": name,
+                    "metric_value": round(float(value), 4),
+                }
+            )
     return out

@@ -42,8 +42,19 @@ def pair_payload(data: RunData) -> tuple[dict[str, Any], list[list[str]]]:
     rows = []
     for i in order:
         p = data.pairs[i]
-        rows.append([p.iteration, p.mode, p.outcome, p.task_id, p.chosen_reward, p.rejected_reward,
-                     ids(p.prompt), ids(p.chosen), ids(p.rejected)])
+        rows.append(
+            [
+                p.iteration,
+                p.mode,
+                p.outcome,
+                p.task_id,
+                p.chosen_reward,
+                p.rejected_reward,
+                ids(p.prompt),
+                ids(p.chosen),
+                ids(p.rejected),
+            ]
+        )
     return {"rows": rows}, messages
 
 
@@ -64,8 +75,11 @@ def summary_rows(data: RunData) -> list[dict[str, Any]]:
         for split in EVAL_SPLITS:
             if split in stage:
                 iv = stage_intervals(stage, split)
-                row[split] = {"reward": _fmt(iv["reward"]), "success": _fmt(iv["success"]),
-                              "episodes": stage[split].get("episodes", len(stage[split].get("per_task") or {}))}
+                row[split] = {
+                    "reward": _fmt(iv["reward"]),
+                    "success": _fmt(iv["success"]),
+                    "episodes": stage[split].get("episodes", len(stage[split].get("per_task") or {})),
+                }
         p = stage.get("pairs")
         row["pairs"] = f"{p['win']} / {p['tie']} / {p['lose']}" if p else "–"
         rows.append(row)
@@ -81,12 +95,24 @@ def task_table(data: RunData) -> list[dict[str, Any]]:
         if not rows:
             continue
         bc = next(s for s in data.summary["stages"] if s["model"] == "bc")[split]["per_task"]
-        tasks = sorted({t for c in rows for t, d in c["deltas"].items() if d != 0},
-                       key=lambda t: (rows[-1]["deltas"].get(t, 0), t))
-        out.append({"split": split, "models": [label(c["model"]) for c in rows], "tasks": [
-            {"task": t, "bc": 100 * bc[t][0], "deltas": [100 * c["deltas"][t] if t in c["deltas"] else None
-                                                        for c in rows]} for t in tasks],
-            "summaries": [c["diff"] for c in rows]})
+        tasks = sorted(
+            {t for c in rows for t, d in c["deltas"].items() if d != 0}, key=lambda t: (rows[-1]["deltas"].get(t, 0), t)
+        )
+        out.append(
+            {
+                "split": split,
+                "models": [label(c["model"]) for c in rows],
+                "tasks": [
+                    {
+                        "task": t,
+                        "bc": 100 * bc[t][0],
+                        "deltas": [100 * c["deltas"][t] if t in c["deltas"] else None for c in rows],
+                    }
+                    for t in tasks
+                ],
+                "summaries": [c["diff"] for c in rows],
+            }
+        )
     return out
 
 
@@ -106,12 +132,19 @@ def render_html(data: RunData, plots: list[Plot] | None = None) -> str:
     summary = data.summary
     return env.get_template("report.html.j2").render(
         title=summary.get("repo") or Path(data.source).name or "etokit run",
-        source=data.source, env=summary.get("env", ""), version=__version__,
-        splits=EVAL_SPLITS, rows=summary_rows(data), plots=[{"title": p.title, "name": p.name, "svg": p.svg()}
-                                                           for p in plots],
-        tasks=task_table(data), filters=filters, pairs=len(index["rows"]),
-        style=(TEMPLATES / "report.css").read_text(), script=(TEMPLATES / "viewer.js").read_text(),
-        index_json=_script_json(index), messages_json=_script_json(messages),
+        source=data.source,
+        env=summary.get("env", ""),
+        version=__version__,
+        splits=EVAL_SPLITS,
+        rows=summary_rows(data),
+        plots=[{"title": p.title, "name": p.name, "svg": p.svg()} for p in plots],
+        tasks=task_table(data),
+        filters=filters,
+        pairs=len(index["rows"]),
+        style=(TEMPLATES / "report.css").read_text(),
+        script=(TEMPLATES / "viewer.js").read_text(),
+        index_json=_script_json(index),
+        messages_json=_script_json(messages),
     )
 
 

@@ -14,12 +14,28 @@ from typing import Any
 from etokit.report.source import EVAL_SPLITS, RunData
 
 # Colour-blind-safe (Okabe-Ito); the same colours in the HTML viewer's badges.
-COLORS = {"test-seen": "#0072B2", "test-unseen": "#D55E00", "win": "#009E73", "tie": "#999999", "lose": "#E69F00",
-          "chosen": "#009E73", "rejected": "#CC79A7"}
+COLORS = {
+    "test-seen": "#0072B2",
+    "test-unseen": "#D55E00",
+    "win": "#009E73",
+    "tie": "#999999",
+    "lose": "#E69F00",
+    "chosen": "#009E73",
+    "rejected": "#CC79A7",
+}
 ITER_CMAP = "viridis"
-_RC = {"svg.hashsalt": "etokit", "svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10,
-       "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
-       "legend.frameon": False, "figure.dpi": 100}
+_RC = {
+    "svg.hashsalt": "etokit",
+    "svg.fonttype": "none",
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "legend.frameon": False,
+    "figure.dpi": 100,
+}
 
 
 @dataclass
@@ -35,7 +51,7 @@ class Plot:
         with matplotlib.rc_context(_RC):
             self.figure.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
         text = buf.getvalue()
-        return text[text.index("<svg"):]  # drop the XML prolog and doctype: inlined in HTML
+        return text[text.index("<svg") :]  # drop the XML prolog and doctype: inlined in HTML
 
     def png(self) -> bytes:
         import matplotlib
@@ -80,8 +96,10 @@ def stage_intervals(stage: dict, split: str) -> dict[str, tuple[float, float | N
             ci = interval([float(v[i]) for v in per_task.values()])
             out[metric] = (100 * ci.mean, 100 * ci.lo, 100 * ci.hi)
         return out
-    return {"reward": (entry.get("avg_reward", float("nan")), None, None),
-            "success": (100 * entry.get("success_rate", float("nan")), None, None)}
+    return {
+        "reward": (entry.get("avg_reward", float("nan")), None, None),
+        "success": (100 * entry.get("success_rate", float("nan")), None, None),
+    }
 
 
 def results_plot(data: RunData) -> Plot | None:
@@ -96,10 +114,12 @@ def results_plot(data: RunData) -> Plot | None:
             points = [stage_intervals(s, split)[metric] for s in stages if split in s]
             if not points:
                 continue
-            x = [i + (j - 0.5) * 0.08 for i in xs[:len(points)]]
+            x = [i + (j - 0.5) * 0.08 for i in xs[: len(points)]]
             mean = [p[0] for p in points]
-            err = [[p[0] - p[1] if p[1] is not None else 0 for p in points],
-                   [p[2] - p[0] if p[2] is not None else 0 for p in points]]
+            err = [
+                [p[0] - p[1] if p[1] is not None else 0 for p in points],
+                [p[2] - p[0] if p[2] is not None else 0 for p in points],
+            ]
             ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=COLORS[split], label=split)
         ax.set_xticks(xs, [label(s["model"]) for s in stages])
         ax.set_title(title)
@@ -145,25 +165,37 @@ def pairs_plot(data: RunData) -> Plot | None:
         x = iterations.index(k) + (j - (len(modes) - 1) / 2) * width
         bottom = 0
         for outcome in ("win", "tie", "lose"):
-            ax.bar(x, c[outcome], width * 0.9, bottom=bottom, color=COLORS[outcome], hatch=hatches[j % 4],
-                   edgecolor="white", label=outcome if (k, j) == (iterations[0], 0) else None)
+            ax.bar(
+                x,
+                c[outcome],
+                width * 0.9,
+                bottom=bottom,
+                color=COLORS[outcome],
+                hatch=hatches[j % 4],
+                edgecolor="white",
+                label=outcome if (k, j) == (iterations[0], 0) else None,
+            )
             bottom += c[outcome]
         if len(modes) > 1:
             ax.annotate(mode, (x, bottom), ha="center", va="bottom", fontsize=7, color="#555")
     ax.set_xticks(range(len(iterations)), [f"iter-{k}" for k in iterations])
     ax.set_ylabel("episodes vs expert")
-    ax.set_title("Exploration vs expert per iteration: win / tie / lose" +
-                 ("" if len(modes) > 1 else f" ({modes[0]}-wise pairs)"))
+    ax.set_title(
+        "Exploration vs expert per iteration: win / tie / lose"
+        + ("" if len(modes) > 1 else f" ({modes[0]}-wise pairs)")
+    )
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return Plot("pairs", "Pairs per iteration", fig)
 
 
 # train_log.jsonl keys: scripts/train_dpo.py (etokit.train.dpo_loss.dpo_metrics) and scripts/train_bc.py
-_DPO_PANELS = ((("loss",), "DPO loss"),
-               (("rewards/margins",), "reward margin"),
-               (("rewards/accuracies",), "accuracy (margin > 0)"),
-               (("logps/chosen", "logps/rejected"), "policy log-probs"),
-               (("rewards/chosen", "rewards/rejected"), "implicit rewards"))
+_DPO_PANELS = (
+    (("loss",), "DPO loss"),
+    (("rewards/margins",), "reward margin"),
+    (("rewards/accuracies",), "accuracy (margin > 0)"),
+    (("logps/chosen", "logps/rejected"), "policy log-probs"),
+    (("rewards/chosen", "rewards/rejected"), "implicit rewards"),
+)
 
 
 def training_plot(data: RunData) -> Plot | None:
@@ -186,8 +218,13 @@ def training_plot(data: RunData) -> Plot | None:
             for key, style in zip(keys, ("-", "--")):
                 pts = [(r["step"], r[key]) for r in rows if key in r]
                 if pts:
-                    ax.plot(*zip(*pts), style, color=colors[stage], label=stage if key == keys[0] else None,
-                            marker="." if len(pts) < 20 else None)
+                    ax.plot(
+                        *zip(*pts),
+                        style,
+                        color=colors[stage],
+                        label=stage if key == keys[0] else None,
+                        marker="." if len(pts) < 20 else None,
+                    )
         ax.set_title(title)
         if not dpo:
             ax.text(0.5, 0.5, "no DPO step logged", ha="center", va="center", transform=ax.transAxes, color="#777")
@@ -195,8 +232,9 @@ def training_plot(data: RunData) -> Plot | None:
         ax.set_xlabel("optimizer step")
     if dpo:
         axes[1].legend(loc="best", fontsize=7)
-        fig.suptitle("per DPO iteration; log-probs and implicit rewards: chosen solid, rejected dashed",
-                     fontsize=8, color="#555")
+        fig.suptitle(
+            "per DPO iteration; log-probs and implicit rewards: chosen solid, rejected dashed", fontsize=8, color="#555"
+        )
     return Plot("training", "Training curves (BC, DPO)", fig)
 
 
@@ -239,8 +277,13 @@ def per_task_plot(data: RunData) -> Plot | None:
             d = c["diff"]
             ax.barh(y, -d.down, color=COLORS["lose"], height=0.6, label="regressed" if y == ys[0] else None)
             ax.barh(y, d.up, color=COLORS["win"], height=0.6, label="improved" if y == ys[0] else None)
-            ax.annotate(f"  Δ {d.diff.scaled(100).format(sign=True)}, {d.same} same",
-                        (max(d.up, 0), y), va="center", fontsize=8, color="#333")
+            ax.annotate(
+                f"  Δ {d.diff.scaled(100).format(sign=True)}, {d.same} same",
+                (max(d.up, 0), y),
+                va="center",
+                fontsize=8,
+                color="#333",
+            )
         ax.axvline(0, color="#333", linewidth=0.8)
         ax.set_yticks(ys, [label(c["model"]) for c in rows])
         span = max(max(c["diff"].up, c["diff"].down) for c in rows) or 1

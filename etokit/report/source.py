@@ -76,7 +76,8 @@ def load_local(run_dir: Path, *, upto: str | None = None) -> RunData:
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     prefix = config.get("dataset_prefix") or config.get("push_to", "")
     summary: dict[str, Any] = {
-        "repo": config.get("push_to", ""), "env": config.get("env", ""),
+        "repo": config.get("push_to", ""),
+        "env": config.get("env", ""),
         "pairs_mode": config.get("pairs_mode", "trajectory"),
         "datasets": {kind: f"{prefix}-{kind}" for kind in ("expert", "explore", "pairs")} if prefix else {},
         "stages": [],
@@ -86,7 +87,7 @@ def load_local(run_dir: Path, *, upto: str | None = None) -> RunData:
     for name in [s["name"] for s in manifest["stages"]]:
         if not name.startswith("eval-"):
             continue
-        model = name[len("eval-"):]
+        model = name[len("eval-") :]
         outputs = stages[name]
         row: dict[str, Any] = {"model": model}
         for split in EVAL_SPLITS:
@@ -131,8 +132,7 @@ def load_hub(repo: str) -> RunData:
         raise EtokitError(f"{repo}: no such run folder or Hub model repo") from None
     except HfHubHTTPError as e:
         raise EtokitError(f"{repo}: the Hub refused to list its branches ({e})") from None
-    stages = sorted((b for b in branches if b == "bc" or _iteration(b) is not None),
-                    key=lambda b: _iteration(b) or 0)
+    stages = sorted((b for b in branches if b == "bc" or _iteration(b) is not None), key=lambda b: _iteration(b) or 0)
     if not stages:
         raise EtokitError(f"{repo}: no checkpoint branch (bc, iter-1, ...); was it made by `etokit run`?")
 

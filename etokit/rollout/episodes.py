@@ -69,13 +69,21 @@ class _Episode:
     attempt: int = 0  # 0 = first try; n = n-th replay after an environment failure
     prefix_steps: int = 0  # expert steps replayed before the agent's first reply (step-wise)
 
+
 # ------------------------------------------------------------------------------------ engine
 
 
-def run_episodes(generator: Generator, envs: Sequence[Env], jobs: Sequence[Job], *, split: str,
-                 model_name: str | None = None, model_revision: str | None = None,
-                 on_step: Callable[[int], None] | None = None,
-                 experts: Mapping[str, Trajectory] | None = None) -> Iterator[Trajectory]:
+def run_episodes(
+    generator: Generator,
+    envs: Sequence[Env],
+    jobs: Sequence[Job],
+    *,
+    split: str,
+    model_name: str | None = None,
+    model_revision: str | None = None,
+    on_step: Callable[[int], None] | None = None,
+    experts: Mapping[str, Trajectory] | None = None,
+) -> Iterator[Trajectory]:
     """Play ``jobs`` with up to ``len(envs)`` episodes in flight; yield each Trajectory as it ends
     (completion order). ``on_step(n)`` is called after each batched step with the live count.
     Step-wise jobs replay the prefix of ``experts[task_id]`` (see index_experts)."""
@@ -116,17 +124,25 @@ def run_episodes(generator: Generator, envs: Sequence[Env], jobs: Sequence[Job],
                         raise EtokitError(
                             f"task {ep.job.task_id!r}: the prompt alone is {len(ids)} tokens; with max_new_tokens "
                             f"{generator.config.max_new_tokens} it exceeds the model's context of "
-                            f"{generator.max_context} tokens")
+                            f"{generator.max_context} tokens"
+                        )
                     ep.done, ep.stop = True, "context"
                     if ep.steps == ep.prefix_steps:  # a step-wise episode whose prefix leaves no room to act
-                        ep.stop, ep.error = "prefix", (f"the prompt and the {ep.prefix_steps}-step expert prefix "
-                                                       f"are {len(ids)} tokens: no room for a reply within the "
-                                                       f"model's context of {generator.max_context} tokens")
+                        ep.stop, ep.error = (
+                            "prefix",
+                            (
+                                f"the prompt and the {ep.prefix_steps}-step expert prefix "
+                                f"are {len(ids)} tokens: no room for a reply within the "
+                                f"model's context of {generator.max_context} tokens"
+                            ),
+                        )
             active = [(ep, ids) for ep, ids in zip(live, encoded) if not ep.done]
             if active:
-                replies = generator.generate([ids for _, ids in active], keys=[id(ep) for ep, _ in active],
-                                             seeds=[step_seed(config.seed + ep.job.sample, ep.job, ep.steps)
-                                                    for ep, _ in active])
+                replies = generator.generate(
+                    [ids for _, ids in active],
+                    keys=[id(ep) for ep, _ in active],
+                    seeds=[step_seed(config.seed + ep.job.sample, ep.job, ep.steps) for ep, _ in active],
+                )
                 faultpoint("explore.mid-batch")  # crash tests: replies generated, not yet sent to the envs
                 list(pool.map(lambda a: _act(a[0], a[1]), [(ep, r) for (ep, _), r in zip(active, replies)]))
             if on_step is not None:
@@ -168,8 +184,9 @@ class _Inline:
         return map(fn, items)
 
 
-def _start(env: Env, job: Job, config: ExploreConfig, attempt: int = 0,
-           experts: Mapping[str, Trajectory] | None = None) -> _Episode:
+def _start(
+    env: Env, job: Job, config: ExploreConfig, attempt: int = 0, experts: Mapping[str, Trajectory] | None = None
+) -> _Episode:
     expert = None
     if job.prefix_steps is not None:
         expert = (experts or {}).get(job.task_id)
@@ -179,8 +196,16 @@ def _start(env: Env, job: Job, config: ExploreConfig, attempt: int = 0,
     messages = build_prompt(env.name, reset, icl=config.icl, instruction=config.instruction)
     icl_len = len(messages) - 3
     info = {k: v for k, v in reset.info.items() if k == "game_file"}
-    ep = _Episode(job=job, env=env, prompt_len=len(messages), icl_len=icl_len, messages=messages,
-                  max_steps=config.max_steps or env.max_steps, info=info, attempt=attempt)
+    ep = _Episode(
+        job=job,
+        env=env,
+        prompt_len=len(messages),
+        icl_len=icl_len,
+        messages=messages,
+        max_steps=config.max_steps or env.max_steps,
+        info=info,
+        attempt=attempt,
+    )
     if expert is not None:
         ep.info["step_wise"] = _step_wise(job, expert_steps(expert))  # recorded in the trajectory's extra
         _replay_prefix(ep, expert, job.prefix_steps or 0)
@@ -191,8 +216,9 @@ def _replay_prefix(ep: _Episode, expert: Trajectory, prefix_steps: int) -> None:
     """Teacher-force the expert's first ``prefix_steps`` steps: step them in the environment and
     append the expert's own turns, so the agent's step t sees what the expert saw."""
     if prefix_steps >= ep.max_steps:
-        raise PrefixError(f"a prefix of {prefix_steps} expert steps leaves none of the {ep.max_steps} steps to "
-                          "the agent")
+        raise PrefixError(
+            f"a prefix of {prefix_steps} expert steps leaves none of the {ep.max_steps} steps to the agent"
+        )
     turns = expert.messages[PROMPT_LEN:]
     if len(turns) < 2 * prefix_steps + 1:
         raise PrefixError(f"the expert has {expert_steps(expert)} steps, fewer than the prefix of {prefix_steps} + 1")
@@ -203,12 +229,16 @@ def _replay_prefix(ep: _Episode, expert: Trajectory, prefix_steps: int) -> None:
             raise PrefixError(f"expert step {i + 1}: expected an agent turn with an Action: line and its observation")
         result = ep.env.step(action)  # an exception here is an environment failure: retried from the reset
         if result.done:
-            raise PrefixError(f"the environment ended the episode at expert step {i + 1} of the "
-                              f"{prefix_steps}-step prefix (reward {result.reward:g})")
+            raise PrefixError(
+                f"the environment ended the episode at expert step {i + 1} of the "
+                f"{prefix_steps}-step prefix (reward {result.reward:g})"
+            )
         seen = format_observation(result.observation)
         if seen.split() != observation["content"].split():  # whitespace aside, the same text
-            raise PrefixError(f"after expert step {i + 1} ({action!r}) the environment shows {seen[:80]!r}, the "
-                              f"expert saw {observation['content'][:80]!r}")
+            raise PrefixError(
+                f"after expert step {i + 1} ({action!r}) the environment shows {seen[:80]!r}, the "
+                f"expert saw {observation['content'][:80]!r}"
+            )
         ep.messages += [dict(reply), dict(observation)]
         ep.reward = result.reward
     ep.steps = ep.prefix_steps = prefix_steps
@@ -221,19 +251,40 @@ def _step_wise(job: Job, expert_n: int | None = None) -> dict[str, Any]:
     return out
 
 
-def _failed_reset(env: Env, job: Job, split: str, model_name: str | None, revision: str | None,
-                  config: ExploreConfig, e: Exception, stop: str = "error") -> Trajectory:
+def _failed_reset(
+    env: Env,
+    job: Job,
+    split: str,
+    model_name: str | None,
+    revision: str | None,
+    config: ExploreConfig,
+    e: Exception,
+    stop: str = "error",
+) -> Trajectory:
     """The error record of an episode whose environment never started it (no turns), or whose
     expert prefix could not be replayed (``stop="prefix"``)."""
-    extra: dict[str, Any] = {"sample": job.sample, "stopped": stop,
-                             "error": _last_line(e) if stop == "error" else str(e)}
+    extra: dict[str, Any] = {
+        "sample": job.sample,
+        "stopped": stop,
+        "error": _last_line(e) if stop == "error" else str(e),
+    }
     if job.prefix_steps is not None:
         extra["step_wise"] = _step_wise(job)
     if config.env_retries and stop == "error":
         extra["env_retries"] = config.env_retries
-    return Trajectory(task_id=job.task_id, env=env.name, split=split, messages=[], reward=0.0, num_steps=0,
-                      source="explore", model=model_name, model_revision=revision, seed=config.seed + job.sample,
-                      extra=extra)
+    return Trajectory(
+        task_id=job.task_id,
+        env=env.name,
+        split=split,
+        messages=[],
+        reward=0.0,
+        num_steps=0,
+        source="explore",
+        model=model_name,
+        model_revision=revision,
+        seed=config.seed + job.sample,
+        extra=extra,
+    )
 
 
 def _act(ep: _Episode, reply: str) -> None:
@@ -257,10 +308,11 @@ def _act(ep: _Episode, reply: str) -> None:
         ep.messages.append({"role": "user", "content": format_observation(observation)})
 
 
-def _trajectory(ep: _Episode, split: str, model_name: str | None, revision: str | None,
-                config: ExploreConfig) -> Trajectory:
+def _trajectory(
+    ep: _Episode, split: str, model_name: str | None, revision: str | None, config: ExploreConfig
+) -> Trajectory:
     # Recorded without the 1-shot example: it is prompt scaffolding, not part of the trajectory.
-    messages = ep.messages[:2] + ep.messages[2 + ep.icl_len:]
+    messages = ep.messages[:2] + ep.messages[2 + ep.icl_len :]
     extra: dict[str, Any] = {"invalid_actions": ep.invalid, "sample": ep.job.sample, **ep.info}
     if ep.empty:
         extra["empty_replies"] = ep.empty
@@ -272,6 +324,16 @@ def _trajectory(ep: _Episode, split: str, model_name: str | None, revision: str 
         extra["env_retries"] = ep.attempt  # a replay after the environment failed (the earlier tries are not kept)
     if config.temperature > 0:
         extra.update(temperature=config.temperature, top_p=config.top_p)
-    return Trajectory(task_id=ep.job.task_id, env=ep.env.name, split=split, messages=messages, reward=ep.reward,
-                      num_steps=ep.steps, source="explore", model=model_name, model_revision=revision,
-                      seed=config.seed + ep.job.sample, extra=extra)
+    return Trajectory(
+        task_id=ep.job.task_id,
+        env=ep.env.name,
+        split=split,
+        messages=messages,
+        reward=ep.reward,
+        num_steps=ep.steps,
+        source="explore",
+        model=model_name,
+        model_revision=revision,
+        seed=config.seed + ep.job.sample,
+        extra=extra,
+    )

@@ -42,7 +42,6 @@ class ExploreConfig:
     instruction: str | None = None
 
 
-
 def model_revision(model: str, revision: str | None) -> str:
     """What exactly was loaded: the commit sha for a Hub model; for a local folder "local:" and a
     fingerprint of its config and weight files (name, size, first and last MiB: cheap on 14 GB
@@ -66,8 +65,10 @@ def model_revision(model: str, revision: str | None) -> str:
     try:
         return HfApi().model_info(model, revision=revision).sha
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise EtokitError(f"--model {model}{'@' + revision if revision else ''}: not a local folder and not found "
-                          f"on the Hub ({str(e).splitlines()[0]})") from None
+        raise EtokitError(
+            f"--model {model}{'@' + revision if revision else ''}: not a local folder and not found "
+            f"on the Hub ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def split_model_ref(ref: str) -> tuple[str, str | None]:
@@ -80,7 +81,6 @@ def split_model_ref(ref: str) -> tuple[str, str | None]:
     from etokit.data.names import check_repo_id, check_revision
 
     return check_repo_id(name, "--model"), check_revision(revision, "--model revision")
-
 
 
 class Generator:
@@ -110,9 +110,16 @@ class Generator:
         if config.kv_reuse and kv_reuse_unsupported(model) is None:
             eos = self.generation_config.eos_token_id
             self.decoder = KVReuseDecoder(
-                model, pad_id=self.pad_id, eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
-                max_new_tokens=config.max_new_tokens, stopped=self._stopped, temperature=config.temperature,
-                top_p=config.top_p, seed=config.seed, in_place=config.kv_in_place)
+                model,
+                pad_id=self.pad_id,
+                eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
+                max_new_tokens=config.max_new_tokens,
+                stopped=self._stopped,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                seed=config.seed,
+                in_place=config.kv_in_place,
+            )
 
     def _stopped(self, ids: list[int]) -> bool:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -126,8 +133,9 @@ class Generator:
     def fits(self, ids: list[int]) -> bool:
         return len(ids) + self.config.max_new_tokens <= self.max_context
 
-    def generate(self, batch: list[list[int]], keys: Sequence[Any] | None = None,
-                 seeds: Sequence[int] | None = None) -> list[str]:
+    def generate(
+        self, batch: list[list[int]], keys: Sequence[Any] | None = None, seeds: Sequence[int] | None = None
+    ) -> list[str]:
         """One reply per prompt. ``keys`` name each row's episode, so that its KV cache is kept for
         its next step (see KVReuseDecoder); without keys every prompt is encoded from scratch.
         ``seeds`` seed each row's sampling (KV-reuse engine; model.generate draws from torch's global
@@ -140,12 +148,15 @@ class Generator:
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, ids in enumerate(batch):  # left padding: every prompt ends where generation starts
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            attention_mask[i, width - len(ids):] = 1
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, width - len(ids) :] = 1
         with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids.to(self.device),
-                                      attention_mask=attention_mask.to(self.device),
-                                      generation_config=self.generation_config, tokenizer=self.tokenizer)
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                generation_config=self.generation_config,
+                tokenizer=self.tokenizer,
+            )
         texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         # Generation stops a row at a stop string but keeps the rows around it going (and the
         # stopped row may hold a few tokens past it): cut every reply at its first stop string.
@@ -154,5 +165,4 @@ class Generator:
 
 def cut_at_stop(text: str) -> str:
     cuts = [i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0]
-    return text[:min(cuts)] if cuts else text
-
+    return text[: min(cuts)] if cuts else text

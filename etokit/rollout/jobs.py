@@ -25,7 +25,6 @@ class Job:
     prefix_steps: int | None = None
 
 
-
 def shard(jobs: Sequence[Job], state) -> list[Job]:
     """This process's share of ``jobs`` under ``accelerate launch`` (contiguous blocks, as
     ``split_between_processes``; padding would replay the last job, so none is asked for)."""
@@ -54,7 +53,6 @@ def plan_jobs(task_ids: Sequence[str], samples_per_task: int, done: set[Job] | f
     return [job for t in task_ids for s in range(samples_per_task) if (job := Job(t, s)) not in done]
 
 
-
 def expert_steps(expert: Trajectory) -> int:
     """N, the expert's agent steps: its assistant turns after the prompt."""
     return sum(m["role"] == "assistant" for m in expert.messages[PROMPT_LEN:])
@@ -68,21 +66,31 @@ def index_experts(experts: Sequence[Trajectory], *, path: str | Path | None = No
 
     by_task: dict[str, Trajectory] = {}
     for row, t in enumerate(experts):
+
         def error(problem: str, field: str = "messages") -> DataError:
-            return DataError(problem, path=path, row=row, record_id=t.task_id, field=field,
-                             where=None if path is not None else f"expert of task {t.task_id!r}")
+            return DataError(
+                problem,
+                path=path,
+                row=row,
+                record_id=t.task_id,
+                field=field,
+                where=None if path is not None else f"expert of task {t.task_id!r}",
+            )
 
         if [m["role"] for m in t.messages[:PROMPT_LEN]] != ["user", "assistant", "user"]:
-            raise error("expected the instruction (user), \"OK\" (assistant) and the task (user) first")
+            raise error('expected the instruction (user), "OK" (assistant) and the task (user) first')
         if not expert_steps(t):
             raise error("no agent turn after the task: nothing to replay")
         for j, m in enumerate(t.messages[PROMPT_LEN:], PROMPT_LEN):
             if m["role"] == "assistant" and parse_action(m["content"]) is None:
                 raise error("an expert turn without an Action: line cannot be replayed", f"messages[{j}].content")
         if t.env == "alfworld" and not t.extra.get("game_file") and t.extra.get("eto_id") is not None:
-            raise error("an official ALFWorld expert row without game_file: the game its steps were played in is "
-                        "unknown (the Hub copy of the paper's data drops game_file; the official local "
-                        "alfworld_sft.json keeps it)", "game_file")
+            raise error(
+                "an official ALFWorld expert row without game_file: the game its steps were played in is "
+                "unknown (the Hub copy of the paper's data drops game_file; the official local "
+                "alfworld_sft.json keeps it)",
+                "game_file",
+            )
         by_task.setdefault(t.task_id, t)
     return by_task
 
@@ -102,9 +110,15 @@ def experts_of_tasks(experts: Mapping[str, Trajectory], task_ids: Sequence[str])
     return found
 
 
-def plan_step_jobs(experts: Mapping[str, Trajectory], steps_per_task: int | None, *, seed: int,
-                   samples_per_task: int = 1, done: set[Job] | frozenset = frozenset(),
-                   max_steps: int | None = None) -> list[Job]:
+def plan_step_jobs(
+    experts: Mapping[str, Trajectory],
+    steps_per_task: int | None,
+    *,
+    seed: int,
+    samples_per_task: int = 1,
+    done: set[Job] | frozenset = frozenset(),
+    max_steps: int | None = None,
+) -> list[Job]:
     """Step-wise jobs: per task, ``steps_per_task`` distinct steps t in [1, N] (all of them when
     None or >= N), each played from the expert's first t-1 steps; minus those in ``done``. With an
     episode limit of ``max_steps`` only t <= max_steps leave the agent a step to play. Each
@@ -118,6 +132,5 @@ def plan_step_jobs(experts: Mapping[str, Trajectory], steps_per_task: int | None
             random.Random(f"{seed}/{task_id}").shuffle(steps)
         # The limit filters the shuffled order, so it changes no draw that fits within it.
         steps = sorted([t for t in steps if max_steps is None or t <= max_steps][:steps_per_task])
-        jobs += [job for t in steps for s in range(samples_per_task)
-                 if (job := Job(task_id, s, t - 1)) not in done]
+        jobs += [job for t in steps for s in range(samples_per_task) if (job := Job(task_id, s, t - 1)) not in done]
     return jobs

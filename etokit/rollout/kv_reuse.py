@@ -59,9 +59,19 @@ class KVReuseDecoder:
     """``generate(prompts, keys)`` -> generated token ids per row (EOS excluded), stopping a row at
     EOS, at ``max_new_tokens`` or when ``stopped(ids)`` says its text holds a stop string."""
 
-    def __init__(self, model, *, pad_id: int, eos_ids: Sequence[int], max_new_tokens: int,
-                 stopped: Callable[[list[int]], bool], temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, in_place: bool = True):
+    def __init__(
+        self,
+        model,
+        *,
+        pad_id: int,
+        eos_ids: Sequence[int],
+        max_new_tokens: int,
+        stopped: Callable[[list[int]], bool],
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        in_place: bool = True,
+    ):
 
         self.model, self.pad_id, self.eos = model, pad_id, set(eos_ids)
         self.max_new_tokens, self.stopped = max_new_tokens, stopped
@@ -83,8 +93,9 @@ class KVReuseDecoder:
         self.prefill_s = self.decode_s = 0.0  # seconds in prefill / decode forwards (bench/generate.py)
         self.decoded = 0  # tokens run through decode forwards
 
-    def generate(self, prompts: Sequence[list[int]], keys: Sequence[Hashable],
-                 seeds: Sequence[int] | None = None) -> list[list[int]]:
+    def generate(
+        self, prompts: Sequence[list[int]], keys: Sequence[Hashable], seeds: Sequence[int] | None = None
+    ) -> list[list[int]]:
         """``seeds`` (sampling only): one per row. A row's draws come from its own generator seeded
         with it, so what it samples does not depend on the other rows of the batch."""
         import torch
@@ -94,8 +105,12 @@ class KVReuseDecoder:
         if self.in_place:
             shared = self._shared_prefix(prompts, starts)
             if shared is not None:
-                starts = [(shared, len(shared.ids)) if n < len(shared.ids) and ids[:len(shared.ids)] == shared.ids
-                          else (d, n) for ids, (d, n) in zip(prompts, starts)]
+                starts = [
+                    (shared, len(shared.ids))
+                    if n < len(shared.ids) and ids[: len(shared.ids)] == shared.ids
+                    else (d, n)
+                    for ids, (d, n) in zip(prompts, starts)
+                ]
         # At least one token of each prompt is prefilled: its logits give the first new token.
         reuse = [min(n, len(ids) - 1) for ids, (_, n) in zip(prompts, starts)]
         new = [ids[r:] for ids, r in zip(prompts, reuse)]
@@ -113,11 +128,11 @@ class KVReuseDecoder:
                     lay.allocate(batch, k0.shape[0], k0.shape[-1], k0.dtype, k0.device)
                     for i, ((d, _), r) in enumerate(zip(starts, reuse)):
                         # Pads are masked out, but a masked score times a NaN of torch.empty is NaN.
-                        lay.buf_k[i, :, :past - r].zero_()
-                        lay.buf_v[i, :, :past - r].zero_()
+                        lay.buf_k[i, :, : past - r].zero_()
+                        lay.buf_v[i, :, : past - r].zero_()
                         if r:
-                            lay.buf_k[i, :, past - r:past] = d.keys[layer][:, :r]
-                            lay.buf_v[i, :, past - r:past] = d.values[layer][:, :r]
+                            lay.buf_k[i, :, past - r : past] = d.keys[layer][:, :r]
+                            lay.buf_v[i, :, past - r : past] = d.values[layer][:, :r]
                     lay.n = past
         else:
             cache = DynamicCache()
@@ -128,17 +143,17 @@ class KVReuseDecoder:
                 v = v0.new_zeros(batch, v0.shape[0], past, v0.shape[-1])
                 for i, ((d, _), r) in enumerate(zip(starts, reuse)):
                     if r:
-                        k[i, :, past - r:] = d.keys[layer][:, :r]
-                        v[i, :, past - r:] = d.values[layer][:, :r]
+                        k[i, :, past - r :] = d.keys[layer][:, :r]
+                        v[i, :, past - r :] = d.values[layer][:, :r]
                 cache.update(k, v, layer)
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
         positions = torch.zeros((batch, width), dtype=torch.long)
         valid = torch.zeros((batch, past + width), dtype=torch.bool)
         for i, (r, n) in enumerate(zip(reuse, new)):
-            input_ids[i, width - len(n):] = torch.tensor(n)
-            positions[i, width - len(n):] = torch.arange(r, r + len(n))
-            valid[i, past - r:past] = True
-            valid[i, past + width - len(n):] = True
+            input_ids[i, width - len(n) :] = torch.tensor(n)
+            positions[i, width - len(n) :] = torch.arange(r, r + len(n))
+            valid[i, past - r : past] = True
+            valid[i, past + width - len(n) :] = True
         query = torch.arange(width)[:, None] + past
         allowed = valid[:, None, :] & (torch.arange(past + width)[None, :] <= query)[None]
         allowed[:, torch.arange(width), query[:, 0]] = True  # a pad query sees itself: no empty softmax row
@@ -150,10 +165,15 @@ class KVReuseDecoder:
             for i, (key, ids, r, n) in enumerate(zip(keys, prompts, reuse, new)):
                 self.kept[key] = _Kept(
                     ids=list(ids),
-                    keys=[torch.cat([lay.keys[i, :, past - r:past], lay.keys[i, :, past + width - len(n):]], 1)
-                          for lay in cache.layers],
-                    values=[torch.cat([lay.values[i, :, past - r:past], lay.values[i, :, past + width - len(n):]], 1)
-                            for lay in cache.layers])
+                    keys=[
+                        torch.cat([lay.keys[i, :, past - r : past], lay.keys[i, :, past + width - len(n) :]], 1)
+                        for lay in cache.layers
+                    ],
+                    values=[
+                        torch.cat([lay.values[i, :, past - r : past], lay.values[i, :, past + width - len(n) :]], 1)
+                        for lay in cache.layers
+                    ],
+                )
             rngs = None
             if self.temperature > 0:
                 seeds = seeds if seeds is not None else [self.seed + i for i in range(batch)]
@@ -170,7 +190,7 @@ class KVReuseDecoder:
         if len(fresh) < 2:
             return None
         common = os.path.commonprefix([ids for ids, _ in fresh])
-        common = common[:min(len(ids) for ids, _ in fresh) - 1]  # each row prefills at least its last token
+        common = common[: min(len(ids) for ids, _ in fresh) - 1]  # each row prefills at least its last token
         if len(common) < max(16, 2 * max(n for _, n in fresh)):  # not worth a forward of its own
             return None
         from etokit.rollout.slot_cache import slot_cache
@@ -183,8 +203,9 @@ class KVReuseDecoder:
             self._forward(torch.tensor([common]), torch.arange(n)[None], causal, cache)
             self.prefill_s += time.perf_counter() - start
         self.prefilled += n
-        return _Kept(ids=list(common), keys=[lay.keys[0] for lay in cache.layers],
-                     values=[lay.values[0] for lay in cache.layers])
+        return _Kept(
+            ids=list(common), keys=[lay.keys[0] for lay in cache.layers], values=[lay.values[0] for lay in cache.layers]
+        )
 
     def _donor(self, ids: list[int], key: Hashable) -> tuple[_Kept | None, int]:
         """The kept row sharing the longest prefix with ``ids`` (its own first) and that length."""
@@ -205,9 +226,14 @@ class KVReuseDecoder:
             mask = allowed
         else:  # eager attention adds the mask to the scores
             mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        out = self.model(input_ids=input_ids.to(self.device), position_ids=positions.to(self.device),
-                         attention_mask=mask[:, None].to(self.device), use_cache=True, logits_to_keep=1,
-                         **{self.cache_arg: cache})
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            position_ids=positions.to(self.device),
+            attention_mask=mask[:, None].to(self.device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_arg: cache},
+        )
         return out.logits[:, -1].float()
 
     def _pick(self, logits, rngs):

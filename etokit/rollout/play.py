@@ -46,8 +46,9 @@ from etokit.rollout.jobs import Job, experts_of_tasks, job_of, merge_shards, sha
 SUBPROCESS_ENVS = ("scienceworld", "alfworld")
 
 
-def open_envs(name: str, n: int, options: dict[str, Any] | None = None, step_timeout: float = 60.0,
-              isolate: bool | None = None) -> list[Env]:
+def open_envs(
+    name: str, n: int, options: dict[str, Any] | None = None, step_timeout: float = 60.0, isolate: bool | None = None
+) -> list[Env]:
     """``n`` environments, one per batch slot; in subprocess workers with ``isolate`` (default:
     the JVM-heavy envs of SUBPROCESS_ENVS), where a crash or a hang costs one episode."""
     from etokit.envs.registry import env_class, make
@@ -117,8 +118,13 @@ class RichProgress(PlayProgress):
     def start(self, description: str, total: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        columns = (TextColumn(f"[bold]{self.what}[/] {{task.description}}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("live {task.fields[live]}  avg reward {task.fields[avg]:.3f}"))
+        columns = (
+            TextColumn(f"[bold]{self.what}[/] {{task.description}}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("live {task.fields[live]}  avg reward {task.fields[avg]:.3f}"),
+        )
         self._progress = Progress(*columns, console=self.console, transient=self.transient)
         self._progress.start()
         self._bar = self._progress.add_task(description, total=total, live=0, avg=0.0)
@@ -140,10 +146,21 @@ class RichProgress(PlayProgress):
             self._progress = None
 
 
-def play(env: str, split: str, plan: Callable[[Env], Sequence[Job]], generator: Generator, *, batch_size: int,
-         env_options: dict[str, Any] | None = None, out: Path | None = None,
-         experts: Mapping[str, Trajectory] | None = None, model_name: str | None = None,
-         model_revision: str | None = None, state=None, progress: PlayProgress | None = None) -> PlayResult:
+def play(
+    env: str,
+    split: str,
+    plan: Callable[[Env], Sequence[Job]],
+    generator: Generator,
+    *,
+    batch_size: int,
+    env_options: dict[str, Any] | None = None,
+    out: Path | None = None,
+    experts: Mapping[str, Trajectory] | None = None,
+    model_name: str | None = None,
+    model_revision: str | None = None,
+    state=None,
+    progress: PlayProgress | None = None,
+) -> PlayResult:
     """Play the jobs ``plan`` returns (given an open environment of ``env``: its task ids, its
     step limit) with ``generator``, under the policy of this module. ``experts``: the expert
     trajectories step-wise jobs replay (see etokit.rollout.jobs.index_experts). ``state``:
@@ -151,8 +168,7 @@ def play(env: str, split: str, plan: Callable[[Env], Sequence[Job]], generator: 
     from etokit.data import JsonlAppender, read_jsonl
 
     progress = progress or PlayProgress()
-    n, rank, main = (1, 0, True) if state is None else (state.num_processes, state.process_index,
-                                                         state.is_main_process)
+    n, rank, main = (1, 0, True) if state is None else (state.num_processes, state.process_index, state.is_main_process)
     parts = [_part_file(out, r) for r in range(n)] if out is not None and n > 1 else []
     if out is not None and main:
         if parts:  # the other processes read it next: drop a torn last line left by a crash first
@@ -175,8 +191,16 @@ def play(env: str, split: str, plan: Callable[[Env], Sequence[Job]], generator: 
         if main:
             progress.start(f"{env}/{split}", len(mine))
         try:
-            for t in run_episodes(generator, envs, mine, split=split, model_name=model_name,
-                                  model_revision=model_revision, on_step=progress.step, experts=experts):
+            for t in run_episodes(
+                generator,
+                envs,
+                mine,
+                split=split,
+                model_name=model_name,
+                model_revision=model_revision,
+                on_step=progress.step,
+                experts=experts,
+            ):
                 if "error" in t.extra:
                     failed.append(t)
                 else:

@@ -39,11 +39,11 @@ class SlotLayer(CacheLayerMixin):
 
     @property
     def keys(self):
-        return self.buf_k[:, :, :self.n]
+        return self.buf_k[:, :, : self.n]
 
     @property
     def values(self):
-        return self.buf_v[:, :, :self.n]
+        return self.buf_v[:, :, : self.n]
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -51,8 +51,8 @@ class SlotLayer(CacheLayerMixin):
         end = self.n + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(f"KV slot cache overflow: {end} positions for a capacity of {self.capacity}")
-        self.buf_k[:, :, self.n:end] = key_states
-        self.buf_v[:, :, self.n:end] = value_states
+        self.buf_k[:, :, self.n : end] = key_states
+        self.buf_v[:, :, self.n : end] = value_states
         self.n = end
         return self.keys, self.values
 
@@ -70,7 +70,7 @@ class SlotLayer(CacheLayerMixin):
         for name in ("buf_k", "buf_v"):
             old = getattr(self, name)
             new = old.new_empty((len(indices),) + old.shape[1:])
-            new[:, :, :self.n] = old[indices, :, :self.n]
+            new[:, :, : self.n] = old[indices, :, : self.n]
             setattr(self, name, new)
 
 

@@ -25,25 +25,48 @@ from etokit.rollout.generator import ExploreConfig, Generator, cut_at_stop
 
 
 class VLLMGenerator(Generator):
-    def __init__(self, model: str, tokenizer, config: ExploreConfig, *, revision: str | None = None,
-                 dtype: str = "auto", trust_remote_code: bool = False, **engine_args: Any):
+    def __init__(
+        self,
+        model: str,
+        tokenizer,
+        config: ExploreConfig,
+        *,
+        revision: str | None = None,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        **engine_args: Any,
+    ):
         try:
             from vllm import LLM, SamplingParams
         except ImportError:
             raise EtokitError("--engine vllm needs vLLM (a CUDA host): pip install 'etokit[vllm]'") from None
         self.tokenizer, self.config = tokenizer, config
         self.decoder = None
-        self.llm = LLM(model=model, tokenizer=model, revision=revision, tokenizer_revision=revision, dtype=dtype,
-                       seed=config.seed, enable_prefix_caching=True, trust_remote_code=trust_remote_code,
-                       **engine_args)
+        self.llm = LLM(
+            model=model,
+            tokenizer=model,
+            revision=revision,
+            tokenizer_revision=revision,
+            dtype=dtype,
+            seed=config.seed,
+            enable_prefix_caching=True,
+            trust_remote_code=trust_remote_code,
+            **engine_args,
+        )
         sampling = config.temperature > 0
         self.params = SamplingParams(
-            n=1, max_tokens=config.max_new_tokens, temperature=config.temperature if sampling else 0.0,
-            top_p=config.top_p if sampling else 1.0, stop=list(STOP_STRINGS), skip_special_tokens=True)
+            n=1,
+            max_tokens=config.max_new_tokens,
+            temperature=config.temperature if sampling else 0.0,
+            top_p=config.top_p if sampling else 1.0,
+            stop=list(STOP_STRINGS),
+            skip_special_tokens=True,
+        )
         self.max_context = self.llm.llm_engine.model_config.max_model_len
 
-    def generate(self, batch: list[list[int]], keys: Sequence[Any] | None = None,
-                 seeds: Sequence[int] | None = None) -> list[str]:
+    def generate(
+        self, batch: list[list[int]], keys: Sequence[Any] | None = None, seeds: Sequence[int] | None = None
+    ) -> list[str]:
         # ``seeds`` is not used: vLLM draws from the engine's generator, seeded once with config.seed.
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in batch], self.params, use_tqdm=False)
         # vLLM returns the outputs in the order of the prompts; its stop strings are excluded from

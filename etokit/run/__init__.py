@@ -12,5 +12,17 @@ from etokit.run.loop import Run, console
 from etokit.run.manifest import LOCK, MANIFEST, RESULTS, Manifest
 from etokit.run.report import EVAL_SPLITS, results_table, reward_chart, run_eval_panels
 
-__all__ = ["EVAL_SPLITS", "LOCK", "MANIFEST", "RESULTS", "Manifest", "Run", "RunConfig", "config_hash", "console",
-           "results_table", "reward_chart", "run_eval_panels"]
+__all__ = [
+    "EVAL_SPLITS",
+    "LOCK",
+    "MANIFEST",
+    "RESULTS",
+    "Manifest",
+    "Run",
+    "RunConfig",
+    "config_hash",
+    "console",
+    "results_table",
+    "reward_chart",
+    "run_eval_panels",
+]

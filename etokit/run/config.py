@@ -34,9 +34,12 @@ RUN_SETS = {
 }
 DPO_RUN_SETS = {
     **RUN_SETS,
-    "ref_model": "the policy that explored (ETO)", "ref_model_revision": "the policy that explored (ETO)",
-    "ref_cache_dir": "<run_dir>/ref-cache", "iteration": "the iteration",
-    "beta": "dpo_schedule.beta, per iteration", "learning_rate": "dpo_schedule.learning_rate, per iteration",
+    "ref_model": "the policy that explored (ETO)",
+    "ref_model_revision": "the policy that explored (ETO)",
+    "ref_cache_dir": "<run_dir>/ref-cache",
+    "iteration": "the iteration",
+    "beta": "dpo_schedule.beta, per iteration",
+    "learning_rate": "dpo_schedule.learning_rate, per iteration",
 }
 
 
@@ -44,7 +47,8 @@ def _refuse_run_set(section, name: str, run_sets: dict[str, str]) -> None:
     """The stage's fields that ``run_sets`` names must keep their defaults: the run sets them."""
     for f in dataclasses.fields(section):
         if f.name in run_sets and getattr(section, f.name) != (
-                f.default if f.default is not dataclasses.MISSING else f.default_factory()):
+            f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        ):
             raise EtokitError(f"config key {name}.{f.name}: the run sets it ({run_sets[f.name]}); remove it")
 
 
@@ -104,72 +108,124 @@ class RunConfig:
     """`etokit run` options. ETO's defaults (paper / official scripts) unless noted."""
 
     run_dir: str = field(default="", metadata={"help": "local folder of this run: manifest, data, checkpoints"})
-    push_to: str = field(default="", metadata={"help": "Hub model repo NAMESPACE/NAME; every checkpoint is a "
-                                                       "branch + tag of it (bc, iter-1, ...)"})
-    dataset_prefix: str | None = field(default=None, metadata={"help": "datasets go to PREFIX-expert, PREFIX-explore, "
-                                                                       "PREFIX-pairs (default: push_to)"})
-    env: str = field(default="textworld-express", metadata={"help": "webshop, scienceworld, alfworld, textworld-express"})
+    push_to: str = field(
+        default="",
+        metadata={"help": "Hub model repo NAMESPACE/NAME; every checkpoint is a branch + tag of it (bc, iter-1, ...)"},
+    )
+    dataset_prefix: str | None = field(
+        default=None, metadata={"help": "datasets go to PREFIX-expert, PREFIX-explore, PREFIX-pairs (default: push_to)"}
+    )
+    env: str = field(
+        default="textworld-express", metadata={"help": "webshop, scienceworld, alfworld, textworld-express"}
+    )
     env_options: dict = field(default_factory=dict, metadata={"help": "keyword options of the environment"})
-    base_model: str = field(default="", metadata={"help": "model to clone the expert into (folder or Hub repo); "
-                                                          "empty: a tiny Llama built by init-model from the expert text"})
+    base_model: str = field(
+        default="",
+        metadata={
+            "help": "model to clone the expert into (folder or Hub repo); "
+            "empty: a tiny Llama built by init-model from the expert text"
+        },
+    )
     base_model_revision: str | None = None
     init_model_size: str = field(default="tiny", metadata={"choices": ["tiny", "small"]})
-    expert_data: str | None = field(default=None, metadata={"help": "expert trajectories: local file or Hub dataset "
-                                                                    "repo; empty: play the env's expert on train"})
+    expert_data: str | None = field(
+        default=None,
+        metadata={"help": "expert trajectories: local file or Hub dataset repo; empty: play the env's expert on train"},
+    )
     expert_data_config: str | None = None
-    expert_data_split: str | None = field(default=None, metadata={"help": "Hub split (default: the env's, e.g. "
-                                                                          "scienceworld of the paper's data)"})
+    expert_data_split: str | None = field(
+        default=None, metadata={"help": "Hub split (default: the env's, e.g. scienceworld of the paper's data)"}
+    )
     expert_data_revision: str | None = None
-    expert_reward: float | None = field(default=None, metadata={"min": 0, "max": 1, "help": "reward stated for "
-                                        "official expert rows without one (WebShop's Hub copy); recorded in the cards"})
-    train_tasks: int | None = field(default=None, metadata={"gt": 0, "help": "first N train tasks (expert + "
-                                                                             "exploration); default all"})
+    expert_reward: float | None = field(
+        default=None,
+        metadata={
+            "min": 0,
+            "max": 1,
+            "help": "reward stated for official expert rows without one (WebShop's Hub copy); recorded in the cards",
+        },
+    )
+    train_tasks: int | None = field(
+        default=None, metadata={"gt": 0, "help": "first N train tasks (expert + exploration); default all"}
+    )
     eval_tasks: int | None = field(default=None, metadata={"gt": 0, "help": "first N tasks of each test split"})
     iterations: int = field(default=3, metadata={"help": "ETO iterations after BC"})
-    early_stopping: bool = field(default=False, metadata={"help": "stop once test-unseen reward drops vs the "
-                                                                  "previous iteration"})
+    early_stopping: bool = field(
+        default=False, metadata={"help": "stop once test-unseen reward drops vs the previous iteration"}
+    )
     seed: int = 0
     # exploration and evaluation: greedy, 1-shot prompt (the paper)
     explore_batch_size: int = field(default=16, metadata={"gt": 0})
     max_new_tokens: int = field(default=256, metadata={"gt": 0})
     max_steps: int | None = field(default=None, metadata={"gt": 0, "help": "agent turns per episode (env default)"})
-    icl: bool = field(default=True, metadata={"help": "the 1-shot example in exploration/evaluation prompts (paper: "
-                                                      "on)"})
+    icl: bool = field(
+        default=True, metadata={"help": "the 1-shot example in exploration/evaluation prompts (paper: on)"}
+    )
     # The training stages: each recipe's own config (`etokit train bc` / `etokit train dpo` options, YAML
     # sections `bc:` / `dpo:`, flags --bc.NAME / --dpo.NAME) with ETO's values; the run sets the data,
     # models, output folders and pushes of each stage itself (RUN_SETS).
-    bc: BCStage = field(default_factory=BCStage, metadata={
-        "help": "the BC recipe's options (etokit.recipes.train_bc; ETO's SFT script: lr 2e-5, 3 epochs, global "
-                "batch 4 x 16, 3% warmup, cosine)"})
-    dpo: DPOStage = field(default_factory=DPOStage, metadata={
-        "help": "the DPO recipe's options (etokit.recipes.train_dpo; ETO: 3 epochs, 32 pairs a step, 10% warmup); "
-                "beta and learning rate per iteration in dpo_schedule"})
-    dpo_schedule: DPOSchedule = field(default_factory=DPOSchedule, metadata={
-        "help": "DPO's beta and learning rate per iteration"})
+    bc: BCStage = field(
+        default_factory=BCStage,
+        metadata={
+            "help": "the BC recipe's options (etokit.recipes.train_bc; ETO's SFT script: lr 2e-5, 3 epochs, global "
+            "batch 4 x 16, 3% warmup, cosine)"
+        },
+    )
+    dpo: DPOStage = field(
+        default_factory=DPOStage,
+        metadata={
+            "help": "the DPO recipe's options (etokit.recipes.train_dpo; ETO: 3 epochs, 32 pairs a step, 10% warmup); "
+            "beta and learning rate per iteration in dpo_schedule"
+        },
+    )
+    dpo_schedule: DPOSchedule = field(
+        default_factory=DPOSchedule, metadata={"help": "DPO's beta and learning rate per iteration"}
+    )
     # contrastive pairs (paper App. B): "step" plays step-wise episodes from the expert's first t-1 steps
     # instead of whole episodes, "mixture" plays both and pairs both
     pairs_mode: str = field(default="trajectory", metadata={"choices": ["trajectory", "step", "mixture"]})
     # the pair rule (etokit.pairs.PairRule): the defaults are construct_preference.py's, the others
     # documented deviations recorded on the pairs and in the dataset card
-    pairs_rewards: str = field(default="official", metadata={"choices": ["official", "stored"],
-                                                             "help": "official: ScienceWorld/ALFWorld experts "
-                                                                     "score 1.0; stored: compare stored rewards"})
-    pairs_expert_observation: str = field(default="drop-pair", metadata={
-        "choices": ["drop-pair", "trim"], "help": "an expert ending on an observation: drop the pair (official) "
-                                                  "or trim it"})
-    steps_per_task: int | None = field(default=None, metadata={"gt": 0, "help": "step-wise episodes per task and "
-                                                                                "iteration (None: every step t)"})
+    pairs_rewards: str = field(
+        default="official",
+        metadata={
+            "choices": ["official", "stored"],
+            "help": "official: ScienceWorld/ALFWorld experts score 1.0; stored: compare stored rewards",
+        },
+    )
+    pairs_expert_observation: str = field(
+        default="drop-pair",
+        metadata={
+            "choices": ["drop-pair", "trim"],
+            "help": "an expert ending on an observation: drop the pair (official) or trim it",
+        },
+    )
+    steps_per_task: int | None = field(
+        default=None, metadata={"gt": 0, "help": "step-wise episodes per task and iteration (None: every step t)"}
+    )
     max_length: int = field(default=4096, metadata={"gt": 0, "help": "training tokens per sequence"})
     accelerate_config: str | None = field(default=None, metadata={"help": "accelerate config file for training"})
     private: bool = False
 
     # Keys of the flat config before the recipes' configs became its sections: an old YAML names the new key.
     RENAMED: ClassVar[dict[str, str]] = {
-        **{f"bc_{name}": f"bc.{name}" for name in ("learning_rate", "num_epochs", "per_device_batch_size",
-                                                   "gradient_accumulation_steps", "warmup_ratio", "max_steps")},
-        "bc_lr_scheduler": "bc.lr_scheduler", "bc_args": "bc.*",
+        **{
+            f"bc_{name}": f"bc.{name}"
+            for name in (
+                "learning_rate",
+                "num_epochs",
+                "per_device_batch_size",
+                "gradient_accumulation_steps",
+                "warmup_ratio",
+                "max_steps",
+            )
+        },
+        "bc_lr_scheduler": "bc.lr_scheduler",
+        "bc_args": "bc.*",
         **{f"dpo_{name}": f"dpo.{name}" for name in ("num_epochs", "batch_size", "warmup_ratio", "max_steps")},
-        "dpo_beta": "dpo_schedule.beta", "dpo_learning_rate": "dpo_schedule.learning_rate", "dpo_args": "dpo.*",
+        "dpo_beta": "dpo_schedule.beta",
+        "dpo_learning_rate": "dpo_schedule.learning_rate",
+        "dpo_args": "dpo.*",
     }
 
     def __post_init__(self):
@@ -197,8 +253,9 @@ class RunConfig:
         if self.expert_data and Path(self.expert_data).exists():
             from etokit.data.sources import load_source
 
-            load_source(self.expert_data, "trajectory", env=self.env, expert_reward=self.expert_reward,
-                        option="--expert-data")
+            load_source(
+                self.expert_data, "trajectory", env=self.env, expert_reward=self.expert_reward, option="--expert-data"
+            )
 
     @property
     def datasets(self) -> dict[str, str]:
@@ -218,8 +275,17 @@ class RunConfig:
         """The DPO recipe's config for iteration ``k``: the ``dpo`` section with the iteration's beta and
         learning rate, the run-level ``max_length`` / ``seed``, resumable, and ``stage``."""
         beta, learning_rate = self.dpo_hparams(k)
-        return _recipe_config(DPOConfig, self.dpo, beta=beta, learning_rate=learning_rate, iteration=k,
-                              max_length=self.max_length, seed=self.seed, resume=True, **stage)
+        return _recipe_config(
+            DPOConfig,
+            self.dpo,
+            beta=beta,
+            learning_rate=learning_rate,
+            iteration=k,
+            max_length=self.max_length,
+            seed=self.seed,
+            resume=True,
+            **stage,
+        )
 
 
 def config_hash(cfg: RunConfig) -> str:

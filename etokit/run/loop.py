@@ -40,8 +40,16 @@ from etokit.errors import EtokitError, ServiceUnavailable
 from etokit.faults import faultpoint
 from etokit.run.config import RunConfig, config_hash
 from etokit.run.manifest import LOCK, RESULTS, Manifest, _remove_stale_temps, _RunLock, write_json_atomic
-from etokit.run.report import (CARD_EVAL_NOTE, EVAL_SPLITS, _card_row, _eval_outputs, _metrics, _summary, result_rows,
-                               reward_chart)
+from etokit.run.report import (
+    CARD_EVAL_NOTE,
+    EVAL_SPLITS,
+    _card_row,
+    _eval_outputs,
+    _metrics,
+    _summary,
+    result_rows,
+    reward_chart,
+)
 
 console = Console(highlight=False)
 
@@ -94,8 +102,11 @@ class Run:
         cfg = self.cfg
         expert = self.stage("expert", self.expert)
         self.stage("push-expert", lambda: self.push("expert", self.dir / expert["file"], split="train"))
-        base = self.stage("init-model", self.init_model) if not cfg.base_model else {
-            "model": cfg.base_model, "revision": cfg.base_model_revision}
+        base = (
+            self.stage("init-model", self.init_model)
+            if not cfg.base_model
+            else {"model": cfg.base_model, "revision": cfg.base_model_revision}
+        )
         self.stage("bc", lambda: self.bc(base))
         self.stage("eval-bc", lambda: self.evaluate("bc"))
         self.stage("push-bc", lambda: self.push_checkpoint("bc", None))
@@ -105,22 +116,27 @@ class Run:
             explore = self.stage(f"explore-{k}", lambda: self.explore(k, previous))
             pairs = self.stage(f"pairs-{k}", lambda: self.pairs(k, self.dir / explore["file"]))
             self.stage(f"push-explore-{k}", lambda: self.push("explore", self.dir / explore["file"], f"iter_{k}"))
-            self.stage(f"push-pairs-{k}", lambda: self.push("pairs", self.dir / pairs["file"], f"iter_{k}",
-                                                            ties=pairs["stats"]["tie"]))
+            self.stage(
+                f"push-pairs-{k}",
+                lambda: self.push("pairs", self.dir / pairs["file"], f"iter_{k}", ties=pairs["stats"]["tie"]),
+            )
             self.stage(f"dpo-{k}", lambda: self.dpo(k, previous, pairs))
             self.stage(f"eval-{name}", lambda: self.evaluate(name))
             self.stage(f"push-{name}", lambda: self.push_checkpoint(name, k))
             if cfg.early_stopping and self._unseen(name) < self._unseen(previous):
-                console.print(f"[yellow]early stop[/]: test-unseen reward of {name} ({self._unseen(name):.1f}) is "
-                              f"below {previous}'s ({self._unseen(previous):.1f})")
+                console.print(
+                    f"[yellow]early stop[/]: test-unseen reward of {name} ({self._unseen(name):.1f}) is "
+                    f"below {previous}'s ({self._unseen(previous):.1f})"
+                )
                 break
             previous = name
         rows = self.results()
         from etokit.evaluate import panel
 
         # every row was evaluated on these tasks (the vs_bc records list any that were not)
-        panels = {split: panel(cfg.env, split, [r["task_id"] for r in rows[0][split]["per_task"]])
-                  for split in EVAL_SPLITS}
+        panels = {
+            split: panel(cfg.env, split, [r["task_id"] for r in rows[0][split]["per_task"]]) for split in EVAL_SPLITS
+        }
         write_json_atomic(self.dir / RESULTS, {"push_to": cfg.push_to, "env": cfg.env, "panels": panels, "rows": rows})
         return rows
 
@@ -136,9 +152,15 @@ class Run:
         if cfg.expert_data:
             from etokit.train.data import load_training_records
 
-            records = load_training_records(cfg.expert_data, "trajectory", config=cfg.expert_data_config,
-                                            split=cfg.expert_data_split, revision=cfg.expert_data_revision,
-                                            env=cfg.env, expert_reward=cfg.expert_reward)
+            records = load_training_records(
+                cfg.expert_data,
+                "trajectory",
+                config=cfg.expert_data_config,
+                split=cfg.expert_data_split,
+                revision=cfg.expert_data_revision,
+                env=cfg.env,
+                expert_reward=cfg.expert_reward,
+            )
             records = [t for t in records if t.env == cfg.env]
             if not records:
                 raise EtokitError(f"--expert-data {cfg.expert_data}: no trajectory of env {cfg.env!r}")
@@ -169,8 +191,12 @@ class Run:
                             failed += 1
             finally:
                 close_envs(envs)
-        return {"file": _rel(out, self.dir), "trajectories": _count_lines(out), "expert_failed": failed,
-                "instruction": instruction}
+        return {
+            "file": _rel(out, self.dir),
+            "trajectories": _count_lines(out),
+            "expert_failed": failed,
+            "instruction": instruction,
+        }
 
     def init_model(self) -> dict[str, Any]:
         from etokit.agent.protocol import load_icl
@@ -188,10 +214,17 @@ class Run:
 
     def bc(self, base: dict[str, Any]) -> dict[str, Any]:
         cfg, out = self.cfg, self.dir / "models" / "bc"
-        model = str(self.dir / base["model"]) if not Path(base["model"]).is_absolute() and \
-            (self.dir / base["model"]).exists() else base["model"]
-        recipe = cfg.bc_config(model=model, model_revision=base.get("revision"),
-                               data=str(self.dir / self.manifest.get("expert")["file"]), output_dir=str(out))
+        model = (
+            str(self.dir / base["model"])
+            if not Path(base["model"]).is_absolute() and (self.dir / base["model"]).exists()
+            else base["model"]
+        )
+        recipe = cfg.bc_config(
+            model=model,
+            model_revision=base.get("revision"),
+            data=str(self.dir / self.manifest.get("expert")["file"]),
+            output_dir=str(out),
+        )
         self._launch("bc", recipe, out)
         return {"model": _rel(out, self.dir), "weights_sha256": _weights_digest(out)}
 
@@ -237,10 +270,17 @@ class Run:
             return {"repo": repo, "split": split, "rows": 0, "skipped": "no rows"}
         records = load_records(path, "pair" if card == "pairs" else "trajectory")
         # Pushed before a crash but not recorded: push_dataset finds it on the Hub and commits nothing.
-        result = push_dataset(records, repo, card=card, config_name=self.cfg.env, split=split,
-                              private=self.cfg.private, ties=ties)
-        return {"repo": repo, "config": result.config_name, "split": split, "rows": result.rows,
-                "data_commit": result.data_commit, "card_commit": result.card_commit}
+        result = push_dataset(
+            records, repo, card=card, config_name=self.cfg.env, split=split, private=self.cfg.private, ties=ties
+        )
+        return {
+            "repo": repo,
+            "config": result.config_name,
+            "split": split,
+            "rows": result.rows,
+            "data_commit": result.data_commit,
+            "card_commit": result.card_commit,
+        }
 
     def dpo(self, k: int, previous: str, pairs: dict[str, Any]) -> dict[str, Any]:
         cfg, out = self.cfg, self.dir / "models" / f"iter-{k}"
@@ -251,14 +291,30 @@ class Run:
             if out.exists():
                 shutil.rmtree(out)
             shutil.copytree(policy, out, ignore=shutil.ignore_patterns("checkpoints", "runs"))
-            return {"model": _rel(out, self.dir), "reference": previous, "beta": beta, "learning_rate": lr,
-                    "skipped": "no pairs", "weights_sha256": _weights_digest(out)}
+            return {
+                "model": _rel(out, self.dir),
+                "reference": previous,
+                "beta": beta,
+                "learning_rate": lr,
+                "skipped": "no pairs",
+                "weights_sha256": _weights_digest(out),
+            }
         # The reference is the policy that explored (train_dpo's default: --model itself).
-        recipe = cfg.dpo_config(k, model=str(policy), data=str(self.dir / pairs["file"]), output_dir=str(out),
-                                ref_cache_dir=str(self.dir / "ref-cache"))
+        recipe = cfg.dpo_config(
+            k,
+            model=str(policy),
+            data=str(self.dir / pairs["file"]),
+            output_dir=str(out),
+            ref_cache_dir=str(self.dir / "ref-cache"),
+        )
         self._launch("dpo", recipe, out)
-        return {"model": _rel(out, self.dir), "reference": previous, "beta": beta, "learning_rate": lr,
-                "weights_sha256": _weights_digest(out)}
+        return {
+            "model": _rel(out, self.dir),
+            "reference": previous,
+            "beta": beta,
+            "learning_rate": lr,
+            "weights_sha256": _weights_digest(out),
+        }
 
     def evaluate(self, name: str) -> dict[str, Any]:
         from etokit.data import read_jsonl
@@ -285,34 +341,56 @@ class Run:
             f.write((chart + "\n").encode())
         if k is None:
             stage, data = "behavioral cloning (SFT)", [(cfg.datasets["expert"], cfg.env, "train", None)]
-            hp = {"learning_rate": cfg.bc.learning_rate, "num_epochs": cfg.bc.num_epochs,
-                  "global_batch_size": cfg.bc.per_device_batch_size * cfg.bc.gradient_accumulation_steps,
-                  "warmup_ratio": cfg.bc.warmup_ratio, "lr_scheduler": cfg.bc.lr_scheduler}
+            hp = {
+                "learning_rate": cfg.bc.learning_rate,
+                "num_epochs": cfg.bc.num_epochs,
+                "global_batch_size": cfg.bc.per_device_batch_size * cfg.bc.gradient_accumulation_steps,
+                "warmup_ratio": cfg.bc.warmup_ratio,
+                "lr_scheduler": cfg.bc.lr_scheduler,
+            }
             base = cfg.base_model or None  # the card says "initialized from scratch" for init-model
         else:
             trained = self.manifest.get(f"dpo-{k}")
-            stage, data = "ETO (DPO on contrastive trajectory pairs)", [(cfg.datasets["pairs"], cfg.env, f"iter_{k}", None)]
-            hp = {"beta": trained["beta"], "learning_rate": trained["learning_rate"], "num_epochs": cfg.dpo.num_epochs,
-                  "batch_size": cfg.dpo.batch_size, "warmup_ratio": cfg.dpo.warmup_ratio,
-                  "lr_scheduler": cfg.dpo.lr_scheduler, "reference_model": f"{cfg.push_to}@{trained['reference']}"}
+            stage, data = (
+                "ETO (DPO on contrastive trajectory pairs)",
+                [(cfg.datasets["pairs"], cfg.env, f"iter_{k}", None)],
+            )
+            hp = {
+                "beta": trained["beta"],
+                "learning_rate": trained["learning_rate"],
+                "num_epochs": cfg.dpo.num_epochs,
+                "batch_size": cfg.dpo.batch_size,
+                "warmup_ratio": cfg.dpo.warmup_ratio,
+                "lr_scheduler": cfg.dpo.lr_scheduler,
+                "reference_model": f"{cfg.push_to}@{trained['reference']}",
+            }
             if trained.get("skipped"):
                 hp["note"] = "no contrastive pairs: weights of the previous iteration"
             base = f"{cfg.push_to}@{trained['reference']}"
         card = {
-            "stage": stage, "iteration": k, "base_model": base,
+            "stage": stage,
+            "iteration": k,
+            "base_model": base,
             "datasets": [{**d, "local": False} for d in card_datasets(data)],
-            "hyperparameters": {**hp, "seed": cfg.seed, "max_length": cfg.max_length,
-                                "prompt_instruction": "the expert data's" if self._instruction() else "etokit's",
-                                **({"expert_reward_stated": cfg.expert_reward} if cfg.expert_reward is not None else {})},
+            "hyperparameters": {
+                **hp,
+                "seed": cfg.seed,
+                "max_length": cfg.max_length,
+                "prompt_instruction": "the expert data's" if self._instruction() else "etokit's",
+                **({"expert_reward_stated": cfg.expert_reward} if cfg.expert_reward is not None else {}),
+            },
             "eval": [_card_row(r, vs_bc=len(rows) > 1) for r in rows],
             "eval_note": CARD_EVAL_NOTE,
-            "description": (f"An LLM agent for `{cfg.env}` trained with the ETO loop (`etokit run`). Average reward "
-                            f"x100 per stage on test-seen / test-unseen:\n\n```\n{chart}\n```"),
+            "description": (
+                f"An LLM agent for `{cfg.env}` trained with the ETO loop (`etokit run`). Average reward "
+                f"x100 per stage on test-seen / test-unseen:\n\n```\n{chart}\n```"
+            ),
             "tags": [cfg.env],
             **publish_report(self.dir, folder, upto=name),  # <run_dir>/report.html; figures + model-index
         }
-        sha = push_checkpoint(folder, cfg.push_to, name, card=card, commit_message=f"etokit run: {name}",
-                              private=cfg.private)
+        sha = push_checkpoint(
+            folder, cfg.push_to, name, card=card, commit_message=f"etokit run: {name}", private=cfg.private
+        )
         return {"repo": cfg.push_to, "revision": name, "commit": sha}
 
     # -- helpers --------------------------------------------------------------------------------
@@ -328,8 +406,15 @@ class Run:
         """One row per evaluated policy so far, ending at ``upto`` (etokit.run.report.result_rows)."""
         return result_rows(self.manifest.data["stages"], self.dir, upto)
 
-    def _play(self, policy: str, split: str, out: Path, limit: int | None, what: str,
-              step_wise: tuple[dict, int] | None = None) -> None:
+    def _play(
+        self,
+        policy: str,
+        split: str,
+        out: Path,
+        limit: int | None,
+        what: str,
+        step_wise: tuple[dict, int] | None = None,
+    ) -> None:
         """Greedy episodes of ``policy`` on ``split``, appended to ``out`` (episodes already there
         are skipped: a crashed stage resumes where it stopped). ``step_wise`` = (experts by task,
         iteration): also (pairs_mode "mixture") or only ("step") step-wise episodes, steps_per_task
@@ -343,25 +428,45 @@ class Run:
         folder = self.dir / self.manifest.get(_train_stage(policy))["model"]
         model, tokenizer = load_model_and_tokenizer(str(folder))
         model.eval()
-        config = ExploreConfig(batch_size=cfg.explore_batch_size, max_new_tokens=cfg.max_new_tokens,
-                               icl=cfg.icl, seed=cfg.seed, max_steps=cfg.max_steps, instruction=self._instruction())
+        config = ExploreConfig(
+            batch_size=cfg.explore_batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            icl=cfg.icl,
+            seed=cfg.seed,
+            max_steps=cfg.max_steps,
+            instruction=self._instruction(),
+        )
 
         def plan(first):
             tasks = first.task_ids(split)[:limit]
             jobs = plan_jobs(tasks, 1) if cfg.pairs_mode != "step" or step_wise is None else []
             if step_wise is not None:
                 experts, k = step_wise
-                jobs += plan_step_jobs(experts_of_tasks(experts, tasks), cfg.steps_per_task, seed=cfg.seed * 1000 + k,
-                                       max_steps=config.max_steps or first.max_steps)
+                jobs += plan_step_jobs(
+                    experts_of_tasks(experts, tasks),
+                    cfg.steps_per_task,
+                    seed=cfg.seed * 1000 + k,
+                    max_steps=config.max_steps or first.max_steps,
+                )
             # The file's order: task by task, a task's whole episode first, then its step-wise ones by step.
             order = {t: i for i, t in enumerate(tasks)}
-            return sorted(jobs, key=lambda j: (order[j.task_id], j.prefix_steps is not None, j.prefix_steps or 0,
-                                               j.sample))
+            return sorted(
+                jobs, key=lambda j: (order[j.task_id], j.prefix_steps is not None, j.prefix_steps or 0, j.sample)
+            )
 
-        result = play(cfg.env, split, plan, Generator(model, tokenizer, config), batch_size=cfg.explore_batch_size,
-                      env_options=cfg.env_options, out=out, experts=step_wise and step_wise[0],
-                      model_name=f"{cfg.push_to}@{policy}", model_revision=None,
-                      progress=RichProgress(console, what, transient=True))
+        result = play(
+            cfg.env,
+            split,
+            plan,
+            Generator(model, tokenizer, config),
+            batch_size=cfg.explore_batch_size,
+            env_options=cfg.env_options,
+            out=out,
+            experts=step_wise and step_wise[0],
+            model_name=f"{cfg.push_to}@{policy}",
+            model_revision=None,
+            progress=RichProgress(console, what, transient=True),
+        )
         for t in result.failed[:1]:  # the stage fails; a resume plays the failed episodes again
             raise EtokitError(f"{cfg.env} task {t.task_id}: the environment failed ({t.extra['error']})")
 
@@ -374,8 +479,9 @@ class Run:
         out.mkdir(parents=True, exist_ok=True)
         config_file = write_config(config, out.parent / f"{out.name}.yaml")
         # One process needs no launcher (Accelerator() alone sets it up); an accelerate config gets it.
-        cmd = recipe_command(recipe, ["--config", str(config_file)], accelerate_config=self.cfg.accelerate_config,
-                             launcher=False)
+        cmd = recipe_command(
+            recipe, ["--config", str(config_file)], accelerate_config=self.cfg.accelerate_config, launcher=False
+        )
         log = out / "launch.log"
         # The trainer must not outlive this process: an orphan still writing to `out` while a
         # resumed run trains there again would interleave two runs' checkpoints. Every rank

@@ -31,24 +31,29 @@ class Manifest:
         manifest = cls(path, cfg_hash)
         if path.exists():
             if not resume:
-                raise EtokitError(f"{run_dir} already holds a run ({MANIFEST}); pass --resume to continue it or "
-                                  "choose another --run-dir")
+                raise EtokitError(
+                    f"{run_dir} already holds a run ({MANIFEST}); pass --resume to continue it or "
+                    "choose another --run-dir"
+                )
             try:
                 manifest.data = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise EtokitError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
             if manifest.data.get("config_hash") != cfg_hash:
-                raise EtokitError(f"--resume: the config differs from the one {run_dir} was started with "
-                                  f"(hash {cfg_hash} vs {manifest.data.get('config_hash')}); see "
-                                  f"{run_dir / 'etokit_config.yaml'}")
+                raise EtokitError(
+                    f"--resume: the config differs from the one {run_dir} was started with "
+                    f"(hash {cfg_hash} vs {manifest.data.get('config_hash')}); see "
+                    f"{run_dir / 'etokit_config.yaml'}"
+                )
         return manifest
 
     def get(self, name: str) -> dict[str, Any] | None:
         return next((s["outputs"] for s in self.data["stages"] if s["name"] == name), None)
 
     def done(self, name: str, outputs: dict[str, Any], seconds: float) -> None:
-        self.data["stages"].append({"name": name, "outputs": outputs, "seconds": round(seconds, 2),
-                                    "config_hash": self.data["config_hash"]})
+        self.data["stages"].append(
+            {"name": name, "outputs": outputs, "seconds": round(seconds, 2), "config_hash": self.data["config_hash"]}
+        )
         write_json_atomic(self.path, self.data, point="manifest.before-rename")
 
     @property
@@ -89,8 +94,10 @@ class _RunLock:
         except BlockingIOError:
             holder = os.read(self.fd, 64).decode(errors="replace").strip() or "?"
             os.close(self.fd)
-            raise EtokitError(f"{self.path.parent} is in use by another etokit run (pid {holder}); wait for it to "
-                              "finish or stop it before --resume") from None
+            raise EtokitError(
+                f"{self.path.parent} is in use by another etokit run (pid {holder}); wait for it to "
+                "finish or stop it before --resume"
+            ) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, str(os.getpid()).encode())
         return self

@@ -22,7 +22,7 @@ def result_rows(stages: list[dict[str, Any]], run_dir: Path, upto: str | None = 
     for stage in stages:
         if not stage["name"].startswith("eval-"):
             continue
-        name = stage["name"][len("eval-"):]
+        name = stage["name"][len("eval-") :]
         row = {"model": name}
         for split in EVAL_SPLITS:
             out = stage["outputs"][split]
@@ -30,17 +30,18 @@ def result_rows(stages: list[dict[str, Any]], run_dir: Path, upto: str | None = 
                 from etokit.data import read_jsonl
 
                 out = {**out, **_eval_outputs(read_jsonl(run_dir / out["file"], "trajectory"))}
-            row[split] = {k: out[k] for k in ("avg_reward", "success_rate", "episodes", "avg_reward_ci",
-                                              "success_rate_ci", "per_task")}
+            row[split] = {
+                k: out[k]
+                for k in ("avg_reward", "success_rate", "episodes", "avg_reward_ci", "success_rate_ci", "per_task")
+            }
             if rows:
-                row[split]["vs_bc"] = _vs(rows[0][split]["per_task"], out["per_task"], rows[0]["model"], name,
-                                          split)
+                row[split]["vs_bc"] = _vs(rows[0][split]["per_task"], out["per_task"], rows[0]["model"], name, split)
         rows.append(row)
         if name == upto:
             break
     for stage in stages:
         if stage["name"].startswith("pairs-"):
-            name = f"iter-{stage['name'][len('pairs-'):]}"
+            name = f"iter-{stage['name'][len('pairs-') :]}"
             for row in rows:
                 if row["model"] == name:
                     row["pairs"] = stage["outputs"]["stats"]
@@ -61,7 +62,7 @@ def run_eval_panels(run_dir: Path, name: str) -> dict[str, Any]:
         stages = json.loads(path.read_text())["stages"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise EtokitError(f"{path}: not a run manifest ({e})") from None
-    evaluated = {s["name"][len("eval-"):]: s["outputs"] for s in stages if s["name"].startswith("eval-")}
+    evaluated = {s["name"][len("eval-") :]: s["outputs"] for s in stages if s["name"].startswith("eval-")}
     if name not in evaluated:
         raise EtokitError(f"{run_dir} has no evaluation of {name!r} (evaluated: {', '.join(evaluated) or 'none yet'})")
     panels = {}
@@ -92,8 +93,9 @@ def _eval_outputs(played) -> dict[str, Any]:
     return {**_metrics(summarize(played)), "per_task": per_task(played)}
 
 
-def _vs(base: list[dict[str, Any]], other: list[dict[str, Any]], base_name: str, name: str,
-        split: str) -> dict[str, Any]:
+def _vs(
+    base: list[dict[str, Any]], other: list[dict[str, Any]], base_name: str, name: str, split: str
+) -> dict[str, Any]:
     """``name`` against ``base`` task for task (reward x100): the paired-bootstrap difference."""
     from etokit.evaluate import compare_panels, panel_from_per_task
 
@@ -111,8 +113,10 @@ def _summary(outputs: dict[str, Any]) -> str:
     if "test-unseen" in outputs:
         from etokit.evaluate import format_ci
 
-        return " ".join(f"{split} {format_ci(outputs[split].get('avg_reward_ci'), outputs[split]['avg_reward'])}"
-                        for split in EVAL_SPLITS)
+        return " ".join(
+            f"{split} {format_ci(outputs[split].get('avg_reward_ci'), outputs[split]['avg_reward'])}"
+            for split in EVAL_SPLITS
+        )
     if "commit" in outputs:
         return f"{outputs['repo']}@{outputs['revision']} {outputs['commit'][:12]}"
     if "data_commit" in outputs:
@@ -154,10 +158,12 @@ def _card_row(row: dict[str, Any], vs_bc: bool = True) -> dict[str, str]:
     return out
 
 
-CARD_EVAL_NOTE = ("Means over the test tasks (one greedy episode each) with their 95% percentile-bootstrap "
-                  "interval over tasks (10,000 resamples). *vs BC*: the mean per-task difference in reward x100 "
-                  "from the BC checkpoint on the same tasks, its 95% paired-bootstrap interval, and how many tasks "
-                  "went up / down / stayed the same.")
+CARD_EVAL_NOTE = (
+    "Means over the test tasks (one greedy episode each) with their 95% percentile-bootstrap "
+    "interval over tasks (10,000 resamples). *vs BC*: the mean per-task difference in reward x100 "
+    "from the BC checkpoint on the same tasks, its 95% paired-bootstrap interval, and how many tasks "
+    "went up / down / stayed the same."
+)
 
 
 def reward_chart(rows: list[dict[str, Any]], width: int = 40) -> str:
@@ -178,8 +184,10 @@ def reward_chart(rows: list[dict[str, Any]], width: int = 40) -> str:
 def results_table(rows: list[dict[str, Any]]):
     from rich.table import Table
 
-    table = Table(title="ETO results (average reward x100 / success rate, 95% bootstrap intervals over tasks; "
-                        "vs BC: paired difference, tasks up/down/same)")
+    table = Table(
+        title="ETO results (average reward x100 / success rate, 95% bootstrap intervals over tasks; "
+        "vs BC: paired difference, tasks up/down/same)"
+    )
     table.add_column("stage", style="bold")
     for split in EVAL_SPLITS:
         table.add_column(f"{split} reward", justify="right")
@@ -188,8 +196,9 @@ def results_table(rows: list[dict[str, Any]]):
     table.add_column("pairs win/tie/lose", justify="right")
     for row in rows:
         p = row.get("pairs")
-        table.add_row("BC" if row["model"] == "bc" else row["model"],
-                      *[v for split in EVAL_SPLITS for v in (_reward(row[split]), _success(row[split]),
-                                                             _vs_bc(row[split]))],
-                      f"{p['win']}/{p['tie']}/{p['lose']}" if p else "-")
+        table.add_row(
+            "BC" if row["model"] == "bc" else row["model"],
+            *[v for split in EVAL_SPLITS for v in (_reward(row[split]), _success(row[split]), _vs_bc(row[split]))],
+            f"{p['win']}/{p['tie']}/{p['lose']}" if p else "-",
+        )
     return table

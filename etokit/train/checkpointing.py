@@ -146,8 +146,13 @@ def finish(accelerator, model, tokenizer, cfg, step: int, *, card: dict[str, Any
         return
     from etokit.hub.checkpoint import card_datasets, push_checkpoint
 
-    card = {"base_model": cfg.model, "base_model_revision": cfg.model_revision,
-            "datasets": card_datasets([(cfg.data, cfg.data_config, cfg.data_split, cfg.data_revision)]), **card}
-    sha = push_checkpoint(cfg.output_dir, cfg.push_to, cfg.revision, card=card, commit_message=commit_message,
-                          private=cfg.private)
+    card = {
+        "base_model": cfg.model,
+        "base_model_revision": cfg.model_revision,
+        "datasets": card_datasets([(cfg.data, cfg.data_config, cfg.data_split, cfg.data_revision)]),
+        **card,
+    }
+    sha = push_checkpoint(
+        cfg.output_dir, cfg.push_to, cfg.revision, card=card, commit_message=commit_message, private=cfg.private
+    )
     accelerator.print(f"pushed {cfg.push_to}@{cfg.revision} ({sha})")

@@ -54,41 +54,65 @@ class TrainConfig:
 
     model: str = dataclasses.field(default="", metadata={"help": "model to train: local folder or Hub repo"})
     data: str = dataclasses.field(default="", metadata={"help": "local .jsonl/.json/.parquet file or Hub dataset repo"})
-    output_dir: str = dataclasses.field(default="", metadata={"help": "where the model, config, logs and state checkpoints go"})
+    output_dir: str = dataclasses.field(
+        default="", metadata={"help": "where the model, config, logs and state checkpoints go"}
+    )
     model_revision: str | None = None
     data_config: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset config"})
-    data_split: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset split (default: the "
-                                               "one split, the --data-env's split, or train)"})
-    data_env: str | None = dataclasses.field(default=None, metadata={"help": "environment of official ETO rows when no "
-                                             "file, config or split name tells it"})
-    expert_reward: float | None = dataclasses.field(default=None, metadata={"min": 0, "max": 1, "help": "reward "
-                                                    "stated for official expert rows that have none (WebShop's Hub copy)"})
-    data_revision: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset revision (branch/tag/sha)"})
-    max_length: int = dataclasses.field(default=4096, metadata={"gt": 0, "help": "tokens per sequence; longer ones lose trailing turns"})
+    data_split: str | None = dataclasses.field(
+        default=None, metadata={"help": "Hub dataset split (default: the one split, the --data-env's split, or train)"}
+    )
+    data_env: str | None = dataclasses.field(
+        default=None, metadata={"help": "environment of official ETO rows when no file, config or split name tells it"}
+    )
+    expert_reward: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "min": 0,
+            "max": 1,
+            "help": "reward stated for official expert rows that have none (WebShop's Hub copy)",
+        },
+    )
+    data_revision: str | None = dataclasses.field(
+        default=None, metadata={"help": "Hub dataset revision (branch/tag/sha)"}
+    )
+    max_length: int = dataclasses.field(
+        default=4096, metadata={"gt": 0, "help": "tokens per sequence; longer ones lose trailing turns"}
+    )
     learning_rate: float = dataclasses.field(default=2e-5, metadata={"gt": 0})
     lr_scheduler: str = dataclasses.field(default="cosine", metadata={"choices": SCHEDULERS})
     warmup_ratio: float = dataclasses.field(default=0.03, metadata={"max": 1, "help": "fraction of steps"})
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     num_epochs: int = dataclasses.field(default=3, metadata={"gt": 0})
-    max_steps: int | None = dataclasses.field(default=None, metadata={"gt": 0, "help": "stop (and shorten the schedule) after this many steps"})
+    max_steps: int | None = dataclasses.field(
+        default=None, metadata={"gt": 0, "help": "stop (and shorten the schedule) after this many steps"}
+    )
     seed: int = 0
     mixed_precision: str = dataclasses.field(default="auto", metadata={"choices": ["auto", "no", "bf16", "fp16"]})
     gradient_checkpointing: bool = False
-    attn_implementation: str | None = dataclasses.field(default=None, metadata={"help": "sdpa, eager, flash_attention_2, ..."})
+    attn_implementation: str | None = dataclasses.field(
+        default=None, metadata={"help": "sdpa, eager, flash_attention_2, ..."}
+    )
     trust_remote_code: bool = False
     lora: bool = False
     lora_r: int = dataclasses.field(default=16, metadata={"gt": 0})
     lora_alpha: int = dataclasses.field(default=32, metadata={"gt": 0})
     lora_dropout: float = dataclasses.field(default=0.05, metadata={"lt": 1})
     lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
-    save_steps: int = dataclasses.field(default=0, metadata={"help": "accelerate state checkpoint every N steps (0: only at the end)"})
+    save_steps: int = dataclasses.field(
+        default=0, metadata={"help": "accelerate state checkpoint every N steps (0: only at the end)"}
+    )
     keep_checkpoints: int = dataclasses.field(default=2, metadata={"help": "newest state checkpoints kept (0: all)"})
-    resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest state checkpoint in output_dir"})
+    resume: bool = dataclasses.field(
+        default=False, metadata={"help": "continue from the newest state checkpoint in output_dir"}
+    )
     logging_steps: int = dataclasses.field(default=1, metadata={"gt": 0})
     report_to: str = dataclasses.field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
     push_to: str | None = dataclasses.field(default=None, metadata={"help": "Hub model repo NAMESPACE/NAME"})
-    revision: str | None = dataclasses.field(default=None, metadata={"help": "branch + tag the checkpoint is pushed as"})
+    revision: str | None = dataclasses.field(
+        default=None, metadata={"help": "branch + tag the checkpoint is pushed as"}
+    )
     private: bool = False
 
     def __post_init__(self):
@@ -106,7 +130,9 @@ class BCConfig(TrainConfig):
     """`etokit train bc` (etokit.recipes.train_bc): behavioral cloning on expert trajectories."""
 
     model: str = dataclasses.field(default="", metadata={"help": "base model: local folder or Hub repo"})
-    data: str = dataclasses.field(default="", metadata={"help": "trajectories: local .jsonl/.json/.parquet or Hub dataset repo"})
+    data: str = dataclasses.field(
+        default="", metadata={"help": "trajectories: local .jsonl/.json/.parquet or Hub dataset repo"}
+    )
     data_config: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset config (e.g. the env)"})
     per_device_batch_size: int = dataclasses.field(default=4, metadata={"gt": 0})
     gradient_accumulation_steps: int = dataclasses.field(default=1, metadata={"gt": 0})
@@ -117,26 +143,52 @@ class BCConfig(TrainConfig):
 class DPOConfig(TrainConfig):
     """`etokit train dpo` (etokit.recipes.train_dpo): DPO on contrastive pairs, ETO iteration 1's defaults."""
 
-    model: str = dataclasses.field(default="", metadata={"help": "policy to train: local folder or Hub repo (also the reference by default)"})
-    data: str = dataclasses.field(default="", metadata={"help": "pairs: local .jsonl/.json/.parquet file or Hub dataset repo"})
-    ref_model: str | None = dataclasses.field(default=None, metadata={"help": "reference if not --model (ETO: the policy that explored)"})
+    model: str = dataclasses.field(
+        default="", metadata={"help": "policy to train: local folder or Hub repo (also the reference by default)"}
+    )
+    data: str = dataclasses.field(
+        default="", metadata={"help": "pairs: local .jsonl/.json/.parquet file or Hub dataset repo"}
+    )
+    ref_model: str | None = dataclasses.field(
+        default=None, metadata={"help": "reference if not --model (ETO: the policy that explored)"}
+    )
     ref_model_revision: str | None = None
     beta: float = dataclasses.field(default=0.1, metadata={"gt": 0, "help": "ETO: 0.1 at iteration 1, 0.5 later"})
-    learning_rate: float = dataclasses.field(default=1e-6, metadata={"gt": 0, "help": "ETO: 1e-6 at iteration 1, 5e-7 later"})
+    learning_rate: float = dataclasses.field(
+        default=1e-6, metadata={"gt": 0, "help": "ETO: 1e-6 at iteration 1, 5e-7 later"}
+    )
     lr_scheduler: str = dataclasses.field(default="constant_with_warmup", metadata={"choices": SCHEDULERS})
     warmup_ratio: float = dataclasses.field(default=0.1, metadata={"help": "fraction of steps"})
-    batch_size: int = dataclasses.field(default=32, metadata={"gt": 0, "help": "pairs per optimizer step, all processes together"})
-    backend: str = dataclasses.field(default="auto", metadata={"choices": ["auto", *BACKENDS],
-                                                   "help": "log-prob layout (auto: packed on CUDA, shared on CPU: each "
-                                                           "pair's common prefix computed once; bucketed = no sharing)"})
-    max_tokens_per_micro_batch: int | None = dataclasses.field(default=None, metadata={"gt": 0,
-                                                   "help": "token budget of one forward (padded size for bucketed, "
-                                                           "prefix counted once for shared); default 2048 on CPU, "
-                                                           "16384 on CUDA"})
-    micro_batch_size: int = dataclasses.field(default=2, metadata={"gt": 0, "help": "pairs per forward with --backend padded"})
+    batch_size: int = dataclasses.field(
+        default=32, metadata={"gt": 0, "help": "pairs per optimizer step, all processes together"}
+    )
+    backend: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "choices": ["auto", *BACKENDS],
+            "help": "log-prob layout (auto: packed on CUDA, shared on CPU: each "
+            "pair's common prefix computed once; bucketed = no sharing)",
+        },
+    )
+    max_tokens_per_micro_batch: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "gt": 0,
+            "help": "token budget of one forward (padded size for bucketed, "
+            "prefix counted once for shared); default 2048 on CPU, "
+            "16384 on CUDA",
+        },
+    )
+    micro_batch_size: int = dataclasses.field(
+        default=2, metadata={"gt": 0, "help": "pairs per forward with --backend padded"}
+    )
     lora_dropout: float = 0.0
-    ref_cache_dir: str | None = dataclasses.field(default=None, metadata={"help": "reference log-prob cache (default $HF_HOME/etokit/ref-logps)"})
-    revision: str | None = dataclasses.field(default=None, metadata={"help": "branch + tag of the pushed checkpoint, e.g. iter-1"})
+    ref_cache_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "reference log-prob cache (default $HF_HOME/etokit/ref-logps)"}
+    )
+    revision: str | None = dataclasses.field(
+        default=None, metadata={"help": "branch + tag of the pushed checkpoint, e.g. iter-1"}
+    )
     iteration: int | None = dataclasses.field(default=None, metadata={"help": "ETO iteration, for the model card"})
 
     def __post_init__(self):
@@ -172,26 +224,34 @@ def parse_config(cls, argv=None):
             _check_known(name, fields, f"in {path}", renamed=renamed)
             section = section_class(hints[name])
             if section is None:
-                values[name] = _check_name(name, _coerce(value, hints[name], fields[name], f"{name!r} in {path}"),
-                                           f" (in {path})")
+                values[name] = _check_name(
+                    name, _coerce(value, hints[name], fields[name], f"{name!r} in {path}"), f" (in {path})"
+                )
                 continue
             if not isinstance(value, dict):
-                raise EtokitError(f"config key {name!r} in {path} must be a mapping of {section.__name__} keys, "
-                                  f"got {value!r}")
+                raise EtokitError(
+                    f"config key {name!r} in {path} must be a mapping of {section.__name__} keys, got {value!r}"
+                )
             sub_fields, sub_hints = _schema(section)
             for sub_key, sub_value in value.items():
                 sub = str(sub_key).replace("-", "_")
                 _check_known(sub, sub_fields, f"in {path}", prefix=f"{name}.")
                 sections.setdefault(name, {})[sub] = _check_name(
-                    sub, _coerce(sub_value, sub_hints[sub], sub_fields[sub], f"'{name}.{sub}' in {path}"), f" (in {path})")
+                    sub,
+                    _coerce(sub_value, sub_hints[sub], sub_fields[sub], f"'{name}.{sub}' in {path}"),
+                    f" (in {path})",
+                )
     for name, raw in flags.items():
         section, dot, sub = name.partition(".")
         if dot:
             sub_fields, sub_hints = _schema(section_class(hints[section]))
             sections.setdefault(section, {})[sub] = _check_name(
-                sub, _coerce_flag(raw, sub_hints[sub], sub_fields[sub], f"--{name.replace('_', '-')}"))
+                sub, _coerce_flag(raw, sub_hints[sub], sub_fields[sub], f"--{name.replace('_', '-')}")
+            )
         else:
-            values[name] = _check_name(name, _coerce_flag(raw, hints[name], fields[name], f"--{name.replace('_', '-')}"))
+            values[name] = _check_name(
+                name, _coerce_flag(raw, hints[name], fields[name], f"--{name.replace('_', '-')}")
+            )
     for name, section_values in sections.items():
         values[name] = _build(section_class(hints[name]), section_values)
     return _build(cls, values)
@@ -312,8 +372,13 @@ def _with_base_checks(cls, f):
 def _check_name(name: str, value, source: str = ""):
     """Repo ids and revisions reach Hub URLs and cache paths: refuse traversal and malformed names.
     The error names the option as a flag, plus the file it came from (``source``)."""
-    check = check_repo_id if name in ("push_to", "dataset_prefix") else check_revision if name.endswith("revision") \
+    check = (
+        check_repo_id
+        if name in ("push_to", "dataset_prefix")
+        else check_revision
+        if name.endswith("revision")
         else None
+    )
     if value is None or check is None:
         return value
     try:
@@ -336,7 +401,9 @@ def _flag_field(name, fields, hints, renamed) -> tuple[str, bool, Any]:
     name = name[3:] if negated else name
     _check_known(name, fields, "on the command line", flag=True, renamed=renamed)
     if section_class(hints[name]) is not None:
-        raise EtokitError(f"--{name.replace('_', '-')} is a section: set its keys as --{name.replace('_', '-')}.NAME VALUE")
+        raise EtokitError(
+            f"--{name.replace('_', '-')} is a section: set its keys as --{name.replace('_', '-')}.NAME VALUE"
+        )
     return name, negated, hints[name]
 
 
@@ -347,12 +414,16 @@ def _check_known(name, fields, where, flag=False, renamed=None, prefix="") -> No
     new = (renamed or {}).get(name)
     if new is not None and new.endswith(".*"):
         section = new[:-2]
-        raise EtokitError(f"config key {show(prefix + name)} {where} was removed: every option of that recipe is a key "
-                          f"of the {section!r} section now (YAML `{section}: {{save_steps: 1}}`, flag "
-                          f"--{section}.save-steps 1)")
+        raise EtokitError(
+            f"config key {show(prefix + name)} {where} was removed: every option of that recipe is a key "
+            f"of the {section!r} section now (YAML `{section}: {{save_steps: 1}}`, flag "
+            f"--{section}.save-steps 1)"
+        )
     if new is not None:
         section, _, sub = new.partition(".")
-        raise EtokitError(f"config key {show(prefix + name)} {where} is now {show(new)} (YAML `{section}: {{{sub}: ...}}`)")
+        raise EtokitError(
+            f"config key {show(prefix + name)} {where} is now {show(new)} (YAML `{section}: {{{sub}: ...}}`)"
+        )
     close = difflib.get_close_matches(name, list(fields), n=1)
     hint = f" (did you mean {show(prefix + close[0])}?)" if close else ""
     raise EtokitError(f"unknown config key {show(prefix + name)} {where}{hint}")
@@ -459,7 +530,9 @@ def _coerce(value, tp, field, where):
                 pass
         ok = isinstance(value, int) if inner is int else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok:
-            raise EtokitError(f"config key {where} must be {'an integer' if inner is int else 'a number'}, got {value!r}")
+            raise EtokitError(
+                f"config key {where} must be {'an integer' if inner is int else 'a number'}, got {value!r}"
+            )
         value = inner(value)
         _check_range(value, field, where)
         return value
@@ -496,10 +569,15 @@ def _check_range(value, field, where) -> None:
 
 
 def _help(cls, fields, hints) -> str:
-    lines = [f"{cls.__name__} options (defaults < --config FILE.yaml < flags):", "  --config FILE  YAML file of the options below"]
+    lines = [
+        f"{cls.__name__} options (defaults < --config FILE.yaml < flags):",
+        "  --config FILE  YAML file of the options below",
+    ]
     for name, f in fields.items():
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         )
         tp = getattr(hints[name], "__name__", str(hints[name]))
         lines.append(f"  --{name.replace('_', '-')} ({tp}, default {default!r})  {f.metadata.get('help', '')}".rstrip())

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def load_training_records(source: str, kind: str, *, config=None, split=None, revision=None, env=None,
-                          expert_reward=None) -> list:
+def load_training_records(
+    source: str, kind: str, *, config=None, split=None, revision=None, env=None, expert_reward=None
+) -> list:
     """Records from a local file or a Hub dataset repo, in etokit's schema or an official ETO format
     (etokit.data.sources)."""
     from etokit.data.sources import load_source, parse_source
@@ -27,8 +28,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def step_schedule(n: int, *, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int,
-                  epochs: int) -> list[list[list[int]]]:
+def step_schedule(
+    n: int, *, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int, epochs: int
+) -> list[list[list[int]]]:
     """For every optimizer step, this process's micro-batches (lists of example indices).
 
     A step consumes ``batch_size * grad_accum * world_size`` examples; each process takes every
@@ -41,8 +43,8 @@ def step_schedule(n: int, *, batch_size: int, grad_accum: int, world_size: int, 
         order = epoch_order(n, seed, epoch)
         usable = len(order) - len(order) % world_size
         for start in range(0, usable, per_step):
-            mine = order[start:min(start + per_step, usable)][rank::world_size]
-            steps.append([mine[i:i + batch_size] for i in range(0, len(mine), batch_size)])
+            mine = order[start : min(start + per_step, usable)][rank::world_size]
+            steps.append([mine[i : i + batch_size] for i in range(0, len(mine), batch_size)])
     return steps
 
 

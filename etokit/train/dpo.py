@@ -59,7 +59,8 @@ def tokenize_pairs(tokenizer, pairs: Sequence, max_length: int | None, progress:
             if not any(t.loss_mask[1:]):
                 raise EtokitError(
                     f"pair {i} (task_id {p.task_id!r}): no {side} assistant token within max_length={max_length} "
-                    "(the prompt alone fills it); raise --max-length or drop the pair from the data")
+                    "(the prompt alone fills it); raise --max-length or drop the pair from the data"
+                )
         truncated += c.truncated or r.truncated
         chosen.append(c)
         rejected.append(r)
@@ -80,7 +81,7 @@ def step_batches(num_pairs: int, batch_size: int, num_epochs: int, seed: int, wo
     for epoch in range(num_epochs):
         order = epoch_order(num_pairs, seed, epoch)
         for i in range(0, num_pairs, batch_size):
-            b = order[i:i + batch_size]
+            b = order[i : i + batch_size]
             if len(b) >= world_size:
                 steps.append(b)
     return steps
@@ -101,8 +102,17 @@ def micro_batches(tokens: PairTokens, pair_ids: Sequence[int], backend: str, cfg
 # ----------------------------------------------------------------------------------------- step
 
 
-def train_step(accelerator, model, tokens: PairTokens, ref_logps: torch.Tensor, local_ids: Sequence[int],
-               global_count: int, backend: str, cfg: DPOConfig, pad_token_id: int) -> dict[str, torch.Tensor]:
+def train_step(
+    accelerator,
+    model,
+    tokens: PairTokens,
+    ref_logps: torch.Tensor,
+    local_ids: Sequence[int],
+    global_count: int,
+    backend: str,
+    cfg: DPOConfig,
+    pad_token_id: int,
+) -> dict[str, torch.Tensor]:
     """Forward/backward over this process's pairs of one step (gradients accumulate; the caller
     steps the optimizer). Returns summed metrics (reduce, then divide by ``global_count``)."""
     scale = accelerator.num_processes / global_count

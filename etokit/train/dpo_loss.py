@@ -86,7 +86,9 @@ class DPOLoss(nn.Module):
         return f"beta={self.beta}"
 
 
-def dpo_metrics(out: DPOOutput, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+def dpo_metrics(
+    out: DPOOutput, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Sums (not means) of the logged statistics, so they can be reduced across micro-batches and
     processes and divided once by the global pair count."""
     return {

@@ -34,9 +34,16 @@ import torch
 from etokit.faults import faultpoint
 from etokit.train import prefix_attention
 from etokit.train.config import BACKENDS
-from etokit.train.packing import (Batch, Tokenized, bucket, chunk, collate_packed, collate_padded, collate_shared,
-                                  shared_length)
-
+from etokit.train.packing import (
+    Batch,
+    Tokenized,
+    bucket,
+    chunk,
+    collate_packed,
+    collate_padded,
+    collate_shared,
+    shared_length,
+)
 
 
 def default_backend(device: torch.device | str, config=None, longest: int | None = None) -> str:

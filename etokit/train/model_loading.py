@@ -11,8 +11,9 @@ from __future__ import annotations
 from etokit.errors import EtokitError
 
 
-def load_model_and_tokenizer(name: str, *, revision=None, trust_remote_code=False, attn_implementation=None,
-                             dtype=None, option="--model"):
+def load_model_and_tokenizer(
+    name: str, *, revision=None, trust_remote_code=False, attn_implementation=None, dtype=None, option="--model"
+):
     """A causal LM and its tokenizer from a local folder or a Hub repo. Weights load from
     safetensors only (no pickle), and remote code runs only when explicitly allowed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -27,9 +28,13 @@ def load_model_and_tokenizer(name: str, *, revision=None, trust_remote_code=Fals
             name, use_safetensors=True, attn_implementation=attn_implementation, dtype=dtype, **kwargs
         )
     except (OSError, ValueError) as e:  # ValueError: custom code not trusted, unknown model type, bad repo id
-        raise EtokitError(f"{option} {name!r}: cannot load model (revision {revision}): {str(e).splitlines()[0]}") from None
+        raise EtokitError(
+            f"{option} {name!r}: cannot load model (revision {revision}): {str(e).splitlines()[0]}"
+        ) from None
     if tokenizer.chat_template is None:
-        raise EtokitError(f"{option} {name!r}: the tokenizer has no chat template; etokit trains on rendered conversations")
+        raise EtokitError(
+            f"{option} {name!r}: the tokenizer has no chat template; etokit trains on rendered conversations"
+        )
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, any id will do.
         tokenizer.pad_token = tokenizer.eos_token
@@ -47,8 +52,9 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules):
 def adapt_for_training(model, cfg):
     """``cfg.lora`` adapters and ``cfg.gradient_checkpointing``, as a recipe's config asks."""
     if cfg.lora:
-        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           target_modules=cfg.lora_target_modules)
+        model = apply_lora(
+            model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules
+        )
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

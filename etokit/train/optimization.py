@@ -16,8 +16,9 @@ from etokit.train.checkpointing import TrainState, resume
 from etokit.train.metric_logging import MetricsLog, init_trackers
 
 
-def make_optimizer_and_scheduler(model, *, learning_rate: float, weight_decay: float, scheduler: str,
-                                 warmup_ratio: float, total_steps: int):
+def make_optimizer_and_scheduler(
+    model, *, learning_rate: float, weight_decay: float, scheduler: str, warmup_ratio: float, total_steps: int
+):
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -38,8 +39,12 @@ def prepare_training(accelerator, model, cfg, total_steps: int, tracker: str, tr
     :class:`TrainState` (restored from the newest checkpoint with ``cfg.resume``), the metrics log
     and the trackers. Returns ``(model, optimizer, scheduler, state, metrics_log)``."""
     optimizer, scheduler = make_optimizer_and_scheduler(
-        model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, scheduler=cfg.lr_scheduler,
-        warmup_ratio=cfg.warmup_ratio, total_steps=total_steps,
+        model,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        scheduler=cfg.lr_scheduler,
+        warmup_ratio=cfg.warmup_ratio,
+        total_steps=total_steps,
     )
     # The scheduler stays unwrapped: accelerate's wrapper would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)

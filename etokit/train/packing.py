@@ -59,10 +59,20 @@ class Batch:
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.position_ids), move(self.attention_mask), move(self.targets),
-                     move(self.seq_index), self.num_seqs, self.num_tokens, self.packed, move(self.cu_seqlens),
-                     self.max_seqlen, self.prefix_tree,
-                     None if self.scores is None else tuple(move(t) for t in self.scores))
+        return Batch(
+            move(self.input_ids),
+            move(self.position_ids),
+            move(self.attention_mask),
+            move(self.targets),
+            move(self.seq_index),
+            self.num_seqs,
+            self.num_tokens,
+            self.packed,
+            move(self.cu_seqlens),
+            self.max_seqlen,
+            self.prefix_tree,
+            None if self.scores is None else tuple(move(t) for t in self.scores),
+        )
 
     @property
     def padded_tokens(self) -> int:
@@ -104,11 +114,14 @@ def collate_padded(seqs: Sequence[Tokenized], pad_token_id: int = 0) -> Batch:
         input_ids[i, :L] = torch.tensor(s.input_ids)
         targets[i, 1:L] = torch.tensor(s.loss_mask[1:], dtype=torch.bool)
         seq_index[i, :L] = i
-    return Batch(input_ids, position_ids, None, targets, seq_index, n,
-                 sum(len(s.input_ids) for s in seqs), packed=False)
+    return Batch(
+        input_ids, position_ids, None, targets, seq_index, n, sum(len(s.input_ids) for s in seqs), packed=False
+    )
 
 
-def collate_packed(seqs: Sequence[Tokenized], rows: Sequence[Sequence[int]] | None = None, pad_token_id: int = 0) -> Batch:
+def collate_packed(
+    seqs: Sequence[Tokenized], rows: Sequence[Sequence[int]] | None = None, pad_token_id: int = 0
+) -> Batch:
     """Concatenate sequences into rows (default: all in one row) with restarting position ids.
 
     ``rows`` lists, per row, indices into ``seqs`` (see :func:`pack`). Rows shorter than the
@@ -133,10 +146,10 @@ def collate_packed(seqs: Sequence[Tokenized], rows: Sequence[Sequence[int]] | No
         for i in r:
             s = seqs[i]
             L = len(s.input_ids)
-            input_ids[b, o:o + L] = torch.tensor(s.input_ids)
-            position_ids[b, o:o + L] = torch.arange(L)
-            targets[b, o + 1:o + L] = torch.tensor(s.loss_mask[1:], dtype=torch.bool)
-            seq_index[b, o:o + L] = i
+            input_ids[b, o : o + L] = torch.tensor(s.input_ids)
+            position_ids[b, o : o + L] = torch.arange(L)
+            targets[b, o + 1 : o + L] = torch.tensor(s.loss_mask[1:], dtype=torch.bool)
+            seq_index[b, o : o + L] = i
             seg_lens.append(L)
             o += L
         if o < width:
@@ -144,8 +157,18 @@ def collate_packed(seqs: Sequence[Tokenized], rows: Sequence[Sequence[int]] | No
             seg_lens.append(width - o)
     cu = torch.zeros(len(seg_lens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(seg_lens, dtype=torch.int32), 0)
-    return Batch(input_ids, position_ids, None, targets, seq_index, len(seqs),
-                 sum(len(s.input_ids) for s in seqs), packed=True, cu_seqlens=cu, max_seqlen=max(seg_lens))
+    return Batch(
+        input_ids,
+        position_ids,
+        None,
+        targets,
+        seq_index,
+        len(seqs),
+        sum(len(s.input_ids) for s in seqs),
+        packed=True,
+        cu_seqlens=cu,
+        max_seqlen=max(seg_lens),
+    )
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -199,8 +222,18 @@ def collate_shared(pairs: Sequence[tuple[Tokenized, Tokenized]]) -> Batch:
     keep[entry_pos] = True
     rows = (keep.cumsum(0) - 1)[entry_pos]
     scores = (keep[None], rows, torch.cat(e_lab), torch.cat(e_own))
-    return Batch(input_ids, position_ids, None, None, None, len(flat), sum(len(s.input_ids) for s in flat),
-                 packed=True, prefix_tree=tuple(trees), scores=scores)
+    return Batch(
+        input_ids,
+        position_ids,
+        None,
+        None,
+        None,
+        len(flat),
+        sum(len(s.input_ids) for s in flat),
+        packed=True,
+        prefix_tree=tuple(trees),
+        scores=scores,
+    )
 
 
 def pack(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:

@@ -71,31 +71,48 @@ def register() -> str:
     return ATTN_IMPLEMENTATION
 
 
-def prefix_tree_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          prefix_tree: Sequence[Tree] | None = None, **kwargs):
+def prefix_tree_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    prefix_tree: Sequence[Tree] | None = None,
+    **kwargs,
+):
     """transformers attention-interface function: ``query`` ``[1, H, T, D]``, ``key``/``value``
     ``[1, Hkv, T, D]`` -> ``([1, T, H, D], None)``."""
     if prefix_tree is None:
-        raise RuntimeError(f"attention implementation {ATTN_IMPLEMENTATION!r} needs the prefix_tree forward argument "
-                           "(etokit.train.packing.collate_shared rows only)")
+        raise RuntimeError(
+            f"attention implementation {ATTN_IMPLEMENTATION!r} needs the prefix_tree forward argument "
+            "(etokit.train.packing.collate_shared rows only)"
+        )
     if query.shape[0] != 1:
         raise ValueError(f"shared rows have batch size 1, got {query.shape[0]}")
     if dropout:
         raise ValueError("prefix-tree attention does not implement attention dropout; set attention_dropout=0")
     for feature in ("softcap", "s_aux"):
         if kwargs.get(feature) is not None:
-            raise ValueError(f"prefix-tree attention does not implement {feature}; "
-                             "use an unshared backend (--backend bucketed) for this model")
+            raise ValueError(
+                f"prefix-tree attention does not implement {feature}; "
+                "use an unshared backend (--backend bucketed) for this model"
+            )
     if not getattr(module, "is_causal", True):
         raise ValueError("prefix-tree attention is for causal decoders")
     trees = tuple(tuple(int(x) for x in t) for t in prefix_tree)
     window = kwargs.get("sliding_window")
     # A token attends to the `window` latest positions: no effect while every sequence fits in it.
     if window is not None and max(p + max(c, r) for _, p, c, r in trees) > window:
-        raise ValueError(f"prefix-tree attention does not implement a sliding window ({window} tokens) shorter than "
-                         "the sequences; use an unshared backend (--backend bucketed) for this model")
+        raise ValueError(
+            f"prefix-tree attention does not implement a sliding window ({window} tokens) shorter than "
+            "the sequences; use an unshared backend (--backend bucketed) for this model"
+        )
     if sum(p + c + r for _, p, c, r in trees) != query.shape[2]:
-        raise ValueError(f"prefix_tree covers {sum(p + c + r for _, p, c, r in trees)} tokens, row has {query.shape[2]}")
+        raise ValueError(
+            f"prefix_tree covers {sum(p + c + r for _, p, c, r in trees)} tokens, row has {query.shape[2]}"
+        )
     device = query.device.type
     if torch.is_autocast_enabled(device):
         # What autocast does for SDPA, which a custom autograd Function does not get: under mixed
@@ -117,8 +134,11 @@ def tree_attention_sdpa(query, key, value, trees: Sequence[Tree], scaling=None) 
     for start, p, c, r in trees:
         P = slice(start, start + p)
         if p:
-            outs.append(F.scaled_dot_product_attention(query[:, :, P], key[:, :, P], value[:, :, P], is_causal=True,
-                                                       scale=scaling, enable_gqa=gqa))
+            outs.append(
+                F.scaled_dot_product_attention(
+                    query[:, :, P], key[:, :, P], value[:, :, P], is_causal=True, scale=scaling, enable_gqa=gqa
+                )
+            )
         for s0, n in ((start + p, c), (start + p + c, r)):
             if not n:
                 continue
@@ -127,8 +147,9 @@ def tree_attention_sdpa(query, key, value, trees: Sequence[Tree], scaling=None) 
             v = torch.cat([value[:, :, P], value[:, :, S]], 2)
             # Suffix query i sees the whole prefix and suffix keys 0..i: causal aligned bottom-right.
             mask = torch.ones(n, p + n, dtype=torch.bool, device=query.device).tril(p)
-            outs.append(F.scaled_dot_product_attention(query[:, :, S], k, v, attn_mask=mask, scale=scaling,
-                                                       enable_gqa=gqa))
+            outs.append(
+                F.scaled_dot_product_attention(query[:, :, S], k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+            )
     return torch.cat(outs, 2)
 
 
@@ -178,8 +199,9 @@ class _TreeFlashCPU(torch.autograd.Function):
         def bwd(Q, K, causal):
             # Partial gradients of one (query block, key block): the kernel recomputes the block's
             # probabilities from the MERGED log-sum-exp and uses the merged output, so the pieces add up.
-            return _CPU_BWD(g[:, :, Q], q[:, :, Q], k[:, :, K], v[:, :, K], out[:, :, Q], lse[:, :, Q], 0.0, causal,
-                            scale=scale)
+            return _CPU_BWD(
+                g[:, :, Q], q[:, :, Q], k[:, :, K], v[:, :, K], out[:, :, Q], lse[:, :, Q], 0.0, causal, scale=scale
+            )
 
         for start, p, c, r in ctx.trees:
             P, S = slice(start, start + p), slice(start + p, start + p + c + r)

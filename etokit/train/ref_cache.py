@@ -46,8 +46,13 @@ def model_fingerprint(name_or_path: str, revision: str | None = None) -> str:
         h = hashlib.sha256()
         # The checkpoint's own files only: not its training state (checkpoints/, optimizer moments
         # as large as the weights, different after a resume) nor a save in progress (.save.partial).
-        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in _CONFIG_FILES)
-                       and not any(part == "checkpoints" or part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and (p.suffix in _WEIGHT_SUFFIXES or p.name in _CONFIG_FILES)
+            and not any(part == "checkpoints" or part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files:
             raise FileNotFoundError(f"no weight files in {path}")
         for p in files:
@@ -72,8 +77,14 @@ def sequences_fingerprint(seqs: Sequence[Tokenized]) -> str:
 
 
 def cache_key(*, model: str, sequences: str, tokenizer: str, max_length: int | None, dtype: str) -> dict[str, str]:
-    meta = {"model": model, "sequences": sequences, "tokenizer": tokenizer, "max_length": str(max_length),
-            "dtype": dtype, "format": "1"}
+    meta = {
+        "model": model,
+        "sequences": sequences,
+        "tokenizer": tokenizer,
+        "max_length": str(max_length),
+        "dtype": dtype,
+        "format": "1",
+    }
     meta["key"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
     return meta
 

@@ -129,9 +129,7 @@ def _generation_marker_mask(tokenizer, messages, first_trained) -> tuple[list[in
             f"chat template of {tokenizer.name_or_path!r} is not prefix-stable (it re-renders earlier turns) "
             "and has no {% generation %} markers: cannot locate assistant turns"
         )
-    enc = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
+    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     input_ids = list(enc["input_ids"])
     loss_mask = [bool(m) for m in enc["assistant_masks"]]
     if first_trained:

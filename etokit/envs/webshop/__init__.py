@@ -57,7 +57,9 @@ class WebShopEnv:
         page = self.shop.reset(task_id)
         self._steps, self._done = 0, False
         self._limit = max_steps or self.max_steps
-        return Reset(task_id=task_id, instruction=page, observation="", info={"available_actions": self.shop.clickables()})
+        return Reset(
+            task_id=task_id, instruction=page, observation="", info={"available_actions": self.shop.clickables()}
+        )
 
     def step(self, action: str) -> Step:
         if self._done:
@@ -66,8 +68,12 @@ class WebShopEnv:
         self._steps += 1
         truncated = not done and self._steps >= self._limit
         self._done = done or truncated
-        info = {"valid": valid, "steps": self._steps, "truncated": truncated,
-                "available_actions": [] if self._done else self.shop.clickables()}
+        info = {
+            "valid": valid,
+            "steps": self._steps,
+            "truncated": truncated,
+            "available_actions": [] if self._done else self.shop.clickables(),
+        }
         return Step(observation=obs, reward=reward, done=self._done, info=info)
 
     def expert(self, task_id: str) -> list[str] | None:

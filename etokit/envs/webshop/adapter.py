@@ -17,9 +17,11 @@ import importlib.util
 
 from etokit.envs.webshop import pages
 
-INSTALL_HINT = ("the real WebShop is not installed: clone https://github.com/princeton-nlp/WebShop, run its "
-                "setup.sh (downloads the catalog and search index) and `pip install -e .` it; "
-                "or use backend='offline'")
+INSTALL_HINT = (
+    "the real WebShop is not installed: clone https://github.com/princeton-nlp/WebShop, run its "
+    "setup.sh (downloads the catalog and search index) and `pip install -e .` it; "
+    "or use backend='offline'"
+)
 TEST_GOALS = 200  # ETO evaluates on the first 200 human goals
 TRAIN_START = 1500  # WebShop: 0-499 test, 500-1499 dev, 1500+ train
 
@@ -61,7 +63,8 @@ class RealShop:
         name, arg = pages.parse_action(action)
         page = pages.parse_page(self._page)
         valid = (name == "search" and bool(arg)) or (
-            name == "click" and arg is not None and arg.lower() in page.clickables and arg.lower() != "search")
+            name == "click" and arg is not None and arg.lower() in page.clickables and arg.lower() != "search"
+        )
         obs, reward, done, _ = self.env.step(action)
         self._page = obs
         return pages.strip_instruction(obs), float(reward or 0.0), bool(done), valid

@@ -21,52 +21,118 @@ _CATEGORIES: dict[str, dict] = {
     "beauty": {
         "path": "Beauty & Personal Care › Skin & Hair Care",
         "types": ["shampoo", "face moisturizer", "hair extension", "lip balm", "body lotion"],
-        "attributes": ["paraben free", "cruelty free", "long lasting", "natural ingredients", "dry skin",
-                       "sensitive skin", "travel size", "easy to use"],
-        "options": {"size": ["1.7 fl oz", "3.4 fl oz", "8 fl oz", "16 fl oz"],
-                    "scent": ["lavender", "coconut", "unscented", "citrus", "vanilla bean"]},
+        "attributes": [
+            "paraben free",
+            "cruelty free",
+            "long lasting",
+            "natural ingredients",
+            "dry skin",
+            "sensitive skin",
+            "travel size",
+            "easy to use",
+        ],
+        "options": {
+            "size": ["1.7 fl oz", "3.4 fl oz", "8 fl oz", "16 fl oz"],
+            "scent": ["lavender", "coconut", "unscented", "citrus", "vanilla bean"],
+        },
         "price": (6, 45),
     },
     "fashion": {
         "path": "Clothing, Shoes & Jewelry › Men & Women",
         "types": ["running shoe", "t-shirt", "hoodie", "jogger pant", "rain jacket"],
-        "attributes": ["machine wash", "slim fit", "cotton spandex", "non slip", "rubber sole", "long sleeve",
-                       "quick drying", "button closure"],
-        "options": {"color": ["black", "white", "navy blue", "heather grey", "olive green", "burgundy"],
-                    "size": ["small", "medium", "large", "x-large", "xx-large"]},
+        "attributes": [
+            "machine wash",
+            "slim fit",
+            "cotton spandex",
+            "non slip",
+            "rubber sole",
+            "long sleeve",
+            "quick drying",
+            "button closure",
+        ],
+        "options": {
+            "color": ["black", "white", "navy blue", "heather grey", "olive green", "burgundy"],
+            "size": ["small", "medium", "large", "x-large", "xx-large"],
+        },
         "price": (12, 90),
     },
     "grocery": {
         "path": "Grocery & Gourmet Food › Snacks & Beverages",
         "types": ["protein bar", "coffee bean", "green tea", "trail mix", "beef jerky"],
-        "attributes": ["gluten free", "sugar free", "non gmo", "low carb", "keto friendly", "high protein",
-                       "individually wrapped", "usda organic"],
-        "options": {"flavor name": ["chocolate", "peanut butter", "sea salt", "original", "mixed berry"],
-                    "size": ["pack of 6", "pack of 12", "pack of 24"]},
+        "attributes": [
+            "gluten free",
+            "sugar free",
+            "non gmo",
+            "low carb",
+            "keto friendly",
+            "high protein",
+            "individually wrapped",
+            "usda organic",
+        ],
+        "options": {
+            "flavor name": ["chocolate", "peanut butter", "sea salt", "original", "mixed berry"],
+            "size": ["pack of 6", "pack of 12", "pack of 24"],
+        },
         "price": (5, 40),
     },
     "electronics": {
         "path": "Electronics › Accessories & Audio",
         "types": ["wireless earbud", "phone case", "usb cable", "bluetooth speaker", "power bank"],
-        "attributes": ["fast charging", "noise cancelling", "water resistant", "high definition", "easy install",
-                       "long battery life", "heavy duty", "wireless bluetooth"],
-        "options": {"color": ["black", "white", "blue", "silver", "rose gold"],
-                    "style": ["standard", "pro", "mini", "2 pack"]},
+        "attributes": [
+            "fast charging",
+            "noise cancelling",
+            "water resistant",
+            "high definition",
+            "easy install",
+            "long battery life",
+            "heavy duty",
+            "wireless bluetooth",
+        ],
+        "options": {
+            "color": ["black", "white", "blue", "silver", "rose gold"],
+            "style": ["standard", "pro", "mini", "2 pack"],
+        },
         "price": (9, 120),
     },
     "home": {
         "path": "Home & Kitchen › Decor & Bedding",
         "types": ["throw pillow cover", "bath towel", "table lamp", "storage basket", "shower curtain"],
-        "attributes": ["easy clean", "living room", "machine washable", "space saving", "eco friendly",
-                       "super soft", "dining room", "easy assemble"],
-        "options": {"color": ["beige", "grey", "teal", "mustard yellow", "white"],
-                    "size": ["18 x 18 inch", "20 x 20 inch", "set of 2", "set of 4"]},
+        "attributes": [
+            "easy clean",
+            "living room",
+            "machine washable",
+            "space saving",
+            "eco friendly",
+            "super soft",
+            "dining room",
+            "easy assemble",
+        ],
+        "options": {
+            "color": ["beige", "grey", "teal", "mustard yellow", "white"],
+            "size": ["18 x 18 inch", "20 x 20 inch", "set of 2", "set of 4"],
+        },
         "price": (8, 70),
     },
 }
 
-_BRANDS = ["Lumora", "Vantix", "Korvel", "Nestiva", "Bramblo", "Quenly", "Ostrix", "Pelloa", "Zandor", "Mirevo",
-           "Tallin", "Crestmo", "Fenwyn", "Ardena", "Solvik", "Yarrowby"]
+_BRANDS = [
+    "Lumora",
+    "Vantix",
+    "Korvel",
+    "Nestiva",
+    "Bramblo",
+    "Quenly",
+    "Ostrix",
+    "Pelloa",
+    "Zandor",
+    "Mirevo",
+    "Tallin",
+    "Crestmo",
+    "Fenwyn",
+    "Ardena",
+    "Solvik",
+    "Yarrowby",
+]
 # Words that spaCy would tag NOUN/PROPN in our titles: the type words, brands, and pack words.
 _EXTRA_NOUNS = {"pack", "set", "shirt", "fl", "oz"}
 
@@ -167,8 +233,10 @@ def build_catalog(seed: int = 0, num_products: int = 300, num_goals: int = 600) 
     rng = random.Random(seed)
     taken: set[str] = set()
     names = sorted(_CATEGORIES)
-    products = [_product(rng, names[i % len(names)], _CATEGORIES[names[i % len(names)]], _asin(rng, taken))
-                for i in range(num_products)]
+    products = [
+        _product(rng, names[i % len(names)], _CATEGORIES[names[i % len(names)]], _asin(rng, taken))
+        for i in range(num_products)
+    ]
     goals = [_goal(rng, rng.choice(products)) for _ in range(num_goals)]
     vocab = {w for spec in _CATEGORIES.values() for t in spec["types"] for w in re.findall(r"[a-z0-9]+", t)}
     vocab |= {b.lower() for b in _BRANDS} | _EXTRA_NOUNS

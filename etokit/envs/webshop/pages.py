@@ -42,11 +42,32 @@ _PREV_BUTTONS = (PREV_PAGE, "< Back to Results")
 _ASIN_RE = re.compile(r"^(?=[A-Z0-9]*\d)[A-Z0-9]{10}$")
 _PRICE_RE = re.compile(r"^\$\d")
 # Option headings WebShop's catalog uses; on an item page they tell option kinds from values.
-OPTION_KINDS = frozenset({
-    "size", "color", "style", "scent", "flavor name", "flavor", "pattern name", "material", "material type",
-    "item package quantity", "size name", "color name", "style name", "configuration", "capacity", "length",
-    "fit type", "team name", "item display weight", "number of items", "package quantity", "width",
-})
+OPTION_KINDS = frozenset(
+    {
+        "size",
+        "color",
+        "style",
+        "scent",
+        "flavor name",
+        "flavor",
+        "pattern name",
+        "material",
+        "material type",
+        "item package quantity",
+        "size name",
+        "color name",
+        "style name",
+        "configuration",
+        "capacity",
+        "length",
+        "fit type",
+        "team name",
+        "item display weight",
+        "number of items",
+        "package quantity",
+        "width",
+    }
+)
 
 
 @dataclass
@@ -84,7 +105,13 @@ def render_item(product: Mapping) -> str:
     parts = ["", BACK_TO_SEARCH, PREV_PAGE]
     for kind, values in product["options"].items():
         parts += [kind, *values]
-    parts += [product["Title"], f"Price: {_price(product['Price'])}", f"Rating: {product['Rating']}", *SUB_PAGES, BUY_NOW]
+    parts += [
+        product["Title"],
+        f"Price: {_price(product['Price'])}",
+        f"Rating: {product['Rating']}",
+        *SUB_PAGES,
+        BUY_NOW,
+    ]
     return SEP.join(parts).lstrip()
 
 
@@ -99,17 +126,18 @@ def render_sub(product: Mapping, sub_page: str) -> str:
 
 
 def render_done(asin: str, options: Mapping[str, str], reward: float) -> str:
-    return SEP.join([DONE_TITLE, "Purchased", "asin", asin, "options",
-                     json.dumps(dict(options)), SCORE_LABEL, f"{reward}"])
+    return SEP.join(
+        [DONE_TITLE, "Purchased", "asin", asin, "options", json.dumps(dict(options)), SCORE_LABEL, f"{reward}"]
+    )
 
 
 def strip_instruction(text: str) -> str:
     """Drop the "WebShop [SEP] Instruction: [SEP] <goal>" header the real env repeats on every page."""
     segs = [s.strip() for s in text.split("[SEP]")]
     if BACK_TO_SEARCH in segs:
-        return SEP.join(["", *segs[segs.index(BACK_TO_SEARCH):]]).lstrip()
+        return SEP.join(["", *segs[segs.index(BACK_TO_SEARCH) :]]).lstrip()
     if DONE_TITLE in segs:
-        return SEP.join(segs[segs.index(DONE_TITLE):])
+        return SEP.join(segs[segs.index(DONE_TITLE) :])
     return text
 
 
@@ -125,7 +153,7 @@ def parse_page(text: str) -> Page:
         return Page(kind="search", has_search_bar=True, clickables=["search"])
     if BACK_TO_SEARCH not in segs:
         return Page(kind="unknown")
-    body = segs[segs.index(BACK_TO_SEARCH):]
+    body = segs[segs.index(BACK_TO_SEARCH) :]
     clickables = [BACK_TO_SEARCH.lower()]
     totals = [m for s in body if (m := _TOTAL_RE.match(s))]
     if totals:
@@ -145,7 +173,7 @@ def parse_page(text: str) -> Page:
         prices = [i for i, s in enumerate(body) if s.startswith("Price:")]
         prev = [s for s in _PREV_BUTTONS if s in body]
         start = body.index(prev[0]) + 1 if prev else 1
-        region = body[start:prices[0] - 1] if prices else []
+        region = body[start : prices[0] - 1] if prices else []
         kind = None
         for i, s in enumerate(region):
             if s.lower() in OPTION_KINDS or kind is None:

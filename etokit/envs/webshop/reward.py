@@ -29,9 +29,35 @@ FUZZY_THRESHOLD = 85
 # First color in this list found inside an option value stands for it, so "navy blue" and
 # "blue" compare equal. (WebShop keeps a longer list in engine/normalize.py.)
 COLOR_SET = (
-    "beige", "black", "blue", "bronze", "brown", "burgundy", "charcoal", "coral", "cream",
-    "gold", "gray", "green", "grey", "ivory", "khaki", "lavender", "maroon", "navy", "olive",
-    "orange", "pink", "purple", "red", "rose", "silver", "tan", "teal", "white", "yellow",
+    "beige",
+    "black",
+    "blue",
+    "bronze",
+    "brown",
+    "burgundy",
+    "charcoal",
+    "coral",
+    "cream",
+    "gold",
+    "gray",
+    "green",
+    "grey",
+    "ivory",
+    "khaki",
+    "lavender",
+    "maroon",
+    "navy",
+    "olive",
+    "orange",
+    "pink",
+    "purple",
+    "red",
+    "rose",
+    "silver",
+    "tan",
+    "teal",
+    "white",
+    "yellow",
 )
 
 
@@ -71,11 +97,16 @@ def token_set_ratio(s1: str, s2: str) -> int:
 
 
 def _in_text(needle: str, product: Mapping[str, Any]) -> bool:
-    return (needle in product["Title"].lower() or needle in " ".join(product["BulletPoints"]).lower()
-            or needle in product["Description"].lower())
+    return (
+        needle in product["Title"].lower()
+        or needle in " ".join(product["BulletPoints"]).lower()
+        or needle in product["Description"].lower()
+    )
 
 
-def type_reward(product: Mapping[str, Any], goal: Mapping[str, Any], nouns: Callable[[str], Iterable[str]]) -> dict[str, Any]:
+def type_reward(
+    product: Mapping[str, Any], goal: Mapping[str, Any], nouns: Callable[[str], Iterable[str]]
+) -> dict[str, Any]:
     query_match = product["query"] == goal["query"]
     bought_cats = {c.strip() for c in product["product_category"].split("›")}
     goal_cats = {c.strip() for c in goal["product_category"].split("›")}
@@ -118,8 +149,13 @@ def option_matches(product: Mapping[str, Any], goal_options: Iterable[str], chos
     return matches
 
 
-def get_reward(product: Mapping[str, Any], goal: Mapping[str, Any], price: float, options: Mapping[str, str],
-               nouns: Callable[[str], Iterable[str]]) -> tuple[float, dict[str, Any]]:
+def get_reward(
+    product: Mapping[str, Any],
+    goal: Mapping[str, Any],
+    price: float,
+    options: Mapping[str, str],
+    nouns: Callable[[str], Iterable[str]],
+) -> tuple[float, dict[str, Any]]:
     """The reward for buying ``product`` at ``price`` with ``options`` chosen, and its parts."""
     r_type = type_reward(product, goal, nouns)
     goal_options = goal["goal_options"]

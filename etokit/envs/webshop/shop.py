@@ -63,7 +63,7 @@ class OfflineShop:
             return pages.render_search(s.goal["instruction_text"])
         if s.page == "results":
             start = (s.results_page - 1) * pages.RESULTS_PER_PAGE
-            shown = [self.catalog.product(a) for a in s.hits[start:start + pages.RESULTS_PER_PAGE]]
+            shown = [self.catalog.product(a) for a in s.hits[start : start + pages.RESULTS_PER_PAGE]]
             return pages.render_results(shown, s.results_page, len(s.hits))
         if s.page == "item":
             return pages.render_item(self.catalog.product(s.asin))
@@ -97,8 +97,11 @@ class OfflineShop:
         elif target == pages.NEXT_PAGE.lower():
             s.results_page += 1
         elif target == pages.PREV_PAGE.lower():
-            s.page, s.results_page = {"results": ("results", s.results_page - 1), "item": ("results", s.results_page),
-                                      "sub": ("item", s.results_page)}[s.page]
+            s.page, s.results_page = {
+                "results": ("results", s.results_page - 1),
+                "item": ("results", s.results_page),
+                "sub": ("item", s.results_page),
+            }[s.page]
         elif target == pages.BUY_NOW.lower():
             product = self.catalog.product(s.asin)
             s.reward, _ = get_reward(product, s.goal, product["Price"], s.options, nouns=self.catalog.nouns)
@@ -138,8 +141,10 @@ class _SearchIndex:
 
         self._bm25s = bm25s
         self._asins = [p["asin"] for p in catalog.products]
-        docs = [" ".join([p["Title"], p["product_category"], *p["Attributes"], *p["BulletPoints"]])
-                for p in catalog.products]
+        docs = [
+            " ".join([p["Title"], p["product_category"], *p["Attributes"], *p["BulletPoints"]])
+            for p in catalog.products
+        ]
         self._retriever = bm25s.BM25()
         self._retriever.index(bm25s.tokenize(docs, show_progress=False), show_progress=False)
 
