@@ -42,7 +42,9 @@ def _seeds(text: str) -> list[int]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog="Other options are `etokit run`'s (etokit run --help)."
+        prog="python -m etokit.experiment",
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        epilog="Other options are `etokit run`'s (etokit run --help).",
     )
     parser.add_argument(
         "--dir",
