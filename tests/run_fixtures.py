@@ -23,41 +23,13 @@ ENV = "textworld-express"
 SPLITS = ("test-seen", "test-unseen")
 # Small enough for CI (~1 minute a run on 2 cores), large enough that every stage does real work.
 # A state checkpoint after every training step (of 2), so a killed BC/DPO resumes mid-training.
-FLAGS = [
-    "--train-tasks",
-    "3",
-    "--eval-tasks",
-    "1",
-    "--iterations",
-    "1",
-    "--max-steps",
-    "2",
-    "--max-new-tokens",
-    "16",
-    "--explore-batch-size",
-    "1",
-    "--no-icl",
-    "--bc.num-epochs",
-    "1",
-    "--bc.per-device-batch-size",
-    "2",
-    "--bc.gradient-accumulation-steps",
-    "1",
-    "--bc.learning-rate",
-    "1e-3",
-    "--dpo.num-epochs",
-    "1",
-    "--dpo.batch-size",
-    "2",
-    "--dpo-schedule.learning-rate",
-    "1e-3",
-    "--max-length",
-    "1024",
-    "--bc.save-steps",
-    "1",
-    "--dpo.save-steps",
-    "1",
-]
+# The loop at its smallest that still trains, explores, pairs and evaluates (other tests add to it).
+TINY_RUN = (
+    "--train-tasks 3 --eval-tasks 1 --iterations 1 --max-steps 2 --max-new-tokens 16 --explore-batch-size 1 --no-icl "
+    "--bc.num-epochs 1 --bc.per-device-batch-size 2 --bc.gradient-accumulation-steps 1 --bc.learning-rate 1e-3 "
+    "--dpo.num-epochs 1 --dpo.batch-size 2 --dpo-schedule.learning-rate 1e-3 --max-length 1024"
+).split()
+FLAGS = [*TINY_RUN, "--bc.save-steps", "1", "--dpo.save-steps", "1"]
 STAGES = [
     "expert",
     "push-expert",

@@ -22,6 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests import factories
+from tests.run_fixtures import TINY_RUN
 from etokit.errors import EtokitError
 
 pytestmark = pytest.mark.faults
@@ -29,43 +30,9 @@ pytestmark = pytest.mark.faults
 ROOT = Path(__file__).resolve().parents[1]
 # Distinctive, and token-shaped (hf_ + 20+ characters), as a real one is.
 TOKEN = "hf_faultsSECRET" + uuid.uuid4().hex
-# tests/test_run.py's tiny loop (about a minute on 2 cores), with TensorBoard on for both trainings
+# The tiny loop of the run tests (about a minute on 2 cores), with TensorBoard on for both trainings
 # so that its event files (and the hparams they record) are among the files grepped.
-RUN_FLAGS = [
-    "--train-tasks",
-    "3",
-    "--eval-tasks",
-    "1",
-    "--iterations",
-    "1",
-    "--max-steps",
-    "2",
-    "--max-new-tokens",
-    "16",
-    "--explore-batch-size",
-    "1",
-    "--no-icl",
-    "--bc.num-epochs",
-    "1",
-    "--bc.per-device-batch-size",
-    "2",
-    "--bc.gradient-accumulation-steps",
-    "1",
-    "--bc.learning-rate",
-    "1e-3",
-    "--dpo.num-epochs",
-    "1",
-    "--dpo.batch-size",
-    "2",
-    "--dpo-schedule.learning-rate",
-    "1e-3",
-    "--max-length",
-    "1024",
-    "--bc.report-to",
-    "tensorboard",
-    "--dpo.report-to",
-    "tensorboard",
-]
+RUN_FLAGS = [*TINY_RUN, "--bc.report-to", "tensorboard", "--dpo.report-to", "tensorboard"]
 
 
 def _files_holding(secret: str, *roots: Path) -> list[str]:

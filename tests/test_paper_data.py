@@ -14,6 +14,7 @@ import pytest
 from etokit.data import DataError
 from etokit.data.eto_format import SCIWORLD_TASK_NAMES
 from etokit.data.sources import HubDataset, load_source, parse_source
+from tests.run_fixtures import TINY_RUN
 
 PAPER_README = """---
 configs:
@@ -283,35 +284,14 @@ def test_etokit_run_takes_the_published_data_and_explores_with_its_instruction(h
             str(tmp_path / "run"),
             "--push-to",
             repo_name,
+            *TINY_RUN,
+            # this test's sizes, after the tiny run's (the last value of a flag wins)
             "--train-tasks",
-            "2",
-            "--eval-tasks",
-            "1",
-            "--iterations",
-            "1",
-            "--max-steps",
             "2",
             "--max-new-tokens",
             "8",
             "--explore-batch-size",
             "2",
-            "--no-icl",
-            "--bc.num-epochs",
-            "1",
-            "--bc.per-device-batch-size",
-            "2",
-            "--bc.gradient-accumulation-steps",
-            "1",
-            "--bc.learning-rate",
-            "1e-3",
-            "--dpo.num-epochs",
-            "1",
-            "--dpo.batch-size",
-            "2",
-            "--dpo-schedule.learning-rate",
-            "1e-3",
-            "--max-length",
-            "1024",
         ],
     )
     run = Run(cfg)
