@@ -44,11 +44,20 @@ test-slow:
 bench:
 	@set -e; for script in bench/*.py; do echo "== $$script $(BENCH_ARGS)"; $(PY) $$script $(BENCH_ARGS); done
 
-# The whole ETO loop on embedded defaults: local Hub, tiny model, TextWorldExpress, BC + 2 iterations.
-# `make demo MODEL=smollm2` starts from SmolLM2-135M-Instruct instead (prepared by `make smollm2`, LoRA).
-MODEL ?=
-demo:
-	$(PY) -m etokit.demo $(if $(MODEL),--config demo-$(MODEL) --dir .demo-$(MODEL))
+# The whole ETO loop on an embedded Hub (TextWorldExpress, BC + 2 iterations), ending with the table of
+# BC, iter-1 and iter-2, each iteration paired against BC. By default from SmolLM2-135M-Instruct with LoRA
+# (etokit/configs/demo-smollm2.yaml, in .demo-smollm2); models/smollm2 is prepared first as `make smollm2`
+# does, only when it is missing. `make demo MODEL=tiny` is the quick smoke run: a tiny Llama built from
+# scratch (etokit/configs/demo.yaml, in .demo).
+MODEL ?= smollm2
+SMOLLM2_DIR := models/smollm2
+DEMO_CONFIG := $(if $(filter tiny,$(MODEL)),demo,demo-$(MODEL))
+demo: $(if $(filter smollm2,$(MODEL)),$(SMOLLM2_DIR)/model.safetensors)
+	$(if $(filter smollm2 tiny,$(MODEL)),,$(error MODEL=$(MODEL): expected smollm2 (the default) or tiny))$(PY) -m etokit.demo --config $(DEMO_CONFIG) --dir .$(DEMO_CONFIG)
+
+# The demo's prerequisite: a file target, so make runs the script only when the model is not there yet.
+$(SMOLLM2_DIR)/model.safetensors:
+	PY=$(PY) bash scripts/prepare_smollm2.sh
 
 # The loop from SmolLM2-135M-Instruct (LoRA) for 3 seeds on 128 tasks per test split, and its verdict: each
 # iteration against BC with paired 95% intervals (etokit/configs/experiment-smollm2.yaml). Resumes when run again;
