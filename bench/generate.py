@@ -1,10 +1,14 @@
-"""Episodes/s of batched generation with the KV cache written in place, against today's engine.
+"""Episodes/s of batched generation on the slot engine, against the engine the project started with.
 
-Both engines keep each episode's prompt K/V between steps and borrow a shared prefix for a new
-episode (etokit/rollout/kv_reuse.py). The reference grows transformers' DynamicCache by concatenation at
-every forward (each decode step copies every layer's whole cache); the new path preallocates the
-cache and writes each step in place (etokit/rollout/slot_cache.py). Same model, tasks, batch and greedy
-decoding in one run; the trajectories must be equal token for token.
+Every engine keeps each episode's prompt K/V between steps (etokit/rollout/kv_reuse.py). The
+reference (``kv_cache="concat"``) grows transformers' DynamicCache by concatenation at every forward
+and re-encodes each reply. The slot engine (``"slots"``, the default; etokit/rollout/slot_pool.py)
+keeps each episode's K/V, replies included, in a slot of its own, runs the rows' new tokens packed
+without padding, and reads the shared prompt prefix once for all rows. ``--engines`` adds the
+in-place engine in between (``"in-place"``: a left-padded batch cache rebuilt each step). Same model,
+tasks, batch and greedy decoding in one run; the trajectories are compared token for token, and
+where they differ the first differing step of each episode is printed (the engines' floating-point
+orders differ, so a near-tie can break the other way).
 
 The shape is an evaluation's: TextWorldExpress, the 1-shot prompt, 48-token replies, 20 steps, 32
 episodes in flight. Decode and prefill tokens/s are printed as a fraction of a roofline measured
@@ -13,7 +17,7 @@ on the spot: the rate of the model's own linear-layer matmul shapes (rows = the 
 context, are left out, so the fraction is an upper bound of the share of the arithmetic peak).
 
     python bench/generate.py --quick --model models/smollm2   # a few minutes on 2 CPU cores
-    python bench/generate.py --model models/smollm2           # 32 episodes x 20 steps
+    python bench/generate.py --model models/smollm2           # 32 episodes x 20 steps (about 40 min)
     python bench/generate.py --quick                          # no checkpoint: a tiny random Llama
 """
 
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -82,7 +85,16 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, help="episodes (default 32; 8 with --quick), all in flight")
     parser.add_argument("--steps", type=int, help="steps per episode (default 20; 3 with --quick)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each engine, alternated (default 2)")
+    parser.add_argument(
+        "--repeats", type=int, help="runs of each engine, alternated A B B A (default 2 with --quick, else 1)"
+    )
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=["concat", "slots"],
+        choices=["concat", "in-place", "slots"],
+        help="kv_cache engines, the first the baseline (default: concat slots)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -92,6 +104,7 @@ def main() -> None:
     from etokit.rollout.generator import ExploreConfig, Generator
 
     episodes = args.episodes or (8 if args.quick else 32)
+    repeats = args.repeats or (2 if args.quick else 1)
     steps = args.steps or (3 if args.quick else 20)
     torch.manual_seed(0)
     if (args.model / "config.json").exists():
@@ -105,10 +118,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model, tokenizer = tiny_policy(Path(tmp) / "policy")
         name = "tiny-llama"
-    config = ExploreConfig(
-        batch_size=episodes, max_new_tokens=args.max_new_tokens, icl=True, max_steps=steps, kv_in_place=True
-    )
-    reference_config = dataclasses.replace(config, kv_in_place=False)
+    config = ExploreConfig(batch_size=episodes, max_new_tokens=args.max_new_tokens, icl=True, max_steps=steps)
     envs = [make("textworld-express") for _ in range(episodes)]
     tasks = envs[0].task_ids("test-unseen")[:episodes]
 
@@ -126,9 +136,14 @@ def main() -> None:
         f"GFLOP/s with 512 rows (prefill: {prefill_rate / flops:.0f} tok/s)"
     )
 
-    engines = {"reference (DynamicCache, concatenated)": reference_config, "in place (preallocated slots)": config}
+    names = {
+        "concat": "reference (DynamicCache, concatenated)",
+        "in-place": "in place (batch cache rebuilt per step)",
+        "slots": "slots (a slot per episode, shared prefix)",
+    }
+    engines = {names[e]: dataclasses.replace(config, kv_cache=e) for e in args.engines}
     # Alternated (A B B A ...) so that a change of the host's load during the run weighs on both engines.
-    order = [label for r in range(args.repeats) for label in (list(engines) if r % 2 == 0 else list(engines)[::-1])]
+    order = [label for r in range(repeats) for label in (list(engines) if r % 2 == 0 else list(engines)[::-1])]
     seconds = dict.fromkeys(engines, 0.0)
     rows: dict[str, list] = {}
     for label in order:
@@ -147,14 +162,19 @@ def main() -> None:
             f"{d.prefilled} tokens in {d.prefill_s:.1f}s; {d.reused} prompt tokens reused); load average "
             f"{os.getloadavg()[0]:.2f}{'' if same_run else '; DIFFERENT from its first run'}"
         )
-    ref, new = rows.values()
-    same = ref == new
-    print(f"trajectories equal token for token: {same}")
-    if not same:
-        differ = [json.loads(r)["task_id"] if isinstance(r, str) else r["task_id"] for r, u in zip(ref, new) if r != u]
-        print(f"tasks whose trajectories differ: {differ}")
-    ref_s, new_s = seconds.values()
-    print(f"{name} episodes/s: {ref_s / new_s:.2f}x reference engine")
+    baseline, *others = rows
+    for label in others:
+        differ = [(a, b) for a, b in zip(rows[baseline], rows[label]) if a != b]
+        print(f"{label}: trajectories equal to the baseline's token for token: {not differ}")
+        for a, b in differ:  # where an episode first differs: the step, and both replies there
+            turns = [i for i, (x, y) in enumerate(zip(a["messages"], b["messages"])) if x != y]
+            at = turns[0] if turns else min(len(a["messages"]), len(b["messages"]))
+            print(
+                f"  {a['task_id']}: first differs at message {at} of {len(a['messages'])}/{len(b['messages'])} "
+                f"(reward {a['reward']:g} vs {b['reward']:g})"
+            )
+    against = "reference" if args.engines[0] == "concat" else args.engines[0]
+    print(f"{name} episodes/s: {seconds[baseline] / seconds[list(engines)[-1]]:.2f}x {against} engine")
 
 
 if __name__ == "__main__":

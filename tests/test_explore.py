@@ -114,18 +114,24 @@ def test_batched_exploration_equals_one_episode_at_a_time(policy, shops):
         )
 
 
-@pytest.mark.parametrize("icl, attention", [(False, "sdpa"), (True, "sdpa"), (False, "eager")])
-def test_kv_reuse_equals_reencoding_every_step(policy, shops, icl, attention):
+@pytest.mark.parametrize(
+    "icl, attention, kv_cache",
+    [(False, "sdpa", "slots"), (True, "sdpa", "slots"), (True, "sdpa", "in-place"), (False, "eager", "in-place")],
+)
+def test_kv_reuse_equals_reencoding_every_step(policy, shops, icl, attention, kv_cache):
     """Keeping each episode's KV cache between steps (and borrowing the shared instruction / 1-shot
     prefix for a new episode) gives the greedy trajectories of re-encoding the whole conversation
-    with model.generate at every step. Three slots for seven tasks: episodes start mid-run. SDPA
-    takes a boolean mask, eager attention an additive one."""
+    with model.generate at every step. Three slots for seven tasks: episodes start mid-run. The
+    slot engine runs its own attention; the in-place engine gives SDPA a boolean mask and eager
+    attention an additive one."""
     tasks = shops[0].task_ids("train")[20:27]
     config = dict(icl=icl, max_new_tokens=12, max_steps=4)
     policy.model.set_attn_implementation(attention)
     try:
-        gen = Generator(policy.model, policy.tokenizer, ExploreConfig(**config))
-        assert gen.decoder.bool_mask == (attention == "sdpa")
+        gen = Generator(policy.model, policy.tokenizer, ExploreConfig(kv_cache=kv_cache, **config))
+        assert type(gen.decoder).__name__ == ("SlotDecoder" if kv_cache == "slots" else "KVReuseDecoder")
+        if kv_cache == "in-place":
+            assert gen.decoder.bool_mask == (attention == "sdpa")
         kept = sorted(run_episodes(gen, shops[:3], [Job(t) for t in tasks], split="train"), key=lambda t: t.task_id)
         full = _play(policy, shops[:3], tasks, kv_reuse=False, **config)
     finally:

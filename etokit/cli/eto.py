@@ -5,6 +5,7 @@ two evaluations of the same tasks."""
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -80,12 +81,22 @@ NoKvReuseOpt = Annotated[
         "slower; for models whose cache cannot be kept).",
     ),
 ]
-KvConcatOpt = Annotated[
-    bool,
+
+
+class KvCache(str, Enum):
+    slots = "slots"
+    in_place = "in-place"
+    concat = "concat"
+
+
+KvCacheOpt = Annotated[
+    KvCache,
     typer.Option(
-        "--kv-concat",
-        help="transformers engine with KV reuse: grow the cache by concatenation at every token (the "
-        "engine before the in-place cache; same greedy replies, slower; a reference).",
+        "--kv-cache",
+        help="transformers engine with KV reuse: how each episode's cache is held. slots (default): a slot per "
+        "episode for its whole life, its replies' K/V kept, the shared prompt prefix read once for all episodes "
+        "(CPU; elsewhere in-place runs); in-place: a left-padded batch cache rebuilt each step, written in place; "
+        "concat: transformers' DynamicCache grown by concatenation (the reference; slowest).",
     ),
 ]
 NoIclOpt = Annotated[
@@ -348,7 +359,7 @@ def explore(
     no_kv_reuse: NoKvReuseOpt = False,
     expert_reward: ExpertRewardOpt = None,
     instruction_from: InstructionFromOpt = None,
-    kv_concat: KvConcatOpt = False,
+    kv_cache: KvCacheOpt = KvCache.slots,
 ) -> None:
     """Let the policy play every task of a split and record each episode as a trajectory (ETO's
     exploration phase). Episodes are batched: one generate call per step for all live episodes.
@@ -395,7 +406,7 @@ def explore(
         max_steps=max_steps,
         kv_reuse=not no_kv_reuse,
         instruction=_instruction_from(instruction_from, env, experts and experts.values()),
-        kv_in_place=not kv_concat,
+        kv_cache=kv_cache.value,
     )
 
     def plan(first):  # the planned order is the output's order: the split's (or --task-ids') task order
@@ -655,7 +666,7 @@ def eval_(
     engine: EngineOpt = "transformers",
     no_kv_reuse: NoKvReuseOpt = False,
     instruction_from: InstructionFromOpt = None,
-    kv_concat: KvConcatOpt = False,
+    kv_cache: KvCacheOpt = KvCache.slots,
 ) -> None:
     """Evaluate a policy on a test split: greedy decoding with the 1-shot prompt (as the paper),
     reporting average reward x100, success rate, average steps and invalid-action rate. An episode
@@ -695,7 +706,7 @@ def eval_(
         icl=not no_icl,
         max_steps=max_steps,
         kv_reuse=not no_kv_reuse,
-        kv_in_place=not kv_concat,
+        kv_cache=kv_cache.value,
         instruction=_instruction_from(instruction_from, env),
     )
     outcome = play(

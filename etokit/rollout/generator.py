@@ -15,6 +15,8 @@ from etokit.data.schema import Message
 from etokit.errors import EtokitError
 from etokit.rollout.kv_reuse import KVReuseDecoder, kv_reuse_unsupported
 
+KV_CACHES = ("slots", "in-place", "concat")  # ExploreConfig.kv_cache, fastest first
+
 
 @dataclass
 class ExploreConfig:
@@ -33,9 +35,12 @@ class ExploreConfig:
     # Keep each episode's KV cache between steps and prefill only what is new (etokit/rollout/kv_reuse.py);
     # False re-encodes the whole conversation with model.generate at every step.
     kv_reuse: bool = True
-    # With kv_reuse: the KV cache preallocated and written in place (etokit/rollout/slot_cache.py); False grows
-    # transformers' DynamicCache by concatenation at every token (the engine before, kept as the reference).
-    kv_in_place: bool = True
+    # With kv_reuse, how the cache is held: "slots" (CPU default) keeps each episode's K/V in a slot of its
+    # own, generated replies included, and reads the shared prompt prefix once for all episodes
+    # (etokit/rollout/slot_pool.py; models or devices it does not support run "in-place"); "in-place" rebuilds a
+    # left-padded batch cache per step, preallocated and written in place (etokit/rollout/slot_cache.py);
+    # "concat" grows transformers' DynamicCache by concatenation at every token (the reference engine).
+    kv_cache: str = "slots"
     # The instruction turn (the prompt's first user message): None is etokit's own for the
     # environment (etokit/agent/prompts/); a policy cloned on other expert data (the paper's
     # published trajectories) is explored with that data's instruction, the one it was trained on.
@@ -107,19 +112,25 @@ class Generator:
         self.device = next(model.parameters()).device
         self._torch = torch
         self.decoder = None
+        if config.kv_cache not in KV_CACHES:
+            raise EtokitError(f"kv_cache {config.kv_cache!r}: expected one of {', '.join(KV_CACHES)}")
         if config.kv_reuse and kv_reuse_unsupported(model) is None:
             eos = self.generation_config.eos_token_id
-            self.decoder = KVReuseDecoder(
-                model,
-                pad_id=self.pad_id,
+            options = dict(
                 eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
                 max_new_tokens=config.max_new_tokens,
                 stopped=self._stopped,
                 temperature=config.temperature,
                 top_p=config.top_p,
                 seed=config.seed,
-                in_place=config.kv_in_place,
             )
+            from etokit.rollout.slot_pool import SlotDecoder, slots_unsupported  # imports torch
+
+            if config.kv_cache == "slots" and slots_unsupported(model) is None:
+                self.decoder = SlotDecoder(model, pad_id=self.pad_id, **options)
+            else:
+                in_place = config.kv_cache != "concat"
+                self.decoder = KVReuseDecoder(model, pad_id=self.pad_id, in_place=in_place, **options)
 
     def _stopped(self, ids: list[int]) -> bool:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -55,6 +55,22 @@ def kv_reuse_unsupported(model) -> str | None:
     return None
 
 
+def pick_tokens(logits, rngs, temperature: float, top_p: float):
+    """The next token of each row: greedy at temperature 0, else sampled (nucleus ``top_p``)
+    from each row's own generator."""
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # Keep the smallest set whose mass reaches top_p (the top token always).
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.cat([torch.multinomial(p, 1, generator=rng) for p, rng in zip(probs, rngs)])
+
+
 class KVReuseDecoder:
     """``generate(prompts, keys)`` -> generated token ids per row (EOS excluded), stopping a row at
     EOS, at ``max_new_tokens`` or when ``stopped(ids)`` says its text holds a stop string."""
@@ -236,19 +252,6 @@ class KVReuseDecoder:
         )
         return out.logits[:, -1].float()
 
-    def _pick(self, logits, rngs):
-        import torch
-
-        if self.temperature <= 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / self.temperature, -1)
-        if self.top_p < 1.0:
-            sorted_probs, order = probs.sort(-1, descending=True)
-            # Keep the smallest set whose mass reaches top_p (the top token always).
-            drop = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
-            probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        return torch.cat([torch.multinomial(p, 1, generator=rng) for p, rng in zip(probs, rngs)])
-
     def _decode(self, logits, cache, valid, lengths, rngs) -> list[list[int]]:
         import torch
 
@@ -256,7 +259,7 @@ class KVReuseDecoder:
         out: list[list[int]] = [[] for _ in range(batch)]
         rows = list(range(batch))  # the batch rows still generating, in cache order
         for step in range(self.max_new_tokens):
-            tokens = self._pick(logits, rngs).tolist()
+            tokens = pick_tokens(logits, rngs, self.temperature, self.top_p).tolist()
             keep = []
             for j, (row, token) in enumerate(zip(rows, tokens)):
                 if token in self.eos:
