@@ -112,9 +112,10 @@ class Generator:
         self._stop_checked: dict[int, list[int]] = {}
         self._stop_reach = max(len(s.encode()) for s in STOP_STRINGS) + 1 if _local_decoder(tokenizer) else 0
         self._added = set(getattr(tokenizer, "added_tokens_decoder", None) or ())
-        self._byte_pieces = {
-            i for t, i in tokenizer.get_vocab().items() if self._stop_reach and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t)
-        }
+        byte_piece = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+        self._byte_pieces = (
+            {i for t, i in tokenizer.get_vocab().items() if byte_piece.fullmatch(t)} if self._stop_reach else set()
+        )
         self.decoder = None
         if config.kv_reuse and kv_reuse_unsupported(model) is None:
             eos = self.generation_config.eos_token_id
