@@ -1,4 +1,7 @@
-"""Batched decoding that keeps each episode's KV cache from one step to the next.
+"""Batched decoding that keeps each episode's KV cache from one step to the next, in a batch cache
+rebuilt at every step (``kv_cache="in-place"`` / ``"concat"``). On CPU the default engine is
+etokit/rollout/slot_pool.py, which keeps each episode's K/V in a slot of its own instead; this one
+runs where that one cannot (GPUs, models its attention does not cover) and is its reference.
 
 An agent's conversation only grows: the prompt of step t is the prompt of step t-1 followed by the
 reply, the observation and the next generation prompt. Re-encoding it at every step costs the sum of
