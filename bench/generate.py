@@ -53,13 +53,17 @@ def matmul_roofline(model, rows: int, repeats: int = 3) -> tuple[float, float]:
     shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     flops = sum(2 * o * i for o, i in shapes)  # lm_head included: decode and prefill compute it for one position
     best = float("inf")
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
-        weights = {s: torch.randn(s) for s in set(shapes)}
-        inputs = {i: torch.randn(rows, i) for _, i in weights}
+        weights = {s: torch.randn(s, device=device) for s in set(shapes)}
+        inputs = {i: torch.randn(rows, i, device=device) for _, i in weights}
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             for o, i in shapes:
                 torch.nn.functional.linear(inputs[i], weights[(o, i)])
+            sync()
             best = min(best, time.perf_counter() - start)
     return rows * flops / best / 1e9, flops / 1e9
 
@@ -85,6 +89,11 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, help="episodes (default 32; 8 with --quick), all in flight")
     parser.add_argument("--steps", type=int, help="steps per episode (default 20; 3 with --quick)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda; the slot engine is CPU-only, so on cuda `slots` runs the in-place engine",
+    )
     parser.add_argument(
         "--repeats", type=int, help="runs of each engine, alternated A B B A (default 2 with --quick, else 1)"
     )
@@ -118,6 +127,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model, tokenizer = tiny_policy(Path(tmp) / "policy")
         name = "tiny-llama"
+    model.to(args.device)
     config = ExploreConfig(batch_size=episodes, max_new_tokens=args.max_new_tokens, icl=True, max_steps=steps)
     envs = [make("textworld-express") for _ in range(episodes)]
     tasks = envs[0].task_ids("test-unseen")[:episodes]
@@ -155,7 +165,7 @@ def main() -> None:
         d = generator.decoder
         decode_tps, prefill_tps = d.decoded / max(d.decode_s, 1e-9), d.prefilled / max(d.prefill_s, 1e-9)
         print(
-            f"{label}: {len(trajectories)} episodes ({sum(t.num_steps for t in trajectories)} steps) in "
+            f"{label} [{type(d).__name__}]: {len(trajectories)} episodes ({sum(t.num_steps for t in trajectories)} steps) in "
             f"{took:.1f}s = {len(trajectories) / took:.3f} episodes/s; decode {decode_tps:.0f} tok/s "
             f"({decode_tps / (decode_rate / flops):.0%} of roofline, {d.decoded} tokens in {d.decode_s:.1f}s), "
             f"prefill {prefill_tps:.0f} tok/s ({prefill_tps / (prefill_rate / flops):.0%} of roofline, "
