@@ -74,9 +74,11 @@ def pick_tokens(logits, rngs, temperature: float, top_p: float):
     return torch.cat([torch.multinomial(p, 1, generator=rng) for p, rng in zip(probs, rngs)])
 
 
-class KVReuseDecoder:
-    """``generate(prompts, keys)`` -> generated token ids per row (EOS excluded), stopping a row at
-    EOS, at ``max_new_tokens`` or when ``stopped(ids)`` says its text holds a stop string."""
+class Decoder:
+    """What the KV-reuse engines share (this module's and etokit/rollout/slot_pool.py's): the
+    options, the counters bench/generate.py reads, and the decode loop. ``generate(prompts, keys)``
+    -> generated token ids per row (EOS excluded), stopping a row at EOS, at ``max_new_tokens`` or
+    when ``stopped(ids)`` says its text holds a stop string."""
 
     def __init__(
         self,
@@ -89,15 +91,59 @@ class KVReuseDecoder:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
-        in_place: bool = True,
     ):
-
         self.model, self.pad_id, self.eos = model, pad_id, set(eos_ids)
         self.max_new_tokens, self.stopped = max_new_tokens, stopped
-        self.temperature, self.top_p = temperature, top_p
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.seed = seed
+        self.prefilled = 0  # tokens run through prefill, for the benchmark and tests
+        self.reused = 0  # prompt tokens whose K/V were already held
+        self.prefill_s = self.decode_s = 0.0  # seconds in prefill / decode forwards (bench/generate.py)
+        self.decoded = 0  # tokens run through decode forwards
+
+    def _rngs(self, seeds: Sequence[int] | None, batch: int):
+        """One generator per row when sampling, seeded with the row's seed (None when greedy)."""
+        import torch
+
+        if self.temperature <= 0:
+            return None
+        seeds = seeds if seeds is not None else [self.seed + i for i in range(batch)]
+        return [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+
+    def _decode(self, logits, rngs, forward: Callable[[list[int], list[int], list[int], int], object]):
+        """Pick, record and feed tokens until every row stops. ``forward(keep, rows, tokens, step)``
+        runs the picked ``tokens`` of the rows still generating (``rows``, batch indices; ``keep``,
+        their places in the previous call's rows) and returns their next logits. A row's last token
+        (stop string or ``max_new_tokens``) is recorded but never fed; an EOS is neither."""
+        out: list[list[int]] = [[] for _ in range(logits.shape[0])]
+        rows = list(range(logits.shape[0]))  # the rows still generating
+        for step in range(self.max_new_tokens):
+            tokens = pick_tokens(logits, rngs, self.temperature, self.top_p).tolist()
+            keep = []
+            for j, (row, token) in enumerate(zip(rows, tokens)):
+                if token in self.eos:
+                    continue
+                out[row].append(token)
+                if not self.stopped(out[row]):
+                    keep.append(j)
+            if not keep or step == self.max_new_tokens - 1:
+                break
+            rows, tokens = [rows[j] for j in keep], [tokens[j] for j in keep]
+            rngs = rngs and [rngs[j] for j in keep]
+            start = time.perf_counter()
+            logits = forward(keep, rows, tokens, step)
+            self.decode_s += time.perf_counter() - start
+            self.decoded += len(tokens)
+        return out
+
+
+class KVReuseDecoder(Decoder):
+    """The batch-cache engines (``in_place``: preallocated and written in place; else transformers'
+    DynamicCache grown by concatenation)."""
+
+    def __init__(self, model, *, in_place: bool = True, **options):
+        super().__init__(model, **options)
         # True: the KV cache is preallocated and written in place (etokit/rollout/slot_cache.py); False: transformers'
         # DynamicCache, grown by concatenation at every forward (the engine before; kept as the reference).
         self.in_place = in_place
@@ -107,10 +153,6 @@ class KVReuseDecoder:
         self.cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         self.bool_mask = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
         self.kept: dict[Hashable, _Kept] = {}
-        self.prefilled = 0  # tokens run through prefill, for the benchmark and tests
-        self.reused = 0  # prompt tokens whose K/V came from the kept cache
-        self.prefill_s = self.decode_s = 0.0  # seconds in prefill / decode forwards (bench/generate.py)
-        self.decoded = 0  # tokens run through decode forwards
 
     def generate(
         self, prompts: Sequence[list[int]], keys: Sequence[Hashable], seeds: Sequence[int] | None = None
@@ -193,11 +235,19 @@ class KVReuseDecoder:
                         for lay in cache.layers
                     ],
                 )
-            rngs = None
-            if self.temperature > 0:
-                seeds = seeds if seeds is not None else [self.seed + i for i in range(batch)]
-                rngs = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
-            return self._decode(logits, cache, valid, torch.tensor([len(ids) for ids in prompts]), rngs)
+            lengths = torch.tensor([len(ids) for ids in prompts])
+            state = {"valid": valid, "lengths": lengths}
+
+            def forward(keep, rows, tokens, step):
+                if len(keep) < state["valid"].shape[0]:  # finished rows leave the batch
+                    index = torch.tensor(keep)
+                    cache.batch_select_indices(index.to(self.device))
+                    state["valid"], state["lengths"] = state["valid"][index], state["lengths"][index]
+                state["valid"] = torch.cat([state["valid"], torch.ones((len(rows), 1), dtype=torch.bool)], 1)
+                positions = (state["lengths"] + step)[:, None]
+                return self._forward(torch.tensor(tokens)[:, None], positions, state["valid"][:, None, :], cache)
+
+            return self._decode(logits, self._rngs(seeds, batch), forward)
 
     def _shared_prefix(self, prompts: Sequence[list[int]], starts) -> _Kept | None:
         """New episodes that start together have nothing kept to borrow, yet share the instruction
@@ -254,34 +304,3 @@ class KVReuseDecoder:
             **{self.cache_arg: cache},
         )
         return out.logits[:, -1].float()
-
-    def _decode(self, logits, cache, valid, lengths, rngs) -> list[list[int]]:
-        import torch
-
-        batch = logits.shape[0]
-        out: list[list[int]] = [[] for _ in range(batch)]
-        rows = list(range(batch))  # the batch rows still generating, in cache order
-        for step in range(self.max_new_tokens):
-            tokens = pick_tokens(logits, rngs, self.temperature, self.top_p).tolist()
-            keep = []
-            for j, (row, token) in enumerate(zip(rows, tokens)):
-                if token in self.eos:
-                    continue
-                out[row].append(token)
-                if not self.stopped(out[row]):
-                    keep.append(j)
-            if not keep or step == self.max_new_tokens - 1:
-                break
-            if len(keep) < len(rows):  # finished rows leave the batch
-                index = torch.tensor(keep)
-                cache.batch_select_indices(index.to(self.device))
-                valid, lengths = valid[index], lengths[index]
-                rows, tokens = [rows[j] for j in keep], [tokens[j] for j in keep]
-                rngs = rngs and [rngs[j] for j in keep]
-            valid = torch.cat([valid, torch.ones((len(rows), 1), dtype=torch.bool)], 1)
-            positions = (lengths + step)[:, None]
-            start = time.perf_counter()
-            logits = self._forward(torch.tensor(tokens)[:, None], positions, valid[:, None, :], cache)
-            self.decode_s += time.perf_counter() - start
-            self.decoded += len(tokens)
-        return out

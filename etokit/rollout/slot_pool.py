@@ -41,11 +41,11 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
+from typing import Hashable, Sequence
 
 import torch
 
-from etokit.rollout.kv_reuse import kv_reuse_unsupported, pick_tokens
+from etokit.rollout.kv_reuse import Decoder, kv_reuse_unsupported
 
 ATTN_IMPLEMENTATION = "etokit_slots"
 _CPU_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -196,33 +196,15 @@ def slot_attention(module, query, key, value, attention_mask, dropout: float = 0
     return out, None
 
 
-class SlotDecoder:
-    """``generate(prompts, keys)`` -> generated token ids per row (EOS excluded), stopping a row at
-    EOS, at ``max_new_tokens`` or when ``stopped(ids)`` says its text holds a stop string. The
-    interface of etokit.rollout.kv_reuse.KVReuseDecoder; ``keys`` name each row's episode."""
+class SlotDecoder(Decoder):
+    """The slot engine (see the module docstring); ``keys`` name each row's episode."""
 
-    def __init__(
-        self,
-        model,
-        *,
-        pad_id: int,
-        eos_ids: Sequence[int],
-        max_new_tokens: int,
-        stopped: Callable[[list[int]], bool],
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        keep_reply: bool = True,
-    ):
+    def __init__(self, model, *, keep_reply: bool = True, **options):
         from transformers import AttentionInterface
 
+        super().__init__(model, **options)
         AttentionInterface.register(ATTN_IMPLEMENTATION, slot_attention)
-        self.model, self.eos = model, set(eos_ids)
-        self.max_new_tokens, self.stopped = max_new_tokens, stopped
-        self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.keep_reply = keep_reply
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         text = model.config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -230,10 +212,6 @@ class SlotDecoder:
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
         self.slots: dict[Hashable, _Slot] = {}
         self.prefixes: list[_Prefix] = []
-        self.prefilled = 0  # tokens run through prefill, for the benchmark and tests
-        self.reused = 0  # prompt tokens whose K/V a slot or a shared prefix already held
-        self.prefill_s = self.decode_s = 0.0  # seconds in prefill / decode forwards (bench/generate.py)
-        self.decoded = 0  # tokens run through decode forwards
 
     # ---------------------------------------------------------------------------------- placing rows
 
@@ -367,34 +345,16 @@ class SlotDecoder:
         start = time.perf_counter()
         logits = self._forward([s for s, _ in placed], [t for _, t in placed])[shared:]
         self.prefill_s += time.perf_counter() - start
-        rngs = None
-        if self.temperature > 0:
-            seeds = seeds if seeds is not None else [self.seed + i for i in range(len(rows))]
-            rngs = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
-        out: list[list[int]] = [[] for _ in rows]
-        live = list(range(len(rows)))  # the rows still generating
-        for step in range(self.max_new_tokens):
-            picked = pick_tokens(logits, rngs, self.temperature, self.top_p).tolist()
-            keep = []
-            for j, (row, token) in enumerate(zip(live, picked)):
-                if token in self.eos:
-                    continue
-                out[row].append(token)
-                if not self.stopped(out[row]):
-                    keep.append(j)
-            if not keep or step == self.max_new_tokens - 1:
-                break
-            live, picked = [live[j] for j in keep], [picked[j] for j in keep]
-            rngs = rngs and [rngs[j] for j in keep]
+
+        def forward(keep, live, tokens, step):
             segments = []
-            for row, token in zip(live, picked):
+            for row, token in zip(live, tokens):  # a row that stopped simply leaves the forward
                 slot = rows[row]
                 segments.append(_Segment(slot.own, slot.own.n, 1, 0, slot.prefix, slot.m))
                 slot.ids.append(token)
-            start = time.perf_counter()
-            logits = self._forward(segments, [[t] for t in picked])
-            self.decode_s += time.perf_counter() - start
-            self.decoded += len(picked)
+            return self._forward(segments, [[t] for t in tokens])
+
+        out = self._decode(logits, self._rngs(seeds, len(rows)), forward)
         if not self.keep_reply:
             for slot in rows:
                 slot.truncate(slot.prompt_len)
