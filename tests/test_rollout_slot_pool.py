@@ -153,3 +153,19 @@ def test_slot_decoder_frees_ended_episodes_and_shares_one_prefix(policy):
     assert sorted(decoder.slots) == ["a", "c", "d", "e"]  # b ended: its slot is gone
     # d and e started alone and borrowed what they share with running episodes.
     assert decoder.slots["d"].m >= 100 and decoder.slots["e"].m >= 100
+
+
+def test_a_new_episode_borrows_one_of_two_prefixes_it_shares_equally(policy):
+    """Two groups started apart hold two shared prefixes; a later episode shares the instruction
+    with both, equally: it borrows one of them (the tie must not compare the prefixes) and plays
+    as the reference engine does."""
+    steps = [
+        [("a", 1), ("b", 1)],  # one prefix: the instruction and word 1
+        [("a", 0), ("b", 2), ("c", 3), ("d", 3)],  # another: the instruction and word 3
+        [("a", 4), ("b", 0), ("c", 0), ("d", 1), ("e", 0)],  # e shares only the instruction with both
+    ]
+    slots, decoder = _decode(policy, "slots", steps)
+    reference, _ = _decode(policy, "concat", steps)
+    assert slots == reference
+    assert len(decoder.prefixes) >= 2
+    assert decoder.slots["e"].m >= 100 and decoder.slots["e"].prefix in decoder.prefixes

@@ -259,7 +259,11 @@ class SlotDecoder(Decoder):
         donors = list(self.slots.values())  # running episodes only: every token of theirs has its K/V
 
         def best_prefix(ids):
-            found = max(((len(os.path.commonprefix([p.ids, ids])), p) for p in self.prefixes), default=(0, None))
+            found = max(
+                ((len(os.path.commonprefix([p.ids, ids])), p) for p in self.prefixes),
+                default=(0, None),
+                key=lambda x: x[0],  # on a tie the first kept prefix (prefixes themselves do not compare)
+            )
             return found if found[0] else (0, None)
 
         if len(prompts) > 1:
