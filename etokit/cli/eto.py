@@ -16,6 +16,7 @@ from rich.table import Table
 from etokit.cli._errors import user_errors
 from etokit.cli._options import HUB_SOURCE_HELP, ExpertRewardOpt, check_output, env_name, finite_float
 from etokit.errors import EtokitError
+from etokit.rollout.generator import KV_CACHES
 
 
 ModelOpt = Annotated[
@@ -83,10 +84,8 @@ NoKvReuseOpt = Annotated[
 ]
 
 
-class KvCache(str, Enum):
-    slots = "slots"
-    in_place = "in-place"
-    concat = "concat"
+# ExploreConfig.kv_cache's values, from the one list of them (etokit/rollout/generator.py).
+KvCache = Enum("KvCache", {name.replace("-", "_"): name for name in KV_CACHES}, type=str)
 
 
 KvCacheOpt = Annotated[

@@ -46,6 +46,7 @@ from typing import Hashable, Sequence
 import torch
 
 from etokit.rollout.kv_reuse import Decoder, kv_reuse_unsupported
+from etokit.train.prefix_attention import guard_mask, unsupported
 
 ATTN_IMPLEMENTATION = "etokit_slots"
 _CPU_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -56,8 +57,6 @@ MIN_SHARED = 16
 
 def slots_unsupported(model) -> str | None:
     """Why this model cannot run on the slot engine (None when it can)."""
-    from etokit.train.prefix_attention import unsupported
-
     reason = kv_reuse_unsupported(model) or unsupported(model.config.get_text_config())
     if reason:
         return reason
@@ -304,8 +303,6 @@ class SlotDecoder(Decoder):
     def _forward(self, segments: list[_Segment], tokens: list[list[int]]) -> torch.Tensor:
         """One packed forward of ``tokens[i]`` for ``segments[i]``; logits at each segment's last
         token (a segment with no logits wanted is a shared prefix: listed, and ignored by callers)."""
-        from etokit.train.prefix_attention import guard_mask
-
         ids, positions, last, at = [], [], [], 0
         for s, t in zip(segments, tokens):
             s.start = at
