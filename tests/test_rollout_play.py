@@ -233,6 +233,6 @@ def test_the_run_fails_the_stage_after_recording_the_other_episodes(policy, tmp_
     with pytest.raises(
         EtokitError, match=f"webshop task {BAD}: the environment failed \\(RuntimeError: simulator died\\)"
     ):
-        Run._play(fake, "bc", "train", out, 3, "explore-1")
+        Run._play(fake, "bc", {"train": out}, 3, "explore-1")
     tasks = [t.task_id for t in read_jsonl(out, "trajectory")]
     assert BAD not in tasks and len(tasks) == 2  # the others are recorded: a resume plays only the failed one

@@ -1,12 +1,14 @@
 """The episode loop: the agent plays jobs in environments and every episode ends as a trajectory
 (ETO's exploration phase; evaluation runs the same loop on the test splits; etokit.rollout.play
-wraps it with the output file, the processes and the error policy).
+wraps it with the output files, the processes and the error policy).
 
 Many episodes advance together. Each step renders every live episode's conversation with the
 tokenizer's chat template, left-pads them into one batch, and makes ONE ``model.generate`` call
 for the whole batch; the replies are parsed and sent to each episode's environment. An episode
 that ends frees its slot for the next task in the queue (continuous batching at the episode
-level), so the batch stays full until the queue runs dry.
+level), so the batch stays full until the queue runs dry. The jobs may belong to several splits
+(each job's split is recorded in its trajectory): the run evaluates test-seen and test-unseen in
+one queue, so both splits' episodes share the batches.
 
 Conversations follow the agent protocol: instruction, "OK", the 1-shot example (prompt only,
 never recorded), the task turn, then Thought/Action replies and observations. A reply without an
@@ -53,6 +55,7 @@ class PrefixError(Exception):
 @dataclass
 class _Episode:
     job: Job
+    split: str  # recorded in the trajectory
     env: Env
     prompt_len: int  # messages before the agent's first reply (1-shot example included)
     icl_len: int  # of which the 1-shot example
@@ -78,15 +81,19 @@ def run_episodes(
     envs: Sequence[Env],
     jobs: Sequence[Job],
     *,
-    split: str,
+    split: str | Sequence[str],
     model_name: str | None = None,
     model_revision: str | None = None,
     on_step: Callable[[int], None] | None = None,
     experts: Mapping[str, Trajectory] | None = None,
 ) -> Iterator[Trajectory]:
     """Play ``jobs`` with up to ``len(envs)`` episodes in flight; yield each Trajectory as it ends
-    (completion order). ``on_step(n)`` is called after each batched step with the live count.
-    Step-wise jobs replay the prefix of ``experts[task_id]`` (see index_experts)."""
+    (completion order). ``split``: the split every job is recorded under, or one per job (jobs of
+    several splits in one queue). ``on_step(n)`` is called after each batched step with the live
+    count. Step-wise jobs replay the prefix of ``experts[task_id]`` (see index_experts)."""
+    splits = [split] * len(jobs) if isinstance(split, str) else list(split)
+    if len(splits) != len(jobs):
+        raise ValueError(f"run_episodes: {len(splits)} splits for {len(jobs)} jobs")
     config = generator.config
     if config.temperature > 0:
         import torch
@@ -95,25 +102,25 @@ def run_episodes(
         random.seed(config.seed)
     from etokit.envs.worker import EnvWorker
 
-    queue: deque[tuple[Job, int]] = deque((job, 0) for job in jobs)  # (job, attempt)
+    queue: deque[tuple[Job, str, int]] = deque((job, s, 0) for job, s in zip(jobs, splits))  # (job, split, attempt)
     slots: list[_Episode | None] = [None] * len(envs)
     threaded = any(isinstance(env, EnvWorker) for env in envs)  # workers step in parallel
     with ThreadPoolExecutor(len(envs)) if threaded else _Inline() as pool:
         while queue or any(slots):
             for i, env in enumerate(envs):
                 while slots[i] is None and queue:
-                    job, attempt = queue.popleft()
+                    job, job_split, attempt = queue.popleft()
                     try:
-                        slots[i] = _start(env, job, config, attempt, experts)
+                        slots[i] = _start(env, job, job_split, config, attempt, experts)
                     except EtokitError:
                         raise
                     except PrefixError as e:
-                        yield _failed_reset(env, job, split, model_name, model_revision, config, e, stop="prefix")
+                        yield _failed_reset(env, job, job_split, model_name, model_revision, config, e, stop="prefix")
                     except Exception as e:  # the env failed at reset: the same as failing at a step
                         if attempt < config.env_retries:
-                            queue.appendleft((job, attempt + 1))
+                            queue.appendleft((job, job_split, attempt + 1))
                         else:
-                            yield _failed_reset(env, job, split, model_name, model_revision, config, e)
+                            yield _failed_reset(env, job, job_split, model_name, model_revision, config, e)
             live = [ep for ep in slots if ep is not None]
             if not live:
                 continue
@@ -151,9 +158,9 @@ def run_episodes(
                 if ep is not None and ep.done:
                     slots[i] = None
                     if ep.stop == "error" and ep.attempt < config.env_retries:
-                        queue.appendleft((ep.job, ep.attempt + 1))  # replayed next, from its reset
+                        queue.appendleft((ep.job, ep.split, ep.attempt + 1))  # replayed next, from its reset
                         continue
-                    yield _trajectory(ep, split, model_name, model_revision, config)
+                    yield _trajectory(ep, model_name, model_revision, config)
 
 
 def step_seed(seed: int, job: Job, step: int) -> int:
@@ -185,7 +192,12 @@ class _Inline:
 
 
 def _start(
-    env: Env, job: Job, config: ExploreConfig, attempt: int = 0, experts: Mapping[str, Trajectory] | None = None
+    env: Env,
+    job: Job,
+    split: str,
+    config: ExploreConfig,
+    attempt: int = 0,
+    experts: Mapping[str, Trajectory] | None = None,
 ) -> _Episode:
     expert = None
     if job.prefix_steps is not None:
@@ -198,6 +210,7 @@ def _start(
     info = {k: v for k, v in reset.info.items() if k == "game_file"}
     ep = _Episode(
         job=job,
+        split=split,
         env=env,
         prompt_len=len(messages),
         icl_len=icl_len,
@@ -308,9 +321,7 @@ def _act(ep: _Episode, reply: str) -> None:
         ep.messages.append({"role": "user", "content": format_observation(observation)})
 
 
-def _trajectory(
-    ep: _Episode, split: str, model_name: str | None, revision: str | None, config: ExploreConfig
-) -> Trajectory:
+def _trajectory(ep: _Episode, model_name: str | None, revision: str | None, config: ExploreConfig) -> Trajectory:
     # Recorded without the 1-shot example: it is prompt scaffolding, not part of the trajectory.
     messages = ep.messages[:2] + ep.messages[2 + ep.icl_len :]
     extra: dict[str, Any] = {"invalid_actions": ep.invalid, "sample": ep.job.sample, **ep.info}
@@ -327,7 +338,7 @@ def _trajectory(
     return Trajectory(
         task_id=ep.job.task_id,
         env=ep.env.name,
-        split=split,
+        split=ep.split,
         messages=messages,
         reward=ep.reward,
         num_steps=ep.steps,

@@ -6,11 +6,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, TypeVar
 
 from etokit.agent.protocol import parse_action
 from etokit.data.schema import Trajectory
 from etokit.pairs import PROMPT_LEN
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -25,9 +27,10 @@ class Job:
     prefix_steps: int | None = None
 
 
-def shard(jobs: Sequence[Job], state) -> list[Job]:
-    """This process's share of ``jobs`` under ``accelerate launch`` (contiguous blocks, as
-    ``split_between_processes``; padding would replay the last job, so none is asked for)."""
+def shard(jobs: Sequence[T], state) -> list[T]:
+    """This process's share of ``jobs`` (Jobs, or (split, Job) pairs) under ``accelerate launch``
+    (contiguous blocks, as ``split_between_processes``; padding would replay the last job, so none
+    is asked for)."""
     with state.split_between_processes(list(jobs), apply_padding=False) as mine:
         return list(mine)
 

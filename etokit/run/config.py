@@ -156,6 +156,14 @@ class RunConfig:
     seed: int = 0
     # exploration and evaluation: greedy, 1-shot prompt (the paper)
     explore_batch_size: int = field(default=16, metadata={"gt": 0})
+    eval_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "gt": 0,
+            "help": "episodes in flight in an evaluation, test-seen and test-unseen in one pool "
+            "(default: explore_batch_size)",
+        },
+    )
     max_new_tokens: int = field(default=256, metadata={"gt": 0})
     max_steps: int | None = field(default=None, metadata={"gt": 0, "help": "agent turns per episode (env default)"})
     icl: bool = field(

@@ -1,5 +1,6 @@
 """The whole ETO loop: behavioral cloning, then N iterations of exploration, contrastive pairs and
-DPO, each policy evaluated on test-seen / test-unseen and published to the Hub.
+DPO, each policy evaluated on test-seen / test-unseen (both splits' episodes in one pool of
+``eval_batch_size``) and published to the Hub.
 
     expert -> push-expert -> [init-model] -> bc -> eval-bc -> push-bc
     for k in 1..N: explore-k -> pairs-k -> push-explore-k -> push-pairs-k -> dpo-k -> eval-iter-k -> push-iter-k
@@ -240,7 +241,7 @@ class Run:
 
             file = self.dir / self.manifest.get("expert")["file"]
             step_wise = (index_experts(read_jsonl(file, "trajectory"), path=file), k)
-        self._play(policy, "train", out, self.cfg.train_tasks, f"explore-{k}", step_wise=step_wise)
+        self._play(policy, {"train": out}, self.cfg.train_tasks, f"explore-{k}", step_wise=step_wise)
         played = read_jsonl(out, "trajectory")
         whole = [t for t in played if not is_step_wise(t)]
         outputs = {"file": _rel(out, self.dir), "policy": policy, **_metrics(summarize(whole or played))}
@@ -319,12 +320,14 @@ class Run:
     def evaluate(self, name: str) -> dict[str, Any]:
         from etokit.data import read_jsonl
 
-        outputs = {}
-        for split in EVAL_SPLITS:
-            out = self.dir / "eval" / name / f"{split}.jsonl"
-            self._play(name, split, out, self.cfg.eval_tasks, f"eval {name}")
-            outputs[split] = {"file": _rel(out, self.dir), **_eval_outputs(read_jsonl(out, "trajectory"))}
-        return outputs
+        outs = {split: self.dir / "eval" / name / f"{split}.jsonl" for split in EVAL_SPLITS}
+        # Both splits in one pool: a batched forward of twice the rows costs little more on CPU.
+        batch_size = self.cfg.eval_batch_size or self.cfg.explore_batch_size
+        self._play(name, outs, self.cfg.eval_tasks, f"eval {name}", batch_size=batch_size)
+        return {
+            split: {"file": _rel(out, self.dir), **_eval_outputs(read_jsonl(out, "trajectory"))}
+            for split, out in outs.items()
+        }
 
     def push_checkpoint(self, name: str, k: int | None) -> dict[str, Any]:
         from etokit.hub.checkpoint import push_checkpoint
@@ -409,27 +412,30 @@ class Run:
     def _play(
         self,
         policy: str,
-        split: str,
-        out: Path,
+        outs: dict[str, Path],
         limit: int | None,
         what: str,
+        *,
+        batch_size: int | None = None,
         step_wise: tuple[dict, int] | None = None,
     ) -> None:
-        """Greedy episodes of ``policy`` on ``split``, appended to ``out`` (episodes already there
-        are skipped: a crashed stage resumes where it stopped). ``step_wise`` = (experts by task,
+        """Greedy episodes of ``policy`` on each split of ``outs``, in one pool of ``batch_size``
+        (default explore_batch_size), appended to the split's file (episodes already there are
+        skipped: a crashed stage resumes where it stopped). ``step_wise`` = (experts by task,
         iteration): also (pairs_mode "mixture") or only ("step") step-wise episodes, steps_per_task
         per task, the steps drawn anew each iteration."""
         from etokit.rollout.generator import ExploreConfig, Generator
         from etokit.rollout.jobs import experts_of_tasks, plan_jobs, plan_step_jobs
-        from etokit.rollout.play import RichProgress, play
+        from etokit.rollout.play import RichProgress, play_splits
         from etokit.train.model_loading import load_model_and_tokenizer
 
         cfg = self.cfg
         folder = self.dir / self.manifest.get(_train_stage(policy))["model"]
         model, tokenizer = load_model_and_tokenizer(str(folder))
         model.eval()
+        batch_size = batch_size or cfg.explore_batch_size
         config = ExploreConfig(
-            batch_size=cfg.explore_batch_size,
+            batch_size=batch_size,
             max_new_tokens=cfg.max_new_tokens,
             icl=cfg.icl,
             seed=cfg.seed,
@@ -437,7 +443,7 @@ class Run:
             instruction=self._instruction(),
         )
 
-        def plan(first):
+        def plan(first, split):
             tasks = first.task_ids(split)[:limit]
             jobs = plan_jobs(tasks, 1) if cfg.pairs_mode != "step" or step_wise is None else []
             if step_wise is not None:
@@ -454,21 +460,23 @@ class Run:
                 jobs, key=lambda j: (order[j.task_id], j.prefix_steps is not None, j.prefix_steps or 0, j.sample)
             )
 
-        result = play(
+        results = play_splits(
             cfg.env,
-            split,
+            outs,
             plan,
             Generator(model, tokenizer, config),
-            batch_size=cfg.explore_batch_size,
+            batch_size=batch_size,
             env_options=cfg.env_options,
-            out=out,
             experts=step_wise and step_wise[0],
             model_name=f"{cfg.push_to}@{policy}",
             model_revision=None,
             progress=RichProgress(console, what, transient=True),
         )
-        for t in result.failed[:1]:  # the stage fails; a resume plays the failed episodes again
-            raise EtokitError(f"{cfg.env} task {t.task_id}: the environment failed ({t.extra['error']})")
+        failed = [t for result in results.values() for t in result.failed]
+        if failed:  # the stage fails; a resume plays the failed episodes again
+            raise EtokitError(
+                f"{cfg.env} task {failed[0].task_id}: the environment failed ({failed[0].extra['error']})"
+            )
 
     def _launch(self, recipe: str, config, out: Path) -> None:
         """Train ``recipe`` ("bc" / "dpo") with its ``config`` into ``out``: the config is written
