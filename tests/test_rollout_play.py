@@ -236,3 +236,163 @@ def test_the_run_fails_the_stage_after_recording_the_other_episodes(policy, tmp_
         Run._play(fake, "bc", {"train": out}, 3, "explore-1")
     tasks = [t.task_id for t in read_jsonl(out, "trajectory")]
     assert BAD not in tasks and len(tasks) == 2  # the others are recorded: a resume plays only the failed one
+
+
+# ------------------------------------------------------------- several splits in one pool of episodes
+
+# CounterEnv's test splits share their task ids (t0..t9): a job is known by its split and its job.
+SEEN, UNSEEN = "test-seen", "test-unseen"
+POOL_PLAN = {SEEN: [Job("t3"), Job("t1"), Job("t0"), Job("t2")], UNSEEN: [Job("t5"), Job("t4"), Job("t2"), Job("t7")]}
+
+
+def _rows(path):
+    return [t.to_row() for t in read_jsonl(path, "trajectory")]
+
+
+class Recording(play_module.PlayProgress):
+    """The (split, job) of every episode that ended, in completion order; raises after ``crash_after`` of them."""
+
+    def __init__(self, crash_after=None):
+        self.ended, self.crash_after = [], crash_after
+
+    def episode(self, t):
+        self.ended.append((t.split, job_of(t)))
+        if len(self.ended) == self.crash_after:
+            raise KeyboardInterrupt("killed")
+
+
+def test_two_splits_in_one_pool_record_each_split_as_if_played_alone(policy, tmp_path, monkeypatch):
+    """Greedy episodes of a tiny Llama: test-seen and test-unseen share the batches (8 rows a
+    forward, not 4 and 4 one split after the other) and each split's file and result are those
+    of the split played alone, its own tasks recorded under its own name."""
+    from etokit.rollout.generator import ExploreConfig, Generator
+    from etokit.rollout.play import play_splits
+
+    monkeypatch.setattr(play_module, "open_envs", lambda name, n, options=None: [CounterEnv() for _ in range(n)])
+    rows = []
+
+    def generator():
+        gen = Generator(policy.model, policy.tokenizer, ExploreConfig(icl=False, max_new_tokens=8, max_steps=2))
+        real = gen.generate
+        gen.generate = lambda batch, **kw: rows.append(len(batch)) or real(batch, **kw)
+        return gen
+
+    alone = {}
+    for split, jobs in POOL_PLAN.items():
+        out = tmp_path / "alone" / f"{split}.jsonl"
+        alone[split] = play("textworld-express", split, lambda env, jobs=jobs: jobs, generator(), batch_size=4, out=out)
+    assert max(rows) == 4
+    rows.clear()
+    outs = {split: tmp_path / "pool" / f"{split}.jsonl" for split in POOL_PLAN}
+    progress = Recording()
+    pooled = play_splits(
+        "textworld-express", outs, lambda env, split: POOL_PLAN[split], generator(), batch_size=8, progress=progress
+    )
+    assert max(rows) == 8  # both splits' episodes in one forward
+    assert {split for split, _ in progress.ended} == {SEEN, UNSEEN} and len(progress.ended) == 8
+    for split, out in outs.items():
+        expected = _rows(tmp_path / "alone" / f"{split}.jsonl")
+        assert [r["split"] for r in expected] == [split] * 4
+        assert _rows(out) == expected
+        assert [t.to_row() for t in pooled[split].episodes] == [t.to_row() for t in alone[split].episodes] == expected
+        assert pooled[split].planned == POOL_PLAN[split] and pooled[split].skipped == 0 and not pooled[split].failed
+    # The shared task t2 was played once per split, with that split's name.
+    assert [r["split"] for r in _rows(outs[SEEN]) + _rows(outs[UNSEEN]) if r["task_id"] == "t2"] == [SEEN, UNSEEN]
+
+
+def test_a_resume_plays_only_the_missing_episodes_of_each_split(tmp_path, monkeypatch):
+    from etokit.rollout.play import play_splits
+
+    monkeypatch.setattr(play_module, "open_envs", lambda name, n, options=None: [CounterEnv() for _ in range(n)])
+    gen = ScriptedGenerator(_script, icl=False)
+
+    def pool(folder, progress=None):
+        outs = {split: tmp_path / folder / f"{split}.jsonl" for split in POOL_PLAN}
+        return outs, play_splits(
+            "textworld-express", outs, lambda env, split: POOL_PLAN[split], gen, batch_size=3, progress=progress
+        )
+
+    reference, _ = pool("reference")
+
+    # A crash in the middle of the pool: a resume plays the episodes neither file holds, and ends
+    # with the files of an uninterrupted pool.
+    with pytest.raises(KeyboardInterrupt):
+        pool("crashed", Recording(crash_after=3))
+    crashed = {split: tmp_path / "crashed" / f"{split}.jsonl" for split in POOL_PLAN}
+    recorded = {
+        (split, job_of(t)) for split, out in crashed.items() if out.exists() for t in read_jsonl(out, "trajectory")
+    }
+    assert len(recorded) == 3
+    progress = Recording()
+    outs, results = pool("crashed", progress)
+    assert sorted(progress.ended, key=str) == sorted(
+        {(s, j) for s, jobs in POOL_PLAN.items() for j in jobs} - recorded, key=str
+    )
+    for split in POOL_PLAN:
+        assert _rows(outs[split]) == _rows(reference[split])
+
+    # test-seen complete, test-unseen with two episodes and a torn line: only test-unseen's
+    # missing episodes are played, the shared task t2 among them.
+    partial = {split: tmp_path / "partial" / f"{split}.jsonl" for split in POOL_PLAN}
+    partial[SEEN].parent.mkdir()
+    partial[SEEN].write_bytes(reference[SEEN].read_bytes())
+    lines = reference[UNSEEN].read_bytes().splitlines(keepends=True)
+    partial[UNSEEN].write_bytes(b"".join(lines[:2]) + lines[2][:40])
+    progress = Recording()
+    outs, results = pool("partial", progress)
+    assert progress.ended == [(UNSEEN, Job("t2")), (UNSEEN, Job("t7"))]
+    assert (results[SEEN].skipped, results[SEEN].episodes) == (4, [])
+    assert results[UNSEEN].skipped == 2 and [job_of(t) for t in results[UNSEEN].episodes] == [Job("t2"), Job("t7")]
+    for split in POOL_PLAN:
+        assert _rows(outs[split]) == _rows(reference[split])
+
+
+def test_two_processes_share_a_pool_of_two_splits(tmp_path, monkeypatch):
+    """Two ranks, one pool of 3 + 6 jobs: rank 0 plays test-seen's 3 and test-unseen's first 2,
+    rank 1 the other 4. Each split's parts are merged into its file in planned order; the
+    environment dies on t1, a task of both splits played on either rank: each split's result has
+    its own failed episode, on both ranks."""
+    import accelerate.utils
+
+    from etokit.rollout.play import play_splits
+
+    monkeypatch.setattr(play_module, "open_envs", lambda name, n, options=None: [FailingEnv() for _ in range(n)])
+    plan = {SEEN: [Job("t2"), Job("t1"), Job("t0")], UNSEEN: [Job(f"t{i}") for i in (5, 4, 3, 2, 1, 0)]}
+    FailingEnv.broken = {"t1"}
+    outs = {split: tmp_path / f"{split}.jsonl" for split in plan}
+    ranks = TwoProcesses()
+    monkeypatch.setattr(accelerate.utils, "gather_object", ranks.gather_object)
+    results, errors = [None, None], []
+
+    def rank(r):
+        threading.current_thread().rank = r
+        try:
+            results[r] = play_splits(
+                "textworld-express",
+                outs,
+                lambda env, split: plan[split],
+                ScriptedGenerator(_script, icl=False, env_retries=0),
+                batch_size=2,
+                state=ranks.state(r),
+            )
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+            ranks.barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    main = results[0]
+    for split, jobs in plan.items():
+        ok = [j for j in jobs if j.task_id != "t1"]
+        assert [(t.split, job_of(t)) for t in read_jsonl(outs[split], "trajectory")] == [(split, j) for j in ok]
+        assert [job_of(t) for t in main[split].episodes] == ok and main[split].skipped == 0
+        assert [(t.split, describe_failure(t)) for t in main[split].failed] == [
+            (split, "t1: RuntimeError: simulator died")
+        ]
+        assert [describe_failure(t) for t in results[1][split].failed] == ["t1: RuntimeError: simulator died"]
+        assert [job_of(t) for t in main[split].played] == jobs
+    assert not [p for p in tmp_path.iterdir() if ".rank" in p.name]  # parts merged and removed
