@@ -203,6 +203,60 @@ def test_mixture_pairs_in_the_loop(hub, tmp_path):
     assert {p["mode"] for p in pairs} <= {"trajectory", "step"}
 
 
+def test_eval_plays_both_test_splits_in_one_pool(policy, tmp_path, monkeypatch):
+    """The eval stage plays test-seen and test-unseen in one pool of eval_batch_size (6 rows a
+    forward for 3 + 3 tasks, explore_batch_size being 2); each split's file and stage record are
+    what playing that split alone gives (greedy; the splits share their task ids)."""
+    from types import SimpleNamespace
+
+    from etokit.rollout import play as play_module
+    from etokit.rollout.generator import ExploreConfig, Generator
+    from etokit.rollout.jobs import Job
+    from etokit.run.report import EVAL_SPLITS, _eval_outputs
+    from tests.factories import CounterEnv
+
+    monkeypatch.setattr(play_module, "open_envs", lambda name, n, options=None: [CounterEnv() for _ in range(n)])
+    rows = []
+    real = Generator.generate
+    monkeypatch.setattr(
+        Generator, "generate", lambda self, batch, **kw: rows.append(len(batch)) or real(self, batch, **kw)
+    )
+    cfg = RunConfig(
+        run_dir=str(tmp_path),
+        push_to="ns/a",
+        eval_tasks=3,
+        explore_batch_size=2,
+        eval_batch_size=6,
+        max_steps=2,
+        max_new_tokens=8,
+        icl=False,
+    )
+    run = Run.__new__(Run)  # the stage alone: no manifest file, no Hub
+    run.cfg, run.dir = cfg, tmp_path
+    run.manifest = SimpleNamespace(get={"bc": {"model": str(policy.path)}, "expert": {}}.get)
+    outputs = run.evaluate("bc")
+    assert max(rows) == 6
+    assert list(outputs) == list(EVAL_SPLITS)
+    for split in EVAL_SPLITS:
+        alone = tmp_path / "alone" / f"{split}.jsonl"
+        config = ExploreConfig(icl=False, max_new_tokens=8, max_steps=2)
+        tasks = [Job(t) for t in ("t0", "t1", "t2")]
+        play_module.play(
+            "textworld-express",
+            split,
+            lambda env: tasks,
+            Generator(policy.model, policy.tokenizer, config),
+            batch_size=2,
+            out=alone,
+            model_name="ns/a@bc",
+        )
+        expected = read_jsonl(alone, "trajectory")
+        assert [t.split for t in expected] == [split] * 3
+        assert outputs[split] == {"file": f"eval/bc/{split}.jsonl", **_eval_outputs(expected)}
+        got = read_jsonl(tmp_path / outputs[split]["file"], "trajectory")
+        assert [t.to_row() for t in got] == [t.to_row() for t in expected]
+
+
 def test_resume_refuses_a_changed_config(tmp_path):
     run_dir = tmp_path / "c"
     run_dir.mkdir()
