@@ -5,6 +5,7 @@ errors are one line, exit 2."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -255,6 +256,58 @@ def test_eval_plays_both_test_splits_in_one_pool(policy, tmp_path, monkeypatch):
         assert outputs[split] == {"file": f"eval/bc/{split}.jsonl", **_eval_outputs(expected)}
         got = read_jsonl(tmp_path / outputs[split]["file"], "trajectory")
         assert [t.to_row() for t in got] == [t.to_row() for t in expected]
+
+
+def test_eval_loads_the_policy_in_generation_dtype(policy, tmp_path, monkeypatch):
+    """generation_dtype reaches the explore/eval stages' model: the episodes are played by a bfloat16
+    policy (the slot engine's K/V in bfloat16 too), and recorded as usual."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from etokit.rollout import play as play_module
+    from etokit.rollout.generator import Generator
+    from tests.factories import CounterEnv
+
+    monkeypatch.setattr(play_module, "open_envs", lambda name, n, options=None: [CounterEnv() for _ in range(n)])
+    played = []
+    real = Generator.generate
+    monkeypatch.setattr(
+        Generator,
+        "generate",
+        lambda self, batch, **kw: played.append(next(self.model.parameters()).dtype) or real(self, batch, **kw),
+    )
+    cfg = RunConfig(
+        run_dir=str(tmp_path),
+        push_to="ns/a",
+        eval_tasks=2,
+        max_steps=2,
+        max_new_tokens=8,
+        icl=False,
+        generation_dtype="bfloat16",
+    )
+    run = Run.__new__(Run)  # the stage alone: no manifest file, no Hub
+    run.cfg, run.dir = cfg, tmp_path
+    run.manifest = SimpleNamespace(get={"bc": {"model": str(policy.path)}, "expert": {}}.get)
+    outputs = run.evaluate("bc")
+    assert played and set(played) == {torch.bfloat16}
+    assert all(outputs[split]["episodes"] == 2 for split in outputs)
+
+
+def test_keys_added_later_keep_an_older_runs_hash():
+    """A run made before eval_batch_size / generation_dtype existed resumes: at their defaults they are
+    not hashed; set otherwise, they change the hash (they change what the stages do)."""
+    import dataclasses
+
+    from etokit.run.config import config_hash
+
+    cfg = make_config(Path("r"), "ns/x")
+    older = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("iterations", "early_stopping")}
+    for key in ("eval_batch_size", "generation_dtype"):
+        older.pop(key)
+    assert config_hash(cfg) == hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:16]
+    assert config_hash(dataclasses.replace(cfg, generation_dtype="bfloat16")) != config_hash(cfg)
+    assert config_hash(dataclasses.replace(cfg, eval_batch_size=8)) != config_hash(cfg)
 
 
 def test_resume_refuses_a_changed_config(tmp_path):

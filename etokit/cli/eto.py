@@ -183,20 +183,17 @@ def _resolve_model(model: str) -> tuple[str, str | None, str]:
 
 
 def _load_policy(model: str, dtype: str, trust_remote_code: bool = False):
-    import torch
-
     from etokit.train.distributed import process_state
-    from etokit.train.model_loading import load_model_and_tokenizer
+    from etokit.train.model_loading import DTYPES, load_model_and_tokenizer
 
-    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise EtokitError(f"--dtype {dtype!r}: expected one of {', '.join(dtypes)}")
+    if dtype not in DTYPES:  # before the model is resolved on the Hub
+        raise EtokitError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     name, revision, sha = _resolve_model(model)
     with console.status(f"Loading {model}..."):
         policy, tokenizer = load_model_and_tokenizer(
             name,
             revision=sha if not sha.startswith("local:") else revision,
-            dtype=dtypes[dtype],
+            dtype=dtype,
             trust_remote_code=trust_remote_code,
         )
     policy.to(process_state().device).eval()

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from etokit.errors import EtokitError
 from etokit.train.config import BCConfig, DPOConfig
+from etokit.train.model_loading import DTYPES
 
 # Recipe options the run sets for each stage, and where their value comes from: a section that sets
 # one is refused (the run would silently override it).
@@ -169,6 +170,15 @@ class RunConfig:
     icl: bool = field(
         default=True, metadata={"help": "the 1-shot example in exploration/evaluation prompts (paper: on)"}
     )
+    generation_dtype: str = field(
+        default="float32",
+        metadata={
+            "choices": list(DTYPES),
+            "help": "precision of the policy in the explore and eval stages (etokit explore --dtype; auto: the "
+            "checkpoint's). The paper explores and evaluates in half precision; bfloat16 halves the bytes read "
+            "per token, but greedy replies can differ from float32's where two tokens are within its rounding",
+        },
+    )
     # The training stages: each recipe's own config (`etokit train bc` / `etokit train dpo` options, YAML
     # sections `bc:` / `dpo:`, flags --bc.NAME / --dpo.NAME) with ETO's values; the run sets the data,
     # models, output folders and pushes of each stage itself (RUN_SETS).
@@ -296,9 +306,18 @@ class RunConfig:
         )
 
 
+# Keys added after runs were made, with the default that does what those runs did: hashed only when set
+# otherwise, so a run folder made before a key existed still resumes.
+_LATER_KEYS = {"eval_batch_size": None, "generation_dtype": "float32"}
+
+
 def config_hash(cfg: RunConfig) -> str:
     """What the stages' outputs depend on: every key, the options of the `bc` / `dpo` sections and the
     DPO schedule included. ``iterations`` and ``early_stopping`` are left out: a finished run can be
     extended with more iterations on --resume."""
-    data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("iterations", "early_stopping")}
+    data = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("iterations", "early_stopping") and not (k in _LATER_KEYS and v == _LATER_KEYS[k])
+    }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

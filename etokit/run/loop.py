@@ -431,7 +431,7 @@ class Run:
 
         cfg = self.cfg
         folder = self.dir / self.manifest.get(_train_stage(policy))["model"]
-        model, tokenizer = load_model_and_tokenizer(str(folder))
+        model, tokenizer = load_model_and_tokenizer(str(folder), dtype=cfg.generation_dtype)
         model.eval()
         batch_size = batch_size or cfg.explore_batch_size
         config = ExploreConfig(

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 from etokit.errors import EtokitError
 
+# Precisions a policy can be loaded in (``dtype``): "auto" is the checkpoint's own (its config's dtype).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 def load_model_and_tokenizer(
     name: str, *, revision=None, trust_remote_code=False, attn_implementation=None, dtype=None, option="--model"
 ):
     """A causal LM and its tokenizer from a local folder or a Hub repo. Weights load from
-    safetensors only (no pickle), and remote code runs only when explicitly allowed."""
+    safetensors only (no pickle), and remote code runs only when explicitly allowed. ``dtype``: None
+    (float32), one of DTYPES, or a torch dtype."""
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise EtokitError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from etokit.models.files import check_model_dir
