@@ -11,7 +11,8 @@ stopped (`etokit run --resume`). The runs differ only by their seed; their test 
 N tasks of test-seen and test-unseen) are the same, which is what lets the seeds be averaged task
 by task.
 
-The verdict (DIR/experiment.json and the table printed last): for every evaluated iteration and
+The diagnostics of each run (etokit.run.report.run_diagnostics: pairs, DPO curves, invalid and repeated
+actions, reply lengths), then the verdict (DIR/experiment.json and the table printed last): for every evaluated iteration and
 test split, iteration minus BC in average reward x100, per seed (paired bootstrap over tasks) and
 averaged over the seeds (each task's difference averaged over the seeds, paired bootstrap over
 tasks: etokit.stats.seed_averaged_diff), with how many tasks went up, down or stayed.
@@ -79,10 +80,14 @@ def main(argv=None) -> None:
         minutes = (time.monotonic() - start) / 60
     verdict = aggregate(run_dirs, root=args.dir)
     verdict["minutes_this_invocation"] = round(minutes, 1)
+    from etokit.run.report import run_diagnostics
+
+    verdict["diagnostics"] = {str(seed): run_diagnostics(d) for seed, d in run_dirs.items()}
     from etokit.data import atomic_write
 
     with atomic_write(args.dir / RESULT_FILE) as f:
         f.write((json.dumps(verdict, indent=2) + "\n").encode())
+    print_diagnostics(verdict["diagnostics"])
     print_verdict(verdict)
     from etokit.run import console
 
@@ -194,6 +199,44 @@ def verdict_rows(verdict: dict[str, Any]) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def diagnostic_rows(diagnostics: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per seed and stage of etokit.run.report.run_diagnostics, in words."""
+    rows = []
+    for seed, stages in diagnostics.items():
+        for stage, d in stages.items():
+            if stage.startswith("explore-"):
+                what = [f"reward {d['avg_reward']:.1f}, invalid actions {d['invalid_action_rate']:.1%}"]
+            elif stage.startswith("pairs-"):
+                what = [f"{d['pairs']} pairs: win {d['win']} / tie {d['tie']} / lose {d['lose']}"]
+            elif stage.startswith("dpo-"):
+                a, b = d["first"], d["last"]
+                what = [
+                    f"beta {d['beta']}, lr {d['learning_rate']}, {d['steps']} steps: "
+                    + ", ".join(f"{k} {a[k]:.2f} -> {b[k]:.2f}" for k in a if k in b)
+                ]
+            else:
+                what = [
+                    f"{split}: reward {e['avg_reward']:.1f}, invalid {e['invalid_action_rate']:.1%}, "
+                    f"repeated actions {e['repeated_action_rate']:.1%}, {e['reply_words']:.1f} words/reply"
+                    for split, e in d.items()
+                ]
+            rows += [{"seed": seed, "stage": stage, "diagnostics": w} for w in what]
+    return rows
+
+
+def print_diagnostics(diagnostics: dict[str, dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    from etokit.cli._console import print_unwrapped
+
+    table = Table(title="What the runs did (etokit.run.report.run_diagnostics)")
+    for column in ("seed", "stage", "diagnostics"):
+        table.add_column(column)
+    for row in diagnostic_rows(diagnostics):
+        table.add_row(*row.values())
+    print_unwrapped(table)
 
 
 def print_verdict(verdict: dict[str, Any]) -> None:

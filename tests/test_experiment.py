@@ -123,9 +123,70 @@ def test_make_experiment_runs_each_seed_and_resumes_instead_of_starting_over(tmp
     configs = [yaml.safe_load((out / f"seed-{s}" / "run" / "etokit_config.yaml").read_text()) for s in (3, 4)]
     assert [c["seed"] for c in configs] == [3, 4]
     assert "seed-averaged (paired)" in first.stdout and "iter-1 - bc" in first.stdout
+    assert set(verdict["diagnostics"]) == {"3", "4"} and "pairs-1" in verdict["diagnostics"]["3"]
+    assert "What the runs did" in first.stdout
 
     manifests = {s: (out / f"seed-{s}" / "run" / "manifest.json").read_bytes() for s in (3, 4)}
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert {s: (out / f"seed-{s}" / "run" / "manifest.json").read_bytes() for s in (3, 4)} == manifests
     assert json.loads((out / "experiment.json").read_text())["comparisons"] == verdict["comparisons"]
+
+
+def test_diagnostics_of_a_run_read_its_stages_curves_and_replies(tmp_path):
+    """run_diagnostics (printed by `make experiment` before its verdict) on a hand-made run folder:
+    figures computed here by hand from the episodes and the training log."""
+    from etokit.data import write_jsonl
+    from etokit.data.schema import Trajectory
+    from etokit.experiment import diagnostic_rows
+    from etokit.run.report import run_diagnostics
+    from tests.factories import conversation
+
+    seen = Trajectory(
+        task_id="1",
+        env="textworld-express",
+        messages=conversation("task", ["look", "look", "open fridge", "look"], ["a", "b", "c"]),
+        reward=0.5,
+        source="explore",
+    )
+    # Two replies without an Action line: no action, so not a repeat of each other.
+    unseen_messages = conversation("task", ["take apple"], [])[:3] + [
+        {"role": "assistant", "content": "Thought: hmm"},
+        {"role": "user", "content": "Observation: nothing"},
+        {"role": "assistant", "content": "Thought: hmm"},
+    ]
+    unseen = Trajectory(task_id="2", env="textworld-express", messages=unseen_messages, reward=0.0, source="explore")
+    write_jsonl(tmp_path / "eval" / "bc" / "test-seen.jsonl", [seen])
+    write_jsonl(tmp_path / "eval" / "bc" / "test-unseen.jsonl", [unseen])
+    (tmp_path / "models" / "iter-1").mkdir(parents=True)
+    log = [
+        {"step": s, "loss": 0.7 - 0.1 * s, "rewards/margins": 0.2 * s, "rewards/accuracies": 0.25 * s}
+        for s in (1, 2, 3)
+    ]
+    (tmp_path / "models" / "iter-1" / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    evaluation = {"avg_reward": 50.0, "invalid_action_rate": 0.0, "avg_steps": 4.0}
+    stages = [
+        {"name": "eval-bc", "outputs": {s: {"file": f"eval/bc/{s}.jsonl", **evaluation} for s in SPLITS}},
+        {
+            "name": "explore-1",
+            "outputs": {"policy": "bc", "episodes": 3, "avg_reward": 9.5, "invalid_action_rate": 0.1},
+        },
+        {"name": "pairs-1", "outputs": {"stats": {"win": 1, "tie": 2, "lose": 3, "pairs": 4}}},
+        {"name": "dpo-1", "outputs": {"model": "models/iter-1", "beta": 0.1, "learning_rate": 5e-5}},
+    ]
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": stages}))
+
+    d = run_diagnostics(tmp_path)
+    # 4 replies of 7, 7, 8, 7 words ("Thought: step 0 of task.\nAction: look"); 1 repeat in 3 pairs.
+    assert d["eval-bc"]["test-seen"]["reply_words"] == 7.25
+    assert d["eval-bc"]["test-seen"]["repeated_action_rate"] == round(1 / 3, 4)
+    assert d["eval-bc"]["test-unseen"] == {**evaluation, "reply_words": 2.0, "repeated_action_rate": 0.0}
+    assert d["pairs-1"] == {"win": 1, "tie": 2, "lose": 3, "pairs": 4}
+    assert d["explore-1"] == {"policy": "bc", "episodes": 3, "avg_reward": 9.5, "invalid_action_rate": 0.1}
+    assert d["dpo-1"]["steps"] == 3
+    assert d["dpo-1"]["first"] == {"loss": 0.6, "rewards/margins": 0.2, "rewards/accuracies": 0.25}
+    assert d["dpo-1"]["last"] == {"loss": 0.4, "rewards/margins": 0.6, "rewards/accuracies": 0.75}
+    rows = diagnostic_rows({"0": d})
+    assert [r["stage"] for r in rows] == ["eval-bc", "eval-bc", "explore-1", "pairs-1", "dpo-1"]
+    assert "repeated actions 33.3%" in rows[0]["diagnostics"]
+    assert "rewards/margins 0.20 -> 0.60" in rows[-1]["diagnostics"]

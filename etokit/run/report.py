@@ -75,6 +75,55 @@ def run_eval_panels(run_dir: Path, name: str) -> dict[str, Any]:
     return panels
 
 
+def run_diagnostics(run_dir: Path) -> dict[str, Any]:
+    """What explains a run's results beyond its rewards, per stage recorded so far: exploration's
+    reward and invalid actions, the pairs' win / tie / lose, each DPO's training curve (first and
+    last logged step: loss, reward margin and accuracy, chosen / rejected log-probs) and each
+    evaluation's invalid-action rate, steps, reply length (words) and repeated actions (a reply
+    whose action is the previous one's: the loop a weak agent falls into)."""
+    from etokit.agent.protocol import parse_action
+    from etokit.data import read_jsonl
+
+    run_dir = Path(run_dir)
+    stages = json.loads((run_dir / MANIFEST).read_text())["stages"]
+    out: dict[str, Any] = {}
+    for stage in stages:
+        name, o = stage["name"], stage["outputs"]
+        if name.startswith("explore-"):
+            out[name] = {k: o[k] for k in ("policy", "episodes", "avg_reward", "invalid_action_rate") if k in o}
+        elif name.startswith("pairs-"):
+            out[name] = dict(o["stats"])
+        elif name.startswith("dpo-"):
+            log = run_dir / o["model"] / "train_log.jsonl"
+            steps = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+            keys = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+            out[name] = {"beta": o.get("beta"), "learning_rate": o.get("learning_rate"), "steps": len(steps)}
+            for at, row in (("first", steps[:1]), ("last", steps[-1:])):
+                out[name][at] = {k: round(row[0][k], 4) for k in keys if row and k in row[0]}
+        elif name.startswith("eval-"):
+            out[name] = {}
+            for split in EVAL_SPLITS:
+                episodes = read_jsonl(run_dir / o[split]["file"], "trajectory")
+                # The agent's replies: every assistant turn after the first (the "OK" to the instruction).
+                replies = [[m["content"] for m in t.messages if m["role"] == "assistant"][1:] for t in episodes]
+                repeated = total = 0
+                for own in replies:
+                    actions = [parse_action(r) for r in own]
+                    total += max(len(actions) - 1, 0)
+                    repeated += sum(a is not None and a == b for a, b in zip(actions[1:], actions))
+                total_replies = sum(map(len, replies))
+                out[name][split] = {
+                    "avg_reward": o[split]["avg_reward"],
+                    "invalid_action_rate": o[split]["invalid_action_rate"],
+                    "avg_steps": o[split]["avg_steps"],
+                    "reply_words": round(
+                        sum(len(r.split()) for own in replies for r in own) / max(total_replies, 1), 2
+                    ),
+                    "repeated_action_rate": round(repeated / total, 4) if total else 0.0,
+                }
+    return out
+
+
 def _metrics(result) -> dict[str, Any]:
     def rounded(v):  # floats at any depth (the intervals are nested)
         if isinstance(v, dict):
