@@ -64,13 +64,11 @@ class TwoProcesses:
         return gathered
 
 
-def test_two_processes_write_the_planned_order_and_failed_episodes_nowhere(tmp_path, monkeypatch):
+def on_two_ranks(monkeypatch, play_on_rank):
+    """``play_on_rank(state)`` on two simulated processes (threads sharing a barrier and
+    gather_object); returns both ranks' results, after both ended without error."""
     import accelerate.utils
 
-    monkeypatch.setattr(play_module, "open_envs", lambda name, n, options=None: [FailingEnv() for _ in range(n)])
-    FailingEnv.broken = {"t8", "t2"}  # one on each rank: rank 0 plays t9..t5, rank 1 t4..t0
-    planned = [Job(f"t{i}") for i in reversed(range(10))]  # not the split's order: the plan's
-    out = tmp_path / "explore.jsonl"
     ranks = TwoProcesses()
     monkeypatch.setattr(accelerate.utils, "gather_object", ranks.gather_object)
     results, errors = [None, None], []
@@ -78,15 +76,7 @@ def test_two_processes_write_the_planned_order_and_failed_episodes_nowhere(tmp_p
     def rank(r):
         threading.current_thread().rank = r
         try:
-            results[r] = play(
-                "textworld-express",
-                "train",
-                lambda env: planned,
-                ScriptedGenerator(_script, icl=False, env_retries=1),
-                batch_size=2,
-                out=out,
-                state=ranks.state(r),
-            )
+            results[r] = play_on_rank(ranks.state(r))
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
             ranks.barrier.abort()
@@ -97,6 +87,26 @@ def test_two_processes_write_the_planned_order_and_failed_episodes_nowhere(tmp_p
     for t in threads:
         t.join(60)
     assert not errors, errors
+    return results
+
+
+def test_two_processes_write_the_planned_order_and_failed_episodes_nowhere(tmp_path, monkeypatch):
+    monkeypatch.setattr(play_module, "open_envs", lambda name, n, options=None: [FailingEnv() for _ in range(n)])
+    FailingEnv.broken = {"t8", "t2"}  # one on each rank: rank 0 plays t9..t5, rank 1 t4..t0
+    planned = [Job(f"t{i}") for i in reversed(range(10))]  # not the split's order: the plan's
+    out = tmp_path / "explore.jsonl"
+    results = on_two_ranks(
+        monkeypatch,
+        lambda state: play(
+            "textworld-express",
+            "train",
+            lambda env: planned,
+            ScriptedGenerator(_script, icl=False, env_retries=1),
+            batch_size=2,
+            out=out,
+            state=state,
+        ),
+    )
     main = results[0]
     rows = read_jsonl(out, "trajectory")
     ok = [j for j in planned if j.task_id not in FailingEnv.broken]
@@ -352,39 +362,23 @@ def test_two_processes_share_a_pool_of_two_splits(tmp_path, monkeypatch):
     rank 1 the other 4. Each split's parts are merged into its file in planned order; the
     environment dies on t1, a task of both splits played on either rank: each split's result has
     its own failed episode, on both ranks."""
-    import accelerate.utils
-
     from etokit.rollout.play import play_splits
 
     monkeypatch.setattr(play_module, "open_envs", lambda name, n, options=None: [FailingEnv() for _ in range(n)])
     plan = {SEEN: [Job("t2"), Job("t1"), Job("t0")], UNSEEN: [Job(f"t{i}") for i in (5, 4, 3, 2, 1, 0)]}
     FailingEnv.broken = {"t1"}
     outs = {split: tmp_path / f"{split}.jsonl" for split in plan}
-    ranks = TwoProcesses()
-    monkeypatch.setattr(accelerate.utils, "gather_object", ranks.gather_object)
-    results, errors = [None, None], []
-
-    def rank(r):
-        threading.current_thread().rank = r
-        try:
-            results[r] = play_splits(
-                "textworld-express",
-                outs,
-                lambda env, split: plan[split],
-                ScriptedGenerator(_script, icl=False, env_retries=0),
-                batch_size=2,
-                state=ranks.state(r),
-            )
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
-            ranks.barrier.abort()
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    results = on_two_ranks(
+        monkeypatch,
+        lambda state: play_splits(
+            "textworld-express",
+            outs,
+            lambda env, split: plan[split],
+            ScriptedGenerator(_script, icl=False, env_retries=0),
+            batch_size=2,
+            state=state,
+        ),
+    )
     main = results[0]
     for split, jobs in plan.items():
         ok = [j for j in jobs if j.task_id != "t1"]

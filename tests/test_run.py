@@ -204,38 +204,45 @@ def test_mixture_pairs_in_the_loop(hub, tmp_path):
     assert {p["mode"] for p in pairs} <= {"trajectory", "step"}
 
 
+def _evaluate_alone(policy, tmp_path, monkeypatch, record, **keys):
+    """The eval stage alone (no manifest file, no Hub) of the tiny ``policy`` as BC, on CounterEnv,
+    2 steps of 8 tokens, with the run config ``keys``; ``record(generator, batch)`` sees each
+    generate call. Returns the stage's outputs."""
+    from types import SimpleNamespace
+
+    from etokit.rollout import play as play_module
+    from etokit.rollout.generator import Generator
+    from tests.factories import CounterEnv
+
+    monkeypatch.setattr(play_module, "open_envs", lambda name, n, options=None: [CounterEnv() for _ in range(n)])
+    real = Generator.generate
+    monkeypatch.setattr(Generator, "generate", lambda self, batch, **kw: record(self, batch) or real(self, batch, **kw))
+    cfg = RunConfig(run_dir=str(tmp_path), push_to="ns/a", max_steps=2, max_new_tokens=8, icl=False, **keys)
+    run = Run.__new__(Run)
+    run.cfg, run.dir = cfg, tmp_path
+    run.manifest = SimpleNamespace(get={"bc": {"model": str(policy.path)}, "expert": {}}.get)
+    return run.evaluate("bc")
+
+
 def test_eval_plays_both_test_splits_in_one_pool(policy, tmp_path, monkeypatch):
     """The eval stage plays test-seen and test-unseen in one pool of eval_batch_size (6 rows a
     forward for 3 + 3 tasks, explore_batch_size being 2); each split's file and stage record are
     what playing that split alone gives (greedy; the splits share their task ids)."""
-    from types import SimpleNamespace
-
     from etokit.rollout import play as play_module
     from etokit.rollout.generator import ExploreConfig, Generator
     from etokit.rollout.jobs import Job
     from etokit.run.report import EVAL_SPLITS, _eval_outputs
-    from tests.factories import CounterEnv
 
-    monkeypatch.setattr(play_module, "open_envs", lambda name, n, options=None: [CounterEnv() for _ in range(n)])
     rows = []
-    real = Generator.generate
-    monkeypatch.setattr(
-        Generator, "generate", lambda self, batch, **kw: rows.append(len(batch)) or real(self, batch, **kw)
-    )
-    cfg = RunConfig(
-        run_dir=str(tmp_path),
-        push_to="ns/a",
+    outputs = _evaluate_alone(
+        policy,
+        tmp_path,
+        monkeypatch,
+        lambda generator, batch: rows.append(len(batch)),
         eval_tasks=3,
         explore_batch_size=2,
         eval_batch_size=6,
-        max_steps=2,
-        max_new_tokens=8,
-        icl=False,
     )
-    run = Run.__new__(Run)  # the stage alone: no manifest file, no Hub
-    run.cfg, run.dir = cfg, tmp_path
-    run.manifest = SimpleNamespace(get={"bc": {"model": str(policy.path)}, "expert": {}}.get)
-    outputs = run.evaluate("bc")
     assert max(rows) == 6
     assert list(outputs) == list(EVAL_SPLITS)
     for split in EVAL_SPLITS:
@@ -261,35 +268,17 @@ def test_eval_plays_both_test_splits_in_one_pool(policy, tmp_path, monkeypatch):
 def test_eval_loads_the_policy_in_generation_dtype(policy, tmp_path, monkeypatch):
     """generation_dtype reaches the explore/eval stages' model: the episodes are played by a bfloat16
     policy (the slot engine's K/V in bfloat16 too), and recorded as usual."""
-    from types import SimpleNamespace
-
     import torch
 
-    from etokit.rollout import play as play_module
-    from etokit.rollout.generator import Generator
-    from tests.factories import CounterEnv
-
-    monkeypatch.setattr(play_module, "open_envs", lambda name, n, options=None: [CounterEnv() for _ in range(n)])
     played = []
-    real = Generator.generate
-    monkeypatch.setattr(
-        Generator,
-        "generate",
-        lambda self, batch, **kw: played.append(next(self.model.parameters()).dtype) or real(self, batch, **kw),
-    )
-    cfg = RunConfig(
-        run_dir=str(tmp_path),
-        push_to="ns/a",
+    outputs = _evaluate_alone(
+        policy,
+        tmp_path,
+        monkeypatch,
+        lambda generator, batch: played.append(next(generator.model.parameters()).dtype),
         eval_tasks=2,
-        max_steps=2,
-        max_new_tokens=8,
-        icl=False,
         generation_dtype="bfloat16",
     )
-    run = Run.__new__(Run)  # the stage alone: no manifest file, no Hub
-    run.cfg, run.dir = cfg, tmp_path
-    run.manifest = SimpleNamespace(get={"bc": {"model": str(policy.path)}, "expert": {}}.get)
-    outputs = run.evaluate("bc")
     assert played and set(played) == {torch.bfloat16}
     assert all(outputs[split]["episodes"] == 2 for split in outputs)
 
