@@ -172,7 +172,7 @@ def test_in_place_cache_equals_the_concatenated_cache(policy, attention):
                 pad_id=tok.pad_token_id,
                 eos_ids=[tok.eos_token_id],
                 max_new_tokens=14,
-                stopped=lambda ids: ids[-1] % 7 == 0,
+                stopped=lambda ids, checked: ids[-1] % 7 == 0,
                 in_place=in_place,
             )
             convo, out = {}, []

@@ -90,7 +90,7 @@ def _decode(policy, engine, steps, keep_reply=True, max_new_tokens=14):
         pad_id=tok.pad_token_id,
         eos_ids=[tok.eos_token_id],
         max_new_tokens=max_new_tokens,
-        stopped=lambda ids: ids[-1] % 7 == 0,
+        stopped=lambda ids, checked: ids[-1] % 7 == 0,
     )
     if engine == "slots":
         decoder = SlotDecoder(policy.model, keep_reply=keep_reply, **options)

@@ -52,11 +52,11 @@ def _full(tokenizer, ids) -> bool:
 
 
 def _first_stop(check, ids) -> int | None:
-    """As the decoder asks: after every appended token, on the same list, until the first yes."""
+    """As the decoder asks: after every appended token, the tokens before it checked, until the first yes."""
     out: list[int] = []
     for i, token in enumerate(ids):
         out.append(token)
-        if check(out):
+        if check(out, i):
             return i
     return None
 
@@ -106,7 +106,7 @@ def test_the_tail_check_answers_as_decoding_the_whole_reply(generator):
         sequences = _sequences(tokenizer)
         found = 0
         for ids in sequences:
-            expected = _first_stop(lambda out: _full(tokenizer, out), ids)
+            expected = _first_stop(lambda out, _: _full(tokenizer, out), ids)
             assert _first_stop(generator._stopped, ids) == expected, tokenizer.convert_ids_to_tokens(ids)
             found += expected is not None
     finally:
@@ -125,18 +125,16 @@ def test_edge_cases_end_where_the_whole_text_says(policy):
     euro = tok("Thought: the price is given in euros, many words before it €\nTask:", add_special_tokens=False)
     assert "<0xE2>" in tok.convert_ids_to_tokens(euro["input_ids"])
     assert _first_stop(generator._stopped, euro["input_ids"]) == _first_stop(
-        lambda out: _full(tok, out), euro["input_ids"]
+        lambda out, _: _full(tok, out), euro["input_ids"]
     )
 
 
-def test_a_list_changed_before_its_new_tokens_is_decoded_whole(policy):
+def test_an_unchecked_reply_is_decoded_whole(policy):
     generator = Generator(policy.model, policy.tokenizer, ExploreConfig(max_new_tokens=8))
     tok = policy.tokenizer
-    ids = tok("Thought: a reply long enough for the tail window to matter here", add_special_tokens=False)["input_ids"]
-    assert not generator._stopped(ids)
-    ids[:3] = tok("\nTask:", add_special_tokens=False)["input_ids"]  # the checked part itself changed
-    ids.append(ids[-1])
-    assert generator._stopped(ids)
+    ids = tok("\nTask: then a reply long enough for the tail window to matter here", add_special_tokens=False)
+    assert generator._stopped(ids["input_ids"])  # checked=0: the stop string at the start counts
+    assert not generator._stopped(ids["input_ids"], len(ids["input_ids"]) - 1)  # said checked: only the tail
 
 
 def test_other_decoders_always_decode_the_whole_reply(policy):

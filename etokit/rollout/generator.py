@@ -112,9 +112,8 @@ class Generator:
         self.max_context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         self.device = next(model.parameters()).device
         self._torch = torch
-        # _stopped: per checked list (by id), its tokens; how many tokens before the new ones a stop
-        # string can start in, plus one whose text may change alone (0: always decode the whole reply).
-        self._stop_checked: dict[int, list[int]] = {}
+        # _stopped: how many tokens before the new ones a stop string can start in, plus one whose
+        # text may change alone (0: always decode the whole reply).
         self._stop_reach = max(len(s.encode()) for s in STOP_STRINGS) + 1 if _local_decoder(tokenizer) else 0
         self._added = set(getattr(tokenizer, "added_tokens_decoder", None) or ())
         byte_piece = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -142,28 +141,20 @@ class Generator:
                 in_place = config.kv_cache != "concat"
                 self.decoder = KVReuseDecoder(model, pad_id=self.pad_id, in_place=in_place, **options)
 
-    def _stopped(self, ids: list[int]) -> bool:
-        """Whether the reply so far holds a stop string. The decoder asks after every new token;
-        decoding the whole reply each time is quadratic in its length (13 ms of checks for a
-        256-token reply with SmolLM2's tokenizer). When the list is one already checked (no stop
-        string) plus new tokens, a new stop string must end in a new token, so only the new tokens
-        and the ``_stop_reach`` tokens before them are decoded: same answer (see _local_decoder)."""
-        start, checked = 0, self._stop_checked.get(id(ids))
-        if checked is not None and len(ids) > len(checked) and ids[: len(checked)] == checked:
-            start = len(checked) - self._stop_reach
-            # Byte-fallback pieces decode as a group, skipped special tokens aside (an invalid group
-            # is all U+FFFD, its ASCII bytes too): never start inside one.
-            while start > 0 and (ids[start - 1] in self._byte_pieces or ids[start - 1] in self._added):
-                start -= 1
+    def _stopped(self, ids: list[int], checked: int = 0) -> bool:
+        """Whether the reply ``ids`` holds a stop string, its first ``checked`` tokens having held
+        none (the decoder asks after every new token, with ``checked`` = the tokens before it).
+        Decoding the whole reply each time is quadratic in its length (13 ms of checks for a
+        256-token reply with SmolLM2's tokenizer); a new stop string must end in a new token, so only
+        the new tokens and the ``_stop_reach`` tokens before them are decoded: same answer (see
+        _local_decoder)."""
+        start = checked - self._stop_reach if self._stop_reach else 0
+        # Byte-fallback pieces decode as a group, skipped special tokens aside (an invalid group is
+        # all U+FFFD, its ASCII bytes too): never start inside one.
+        while start > 0 and (ids[start - 1] in self._byte_pieces or ids[start - 1] in self._added):
+            start -= 1
         text = self.tokenizer.decode(ids[max(start, 0) :], skip_special_tokens=True)
-        if any(s in text for s in STOP_STRINGS):
-            self._stop_checked.pop(id(ids), None)
-            return True
-        if self._stop_reach:
-            if len(self._stop_checked) > 4096:  # ids of lists long gone: the check above makes them harmless
-                self._stop_checked.clear()
-            self._stop_checked[id(ids)] = list(ids)
-        return False
+        return any(s in text for s in STOP_STRINGS)
 
     def encode(self, messages: list[Message]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

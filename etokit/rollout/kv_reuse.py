@@ -78,7 +78,7 @@ class Decoder:
     """What the KV-reuse engines share (this module's and etokit/rollout/slot_pool.py's): the
     options, the counters bench/generate.py reads, and the decode loop. ``generate(prompts, keys)``
     -> generated token ids per row (EOS excluded), stopping a row at EOS, at ``max_new_tokens`` or
-    when ``stopped(ids)`` says its text holds a stop string."""
+    when ``stopped(ids, checked)`` says its text holds a stop string (``ids[:checked]`` held none)."""
 
     def __init__(
         self,
@@ -87,7 +87,7 @@ class Decoder:
         pad_id: int,
         eos_ids: Sequence[int],
         max_new_tokens: int,
-        stopped: Callable[[list[int]], bool],
+        stopped: Callable[[list[int], int], bool],
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
@@ -125,7 +125,7 @@ class Decoder:
                 if token in self.eos:
                     continue
                 out[row].append(token)
-                if not self.stopped(out[row]):
+                if not self.stopped(out[row], len(out[row]) - 1):  # checked before, but for the new token
                     keep.append(j)
             if not keep or step == self.max_new_tokens - 1:
                 break
