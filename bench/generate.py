@@ -53,11 +53,11 @@ def matmul_roofline(model, rows: int, repeats: int = 3) -> tuple[float, float]:
     shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     flops = sum(2 * o * i for o, i in shapes)  # lm_head included: decode and prefill compute it for one position
     best = float("inf")
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
-        weights = {s: torch.randn(s, device=device) for s in set(shapes)}
-        inputs = {i: torch.randn(rows, i, device=device) for _, i in weights}
+        weights = {s: torch.randn(s, device=device, dtype=dtype) for s in set(shapes)}
+        inputs = {i: torch.randn(rows, i, device=device, dtype=dtype) for _, i in weights}
         for _ in range(repeats):
             sync()
             start = time.perf_counter()
@@ -95,6 +95,12 @@ def main() -> None:
         help="cpu (default) or cuda; the slot engine is CPU-only, so on cuda `slots` runs the in-place engine",
     )
     parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the policy's precision, K/V cache included (default float32; the run's generation_dtype)",
+    )
+    parser.add_argument(
         "--repeats", type=int, help="runs of each engine, alternated A B B A (default 2 with --quick, else 1)"
     )
     parser.add_argument(
@@ -127,7 +133,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model, tokenizer = tiny_policy(Path(tmp) / "policy")
         name = "tiny-llama"
-    model.to(args.device)
+    model.to(args.device, getattr(torch, args.dtype))
     config = ExploreConfig(batch_size=episodes, max_new_tokens=args.max_new_tokens, icl=True, max_steps=steps)
     envs = [make("textworld-express") for _ in range(episodes)]
     tasks = envs[0].task_ids("test-unseen")[:episodes]
@@ -136,7 +142,7 @@ def main() -> None:
     prefill_rate, _ = matmul_roofline(model, 512)
     print(
         f"model: {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-        f"{model.config._attn_implementation}), torch threads {torch.get_num_threads()}, load average "
+        f"{model.config._attn_implementation}, {args.dtype}), torch threads {torch.get_num_threads()}, load average "
         f"{os.getloadavg()[0]:.2f}; TextWorldExpress test-unseen, 1-shot prompt, {episodes} episodes in flight, "
         f"{steps} steps, {args.max_new_tokens} new tokens/reply"
     )
