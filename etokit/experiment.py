@@ -76,7 +76,14 @@ def main(argv=None) -> None:
 
     with embedded_hub(args.dir):
         start = time.monotonic()
-        run_dirs = {seed: run_seed(args.dir, config, seed, overrides) for seed in args.seeds}
+        try:
+            run_dirs = {seed: run_seed(args.dir, config, seed, overrides) for seed in args.seeds}
+        except KeyboardInterrupt:
+            from etokit.run import console
+
+            # Each finished stage and each recorded episode is kept: the same command resumes there.
+            console.print(f"experiment interrupted: run the same command again to resume (kept in {args.dir})")
+            raise SystemExit(130) from None
         minutes = (time.monotonic() - start) / 60
     verdict = aggregate(run_dirs, root=args.dir)
     verdict["minutes_this_invocation"] = round(minutes, 1)

@@ -190,3 +190,20 @@ def test_diagnostics_of_a_run_read_its_stages_curves_and_replies(tmp_path):
     assert [r["stage"] for r in rows] == ["eval-bc", "eval-bc", "explore-1", "pairs-1", "dpo-1"]
     assert "repeated actions 33.3%" in rows[0]["diagnostics"]
     assert "rewards/margins 0.20 -> 0.60" in rows[-1]["diagnostics"]
+
+
+def test_an_interrupted_experiment_says_how_to_resume_instead_of_a_traceback(tmp_path, monkeypatch, capsys):
+    import contextlib
+
+    import etokit.demo
+    from etokit import experiment
+
+    def interrupted(root, config, seed, overrides):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "run_seed", interrupted)
+    monkeypatch.setattr(etokit.demo, "embedded_hub", lambda root: contextlib.nullcontext())
+    with pytest.raises(SystemExit) as exit:
+        experiment.main(["--dir", str(tmp_path / "exp"), "--config", "demo"])
+    assert exit.value.code == 130
+    assert "run the same command again to resume" in capsys.readouterr().out

@@ -222,20 +222,18 @@ def test_eval_prints_the_failed_episode_and_keeps_its_task_in_the_report(policy,
 
 
 def test_the_run_fails_the_stage_after_recording_the_other_episodes(policy, tmp_path, monkeypatch):
-    from etokit.run import Run
+    from etokit.run import Run, RunConfig
 
     _failing_at(monkeypatch, BAD)
-    cfg = SimpleNamespace(
+    # A real config: a key the stage reads is there with its default.
+    cfg = RunConfig(
+        run_dir=str(tmp_path),
+        push_to="me/run",
+        env="webshop",
         explore_batch_size=2,
         max_new_tokens=8,
         icl=False,
-        seed=0,
         max_steps=2,
-        pairs_mode="trajectory",
-        steps_per_task=None,
-        env="webshop",
-        env_options=None,
-        push_to="me/run",
     )
     manifest = {"bc": {"model": str(policy.path)}, "expert": {}}
     fake = SimpleNamespace(cfg=cfg, dir=tmp_path, manifest=manifest, _instruction=lambda: None)
