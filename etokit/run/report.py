@@ -83,6 +83,7 @@ def run_diagnostics(run_dir: Path) -> dict[str, Any]:
     whose action is the previous one's: the loop a weak agent falls into)."""
     from etokit.agent.protocol import parse_action
     from etokit.data import read_jsonl
+    from etokit.train.metric_logging import read_log
 
     run_dir = Path(run_dir)
     stages = json.loads((run_dir / MANIFEST).read_text())["stages"]
@@ -94,8 +95,7 @@ def run_diagnostics(run_dir: Path) -> dict[str, Any]:
         elif name.startswith("pairs-"):
             out[name] = dict(o["stats"])
         elif name.startswith("dpo-"):
-            log = run_dir / o["model"] / "train_log.jsonl"
-            steps = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+            steps = read_log(run_dir / o["model"])
             keys = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
             out[name] = {"beta": o.get("beta"), "learning_rate": o.get("learning_rate"), "steps": len(steps)}
             for at, row in (("first", steps[:1]), ("last", steps[-1:])):
