@@ -15,7 +15,8 @@ The diagnostics of each run (etokit.run.report.run_diagnostics: pairs, DPO curve
 actions, reply lengths), then the verdict (DIR/experiment.json and the table printed last): for every evaluated iteration and
 test split, iteration minus BC in average reward x100, per seed (paired bootstrap over tasks) and
 averaged over the seeds (each task's difference averaged over the seeds, paired bootstrap over
-tasks: etokit.stats.seed_averaged_diff), with how many tasks went up, down or stayed.
+tasks: etokit.stats.seed_averaged_diff), with how many tasks went up, down or stayed, and every
+task's reward per policy, split and seed (its "per_task"), from which each interval can be recomputed.
 """
 
 from __future__ import annotations
@@ -156,6 +157,12 @@ def aggregate(run_dirs: dict[int, Path], *, root: Path | None = None, confidence
         "tasks": {split: len(panels[seeds[0]]["bc"][split].rewards) for split in EVAL_SPLITS},
         "policies": {},
         "comparisons": [],
+        # Every task's reward x100 per policy, split and seed: the verdict file alone lets anyone
+        # recompute each interval (etokit.stats) after the run folders are gone.
+        "per_task": {
+            policy: {split: {str(s): x100(panels[s][policy][split].rewards) for s in seeds} for split in EVAL_SPLITS}
+            for policy in common
+        },
     }
     for policy in common:
         out["policies"][policy] = {}

@@ -92,6 +92,25 @@ def test_the_verdict_compares_every_iteration_with_bc_per_seed_and_over_seeds(tm
         assert row["per seed"] == ", ".join(f"{d['mean']:+.1f}" for d in c["per_seed"])
 
 
+def test_the_verdict_file_alone_reproduces_every_interval(tmp_path):
+    # experiment.json keeps each task's reward per policy, split and seed, read from the episodes; the
+    # comparisons recomputed from those alone (the run folders deleted) are the recorded ones.
+    import shutil
+
+    runs = {seed: fake_run(tmp_path / f"seed-{seed}" / "run", iterations=1, tasks=9, seed=seed) for seed in (0, 1)}
+    verdict = json.loads(json.dumps(aggregate(runs, root=tmp_path)))  # as written and read back
+    for policy in ("bc", "iter-1"):
+        for split in SPLITS:
+            assert verdict["per_task"][policy][split] == {str(s): _rewards(runs[s], policy, split) for s in runs}
+    for seed in runs:
+        shutil.rmtree(runs[seed])
+    for c in verdict["comparisons"]:
+        tables = verdict["per_task"]
+        pairs = [(tables["bc"][c["split"]][s], tables[c["b"]][c["split"]][s]) for s in ("0", "1")]
+        assert seed_averaged_diff(pairs, names=("bc", c["b"])).to_dict() == c["seed_averaged"]
+        assert [paired_diff(a, b, names=("bc", c["b"])).to_dict() for a, b in pairs] == c["per_seed"]
+
+
 def test_a_seed_that_stopped_early_limits_the_verdict_to_the_iterations_all_seeds_have(tmp_path):
     runs = {
         0: fake_run(tmp_path / "a", iterations=2, tasks=6, seed=0),
