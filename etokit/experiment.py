@@ -148,7 +148,14 @@ def aggregate(run_dirs: dict[int, Path], *, root: Path | None = None, confidence
             k += 1
     seeds = list(run_dirs)
     common = [p for p in panels[seeds[0]] if all(p in panels[s] for s in seeds)]
-    x100 = lambda rewards: {t: 100 * r for t, r in rewards.items()}  # noqa: E731 - the paper's scale
+    # Every task's reward x100 (the paper's scale) per policy, split and seed, in the order of `seeds`.
+    tables = {
+        policy: {
+            split: [{t: 100 * r for t, r in panels[s][policy][split].rewards.items()} for s in seeds]
+            for split in EVAL_SPLITS
+        }
+        for policy in common
+    }
     out: dict[str, Any] = {
         "unit": "average reward x100",
         "confidence": confidence,
@@ -157,26 +164,26 @@ def aggregate(run_dirs: dict[int, Path], *, root: Path | None = None, confidence
         "tasks": {split: len(panels[seeds[0]]["bc"][split].rewards) for split in EVAL_SPLITS},
         "policies": {},
         "comparisons": [],
-        # Every task's reward x100 per policy, split and seed: the verdict file alone lets anyone
-        # recompute each interval (etokit.stats) after the run folders are gone.
+        # The tables themselves, by seed: the verdict file alone lets anyone recompute each interval
+        # (etokit.stats) after the run folders are gone.
         "per_task": {
-            policy: {split: {str(s): x100(panels[s][policy][split].rewards) for s in seeds} for split in EVAL_SPLITS}
-            for policy in common
+            policy: {split: dict(zip(map(str, seeds), by_seed)) for split, by_seed in t.items()}
+            for policy, t in tables.items()
         },
     }
     for policy in common:
         out["policies"][policy] = {}
         for split in EVAL_SPLITS:
-            per_seed = [mean_ci(x100(panels[s][policy][split].rewards).values(), confidence=confidence) for s in seeds]
-            tasks = panels[seeds[0]][policy][split].rewards
-            averaged = {t: sum(100 * panels[s][policy][split].rewards[t] for s in seeds) / len(seeds) for t in tasks}
+            per_seed = [mean_ci(rewards.values(), confidence=confidence) for rewards in tables[policy][split]]
+            tasks = tables[policy][split][0]
+            averaged = {t: sum(rewards[t] for rewards in tables[policy][split]) / len(seeds) for t in tasks}
             out["policies"][policy][split] = {
                 "per_seed": [i.to_dict() for i in per_seed],
                 "seed_averaged": mean_ci(averaged.values(), confidence=confidence).to_dict(),
             }
     for policy in common[1:]:
         for split in EVAL_SPLITS:
-            runs = [(x100(panels[s]["bc"][split].rewards), x100(panels[s][policy][split].rewards)) for s in seeds]
+            runs = list(zip(tables["bc"][split], tables[policy][split]))
             names = ("bc", policy)
             out["comparisons"].append(
                 {
